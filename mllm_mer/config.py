@@ -1,0 +1,341 @@
+"""Typed run configuration: nested frozen dataclasses loaded from YAML plus `key.path=value` overrides.
+
+`load_config(path, overrides)` is the one entry point. Loading checks every key and value before any
+model or data is touched and reports all problems at once in a `ConfigError`: unknown keys name their
+dotted path and the closest valid name, values are checked against the field's type and range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mllm_mer.data.schema import MER2023_LABELS
+
+LM_TARGETS = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+"""LoRA target regex: the language model's attention projections only (never the audio/vision towers)."""
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; `errors` lists them, one line each."""
+
+    def __init__(self, errors: list[str], source: str = "config") -> None:
+        self.errors = errors
+        super().__init__(f"{len(errors)} problem(s) in {source}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Which parts of the backbone stay frozen (True = frozen). Decided in `mllm_mer.trainable`."""
+
+    language_model: bool = True
+    """Base weights of the language model (LoRA adapters on it train regardless)."""
+    audio_tower: bool = True
+    """Audio encoder layers (Whisper-style), without its output projector."""
+    audio_projector: bool = True
+    """The audio encoder's output projection into the language model (`audio_tower.proj`, `ln_post`)."""
+    vision_tower: bool = True
+    """Vision encoder blocks and patch embedding, without the merger."""
+    vision_projector: bool = True
+    """The vision patch merger that projects into the language model (`visual.merger`)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ".cache/mllm_mer/tiny-qwen2_5-omni"
+    """Local directory (or hub id already in the local HF cache) of a Qwen2.5-Omni checkpoint."""
+    build_tiny: bool = False
+    """Build the tiny random thinker at `path` first if it does not exist (tests, CI, the demo)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Plain LoRA (peft) on the language model."""
+
+    enabled: bool = True
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: str = LM_TARGETS
+    """Regex over full module names; must match only language-model modules."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    """JSONL of training samples (see README, "Data")."""
+    dev: str = ""
+    test: str = ""
+    synthetic_dir: str | None = None
+    """If set, build the synthetic conflict set here on first use; empty train/dev/test default into it."""
+    synthetic_seed: int = 0
+    labels: tuple[str, ...] = MER2023_LABELS
+    prompt: str = "train_explain"
+    """Prompt template (prompts/<name>.txt) rendered for every training / dev sample."""
+    fps: float = 4.0
+    """Video frames sampled per second when decoding."""
+    max_frames: int = 32
+    max_audio_seconds: float | None = None
+    """Longest accepted audio; None = the feature extractor's window. Longer clips raise (never cut)."""
+    num_workers: int = 0
+    cache_dir: str = ".cache/mllm_mer/decoded"
+    """Where the `datasets` cache of decoded media lives."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/tiny_cpu"
+    seed: int = 0
+    epochs: int = 3
+    max_steps: int = -1
+    """Optimizer steps; -1 = `epochs` full passes."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    head_lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lm_loss_weight: float = 1.0
+    cls_loss_weight: float = 1.0
+    eval_every: int = 0
+    """Dev evaluation every N optimizer steps; 0 = at the end of each epoch."""
+    save_every: int = 100
+    """Checkpoint every N optimizer steps (also at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    resume_from: str | None = None
+    """None, "latest" or a checkpoint directory."""
+    log_every: int = 10
+    eval_batch_size: int = 16
+    torch_threads: int = 0
+    """torch intra-op threads per process; 0 = torch's default (1 is fastest for tiny models on shared CPUs)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved(self) -> RunConfig:
+        """Fill paths derived from `data.synthetic_dir` (empty train/dev/test point into it)."""
+        if self.data.synthetic_dir is None:
+            return self
+        root = Path(self.data.synthetic_dir)
+        data = dataclasses.replace(
+            self.data,
+            train=self.data.train or str(root / "train.jsonl"),
+            dev=self.data.dev or str(root / "dev.jsonl"),
+            test=self.data.test or str(root / "test.jsonl"),
+        )
+        return dataclasses.replace(self, data=data)
+
+
+# --------------------------------------------------------------------------------------------- checks
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "lora.r": (1, None),
+    "lora.alpha": (0, None),
+    "lora.dropout": (0, 0.999),
+    "data.fps": (1e-3, None),
+    "data.max_frames": (2, None),
+    "data.max_audio_seconds": (1e-3, None),
+    "data.num_workers": (0, None),
+    "train.epochs": (1, None),
+    "train.max_steps": (-1, None),
+    "train.batch_size": (1, None),
+    "train.grad_accum": (1, None),
+    "train.lr": (0, None),
+    "train.head_lr": (0, None),
+    "train.weight_decay": (0, None),
+    "train.warmup_ratio": (0, 1),
+    "train.max_grad_norm": (0, None),
+    "train.lm_loss_weight": (0, None),
+    "train.cls_loss_weight": (0, None),
+    "train.eval_every": (0, None),
+    "train.save_every": (0, None),
+    "train.keep_checkpoints": (1, None),
+    "train.log_every": (1, None),
+    "train.eval_batch_size": (1, None),
+    "train.torch_threads": (0, None),
+}
+
+
+def _cross_checks(cfg: RunConfig) -> list[str]:
+    errors = []
+    if cfg.train.max_steps == 0:
+        errors.append("train.max_steps=0: use -1 (train for train.epochs) or a positive number of steps")
+    if cfg.train.lm_loss_weight == 0 and cfg.train.cls_loss_weight == 0:
+        errors.append("train.lm_loss_weight and train.cls_loss_weight are both 0: nothing would be trained")
+    if len(set(cfg.data.labels)) != len(cfg.data.labels) or len(cfg.data.labels) < 2:
+        errors.append(f"data.labels must hold at least 2 distinct labels, got {list(cfg.data.labels)}")
+    if not cfg.data.train and cfg.data.synthetic_dir is None:
+        errors.append("data.train is empty: give a JSONL path (data.train=PATH) or data.synthetic_dir")
+    if cfg.model.dtype != "float32" and cfg.train.mixed_precision != "no":
+        errors.append("model.dtype and train.mixed_precision are both set: choose one (keep dtype float32)")
+    if not cfg.model.path:
+        errors.append("model.path is empty: give a Qwen2.5-Omni checkpoint directory")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Check `value` against annotation `tp`, converting where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in inner:
+            sub = []
+            out = _coerce(value, a, path, sub)
+            if not sub:
+                return out
+        errors.extend(sub)
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            errors.append(f"{path}={value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path} must be a list, got {type(value).__name__} {value!r}")
+            return value
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
+            return tp()
+        return _build(tp, value, path, errors)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            errors.append(f"{path} must be {tp.__name__}, got bool {value!r}")
+        elif not isinstance(value, tp):
+            errors.append(f"{path} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {_type_name(tp)} at {path}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            errors.append(f"unknown key '{path}'{hint} (valid: {', '.join(names)})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], path, errors)
+    for name, (lo, hi) in _RANGES.items():
+        section, _, fname = name.rpartition(".")
+        if section == prefix and fname in kwargs and isinstance(kwargs[fname], (int, float)):
+            v = kwargs[fname]
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                errors.append(f"{name}={v!r} is out of range {rng}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a wrongly typed value that the dataclass could not take
+        errors.append(f"{prefix or 'config'}: {exc}")
+        return cls()
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-4", "lora.enabled=false"] into a nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            raise ConfigError([f"override {item!r} must look like key.path=value"], "command line")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r} conflicts with another override of {part}"], "command line")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build and validate a `RunConfig`; raises `ConfigError` listing every problem."""
+    errors: list[str] = []
+    cfg = _build(RunConfig, data, "", errors)
+    if not errors:
+        errors.extend(_cross_checks(cfg))
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg.resolved()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML at `path` (None = all defaults), apply dotted overrides, validate, resolve."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"config file not found: {path}"], source) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(["top level must be a mapping of sections"], source)
+        data = loaded or {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " + command-line overrides"
+    return config_from_dict(data, source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON output."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

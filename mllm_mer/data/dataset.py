@@ -1,0 +1,153 @@
+"""Decoded-media datasets: every sample's media is decoded once and kept in a `datasets` Arrow cache.
+
+`build_media_dataset` decodes each sample (frames + audio of the same file in one pass) into an Arrow
+table under `cache_dir`; `datasets` fingerprints the inputs (sample ids, media paths with their size and
+mtime, decoding options), so a changed file or option re-decodes and an unchanged set loads instantly.
+`MerDataset` pairs each `Sample` with its decoded arrays for the collator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from mllm_mer.data.media import DecodedMedia, MediaError, decode_sample_media
+from mllm_mer.data.schema import Sample
+
+_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "frames": datasets.Value("binary"),
+        "frames_shape": datasets.Sequence(datasets.Value("int32")),
+        "audio": datasets.Value("binary"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How media are decoded (part of the cache fingerprint)."""
+
+    fps: float
+    max_frames: int
+    sample_rate: int
+    max_audio_seconds: float
+    need_audio: bool = True
+
+
+def _file_key(path: Path | None) -> list:
+    if path is None:
+        return []
+    st = Path(path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _generate(rows: list[dict], options: dict) -> Iterator[dict]:
+    opts = DecodeOptions(**options)
+    problems: list[str] = []
+    for row in rows:
+        try:
+            media = decode_sample_media(
+                row["id"],
+                Path(row["video"]) if row["video"] else None,
+                Path(row["audio"]) if row["audio"] else None,
+                fps=opts.fps,
+                max_frames=opts.max_frames,
+                sample_rate=opts.sample_rate,
+                max_audio_seconds=opts.max_audio_seconds,
+                need_audio=opts.need_audio,
+            )
+        except MediaError as exc:
+            problems.append(str(exc))
+            continue
+        frames = media.frames
+        yield {
+            "id": row["id"],
+            "frames": b"" if frames is None else np.ascontiguousarray(frames).tobytes(),
+            "frames_shape": [] if frames is None else list(frames.shape),
+            "audio": b"" if media.audio is None else media.audio.tobytes(),
+        }
+    if problems:  # nothing is cached: the generation fails as a whole
+        raise MediaError(f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
+    """Decode every sample once and return one problem line per bad sample (empty list = all good)."""
+    problems = []
+    for s in samples:
+        try:
+            decode_sample_media(
+                s.id, s.video, s.audio, fps=options.fps, max_frames=options.max_frames,
+                sample_rate=options.sample_rate, max_audio_seconds=options.max_audio_seconds,
+                need_audio=options.need_audio,
+            )
+        except MediaError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def build_media_dataset(
+    samples: Sequence[Sample], options: DecodeOptions, cache_dir: str | Path
+) -> datasets.Dataset:
+    """Decode all samples (or load them from the cache) into an Arrow dataset, in sample order.
+
+    Raises:
+        MediaError: listing every sample whose media cannot be used (nothing is cached then).
+    """
+    rows = [
+        {
+            "id": s.id,
+            "video": str(s.video) if s.video else "",
+            "audio": str(s.audio) if s.audio else "",
+            "key": _file_key(s.video) + _file_key(s.audio),
+        }
+        for s in samples
+    ]
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.Dataset.from_generator(
+            _generate,
+            gen_kwargs={"rows": rows, "options": options.__dict__},
+            features=_FEATURES,
+            cache_dir=str(cache_dir),
+        )
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, MediaError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, MediaError):
+            raise cause from None
+        raise
+    return ds
+
+
+class MerDataset(torch.utils.data.Dataset):
+    """Samples paired with their decoded media; items are `(Sample, DecodedMedia)`."""
+
+    def __init__(self, samples: Sequence[Sample], media: datasets.Dataset, options: DecodeOptions) -> None:
+        if len(samples) != len(media):
+            raise ValueError(f"{len(samples)} samples but {len(media)} decoded rows")
+        self.samples = list(samples)
+        self.media = media
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> tuple[Sample, DecodedMedia]:
+        row = self.media[int(idx)]
+        sample = self.samples[int(idx)]
+        if row["id"] != sample.id:
+            raise RuntimeError(f"decoded cache out of order: row {idx} is '{row['id']}', expected '{sample.id}'")
+        frames = None
+        if row["frames_shape"]:
+            frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+        audio = np.frombuffer(row["audio"], dtype=np.float32) if row["audio"] else None
+        return sample, DecodedMedia(
+            frames=frames, audio=audio, fps=self.options.fps, sample_rate=self.options.sample_rate
+        )

@@ -1,0 +1,173 @@
+"""Classification metrics for discrete emotion labels, and the audio-dominance index on conflict samples.
+
+`classification_metrics` reports what MER papers report: accuracy, weighted F1 (the MER2023 / MERTools
+headline, `sklearn.metrics.f1_score(average="weighted")`), UAR (macro recall) and WAR (= accuracy),
+plus a confusion matrix and per-subset numbers for the CA-MER conflict subsets. Predictions outside
+the label set (an unparseable generation, "unknown") always count as wrong.
+
+`audio_dominance` measures, on samples whose audio and video cues disagree, how often the prediction
+follows the audio cue rather than the video cue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+from mllm_mer.data.schema import SUBSETS
+
+UNKNOWN = "unknown"
+"""Confusion-matrix column for predictions outside the label set."""
+
+
+def _check_inputs(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> None:
+    """Validate lengths, the label list and the ground truth vocabulary.
+
+    Raises:
+        ValueError: on empty input, length mismatch, duplicate labels, "unknown" in `labels`, or a
+            ground-truth value outside `labels`.
+    """
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}; they must match")
+    if len(y_true) == 0:
+        raise ValueError("classification_metrics needs at least one sample, got 0")
+    if len(set(labels)) != len(labels) or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty list without duplicates, got {list(labels)}")
+    if UNKNOWN in labels:
+        raise ValueError(
+            f"labels contains {UNKNOWN!r}, which is reserved for predictions outside the label set; "
+            "rename that class"
+        )
+    label_set = set(labels)
+    bad = sorted({t for t in y_true if t not in label_set})
+    if bad:
+        raise ValueError(f"ground-truth values {bad} are not in labels {list(labels)}")
+
+
+def _core_scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> tuple[float, float]:
+    """Accuracy and weighted F1 over `labels` (predictions outside `labels` are wrong)."""
+    accuracy = float(accuracy_score(y_true, y_pred))
+    weighted_f1 = float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0))
+    return accuracy, weighted_f1
+
+
+def classification_metrics(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    labels: Sequence[str],
+    subsets: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy, weighted P/R/F1, UAR, WAR, confusion matrix and per-subset scores.
+
+    Weighted averages weight each label by its support in `y_true` (scikit-learn's
+    `average="weighted"`, `zero_division=0`), computed over `labels` only, so a prediction outside
+    `labels` is a false negative for its true class and no class's false positive.
+
+    Args:
+        y_true: ground-truth labels, each a member of `labels`.
+        y_pred: predicted labels, same length; any string (values outside `labels` count as wrong).
+        labels: the label set, in the order used for the confusion matrix.
+        subsets: optional subset name per sample (e.g. "consistent", "video_aligned", "audio_aligned");
+            None entries belong to no subset.
+    Returns:
+        `{"n", "accuracy", "weighted_f1", "weighted_precision", "weighted_recall", "uar", "war",
+        "confusion", "per_subset"}`. `uar` is the macro recall over the labels present in `y_true`;
+        `war` equals `accuracy`. `confusion[i][j]` counts samples of true label `i` predicted as `j`,
+        in `labels` order, with a last column (and an all-zero last row) `"unknown"` only when some
+        prediction is outside `labels`. `per_subset` maps each subset that occurs to
+        `{"n", "accuracy", "weighted_f1"}` (known subsets in `SUBSETS` order first, others after,
+        in order of first appearance).
+    Raises:
+        ValueError: on empty input, mismatched lengths, bad `labels`, ground truth outside `labels`,
+            or `subsets` of the wrong length.
+    """
+    y_true_l = list(y_true)
+    y_pred_l = list(y_pred)
+    labels_l = list(labels)
+    _check_inputs(y_true_l, y_pred_l, labels_l)
+    if subsets is not None and len(subsets) != len(y_true_l):
+        raise ValueError(f"subsets has {len(subsets)} items but y_true has {len(y_true_l)}; they must match")
+
+    accuracy, weighted_f1 = _core_scores(y_true_l, y_pred_l, labels_l)
+    weighted_precision = float(
+        precision_score(y_true_l, y_pred_l, labels=labels_l, average="weighted", zero_division=0)
+    )
+    weighted_recall = float(
+        recall_score(y_true_l, y_pred_l, labels=labels_l, average="weighted", zero_division=0)
+    )
+    present = [label for label in labels_l if label in set(y_true_l)]
+    uar = float(recall_score(y_true_l, y_pred_l, labels=present, average="macro", zero_division=0))
+
+    label_set = set(labels_l)
+    has_unknown = any(p not in label_set for p in y_pred_l)
+    cm_labels = labels_l + [UNKNOWN] if has_unknown else labels_l
+    y_pred_cm = [p if p in label_set else UNKNOWN for p in y_pred_l]
+    confusion = confusion_matrix(y_true_l, y_pred_cm, labels=cm_labels).tolist()
+
+    per_subset: dict[str, dict[str, Any]] = {}
+    if subsets is not None:
+        seen = [s for s in dict.fromkeys(subsets) if s is not None]
+        ordered = [s for s in SUBSETS if s in seen] + [s for s in seen if s not in SUBSETS]
+        for name in ordered:
+            idx = [i for i, s in enumerate(subsets) if s == name]
+            sub_true = [y_true_l[i] for i in idx]
+            sub_pred = [y_pred_l[i] for i in idx]
+            sub_acc, sub_f1 = _core_scores(sub_true, sub_pred, labels_l)
+            per_subset[name] = {"n": len(idx), "accuracy": sub_acc, "weighted_f1": sub_f1}
+
+    return {
+        "n": len(y_true_l),
+        "accuracy": accuracy,
+        "weighted_f1": weighted_f1,
+        "weighted_precision": weighted_precision,
+        "weighted_recall": weighted_recall,
+        "uar": uar,
+        "war": accuracy,
+        "confusion": [[int(c) for c in row] for row in confusion],
+        "per_subset": per_subset,
+    }
+
+
+def audio_dominance(
+    y_pred: Sequence[str],
+    audio_cues: Sequence[str | None],
+    video_cues: Sequence[str | None],
+) -> dict[str, Any]:
+    """How often predictions follow the audio cue rather than the video cue when the two conflict.
+
+    A conflict sample has both cues known (not None / "") and different. Among them,
+    A = #(prediction == audio cue), V = #(prediction == video cue); predictions matching neither
+    count in `n_conflict` only.
+
+    Args:
+        y_pred: predicted labels.
+        audio_cues: the emotion the audio shows, per sample (None or "" when unknown).
+        video_cues: the emotion the video shows, per sample (None or "" when unknown).
+    Returns:
+        `{"index": A / (A + V) or None when A + V == 0, "audio_follow": A, "video_follow": V,
+        "n_conflict": number of conflict samples}`. 1.0 means fully audio-dominated, 0.0 fully
+        video-dominated.
+    Raises:
+        ValueError: if the three sequences differ in length.
+    """
+    if not len(y_pred) == len(audio_cues) == len(video_cues):
+        raise ValueError(
+            f"y_pred, audio_cues and video_cues must have equal lengths, got "
+            f"{len(y_pred)}, {len(audio_cues)}, {len(video_cues)}"
+        )
+    audio_follow = video_follow = n_conflict = 0
+    for pred, audio, video in zip(y_pred, audio_cues, video_cues, strict=True):
+        if not audio or not video or audio == video:
+            continue
+        n_conflict += 1
+        audio_follow += int(pred == audio)
+        video_follow += int(pred == video)
+    total = audio_follow + video_follow
+    return {
+        "index": audio_follow / total if total else None,
+        "audio_follow": audio_follow,
+        "video_follow": video_follow,
+        "n_conflict": n_conflict,
+    }

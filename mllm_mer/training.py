@@ -1,0 +1,308 @@
+"""Pieces of the fine-tuning loop that `scripts/finetune.py` wires together.
+
+The script owns the loop; this module owns data preparation, optimizer and schedule, dev evaluation,
+atomic checkpoints and the run directory. Everything here works the same on one process, under DDP
+(gloo on CPU, NCCL on GPU) and under DeepSpeed, through `accelerate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+import mllm_mer
+from mllm_mer.backbone.loader import Backbone
+from mllm_mer.config import RunConfig, config_to_dict, save_config
+from mllm_mer.data.collate import MerCollator
+from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset, check_media
+from mllm_mer.data.jsonl import DataError, read_jsonl
+from mllm_mer.data.schema import Sample
+from mllm_mer.metrics import classification_metrics
+from mllm_mer.model import MerModel
+from mllm_mer.prompts import load_prompt
+
+log = logging.getLogger(__name__)
+
+CKPT_PREFIX = "step_"
+CKPT_DONE = "mllm_mer_state.json"
+"""Written last inside a checkpoint: a directory without it is incomplete and ignored."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+def ensure_inputs(cfg: RunConfig) -> None:
+    """Build the tiny backbone and/or the synthetic set if the config asks for them and they are missing."""
+    if cfg.model.build_tiny:
+        from mllm_mer.backbone.tiny import ensure_tiny_thinker
+
+        ensure_tiny_thinker(cfg.model.path)
+    if cfg.data.synthetic_dir is not None:
+        from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
+
+        ensure_synthetic_set(cfg.data.synthetic_dir, SyntheticConfig(seed=cfg.data.synthetic_seed))
+
+
+def read_splits(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev")) -> dict[str, list[Sample]]:
+    """Read and validate the JSONL files of `splits` (all problems of all files raised together)."""
+    out: dict[str, list[Sample]] = {}
+    errors: list[str] = []
+    for split in splits:
+        path = getattr(cfg.data, split)
+        if not path:
+            continue
+        try:
+            out[split] = read_jsonl(path, cfg.data.labels)
+        except (DataError, FileNotFoundError) as exc:
+            errors.append(f"data.{split}: {exc}")
+    if errors:
+        raise DataError("the configured data", errors)
+    return out
+
+
+def decode_options(cfg: RunConfig, processor) -> DecodeOptions:
+    fe = processor.feature_extractor
+    window = float(fe.chunk_length)
+    return DecodeOptions(
+        fps=cfg.data.fps,
+        max_frames=cfg.data.max_frames,
+        sample_rate=int(fe.sampling_rate),
+        max_audio_seconds=min(window, cfg.data.max_audio_seconds or window),
+    )
+
+
+def check_data(samples: dict[str, list[Sample]], options: DecodeOptions) -> list[str]:
+    """Decode every sample of every split; one problem line per bad sample, prefixed by the split."""
+    return [f"{split}: {p}" for split, ss in samples.items() for p in check_media(ss, options)]
+
+
+def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None) -> MerCollator:
+    return MerCollator(
+        processor=backbone.processor,
+        token_ids=backbone.token_ids,
+        prompt=load_prompt(prompt or cfg.data.prompt),
+        system_prompt=load_prompt("system", kind="free").text,
+        labels=cfg.data.labels,
+        train=train,
+    )
+
+
+def build_loader(
+    cfg: RunConfig, backbone: Backbone, samples: list[Sample], *, train: bool, accelerator: Accelerator
+) -> DataLoader:
+    """A DataLoader over decoded samples (decoding cached once; the main process decodes first)."""
+    options = decode_options(cfg, backbone.processor)
+    with accelerator.main_process_first():
+        media = build_media_dataset(samples, options, cfg.data.cache_dir)
+    dataset = MerDataset(samples, media, options)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
+        shuffle=train,
+        collate_fn=build_collator(cfg, backbone, train=True),  # dev batches carry the answer too (LM loss)
+        num_workers=cfg.data.num_workers,
+        drop_last=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+def build_optimizer(
+    model: MerModel, cfg: RunConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the heads at `train.head_lr` and everything else at `train.lr`; linear warmup + cosine."""
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("fusion_")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fusion_")]
+    groups = [{"params": rest, "lr": cfg.train.lr}, {"params": heads, "lr": cfg.train.head_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.train.weight_decay)
+    warmup = int(round(cfg.train.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, cfg: RunConfig, samples: list[Sample]
+) -> dict:
+    """Fused-head predictions on `loader` -> accuracy, weighted F1, per-subset accuracy (all ranks)."""
+    model.eval()
+    by_id = {s.id: s for s in samples}
+    ids: list[str] = []
+    preds: list[int] = []
+    losses: list[float] = []
+    for batch in loader:
+        out = model(batch)
+        pred = out.cls_logits["fused"].argmax(dim=-1)
+        ids.extend(batch["sample_ids"])
+        preds.extend(pred.tolist())
+        if out.loss is not None:
+            losses.append(float(out.loss))
+    model.train()
+    ids = gather_object(ids)
+    preds = gather_object(preds)
+    seen: dict[str, int] = {}
+    for sid, p in zip(ids, preds, strict=True):
+        seen.setdefault(sid, p)  # ranks may repeat samples to even out the last batch
+    labels = list(cfg.data.labels)
+    y_true = [by_id[s].label for s in seen]
+    y_pred = [labels[p] for p in seen.values()]
+    metrics = classification_metrics(y_true, y_pred, labels, [by_id[s].subset for s in seen])
+    metrics["loss"] = float(sum(losses) / len(losses)) if losses else None
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class TrainState:
+    """Loop position stored in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `<output_dir>/checkpoints`, or None.
+
+    Incomplete directories (no `mllm_mer_state.json`, e.g. a run killed while saving) are skipped with a
+    warning.
+    """
+    root = Path(output_dir) / "checkpoints"
+    best: tuple[int, Path] | None = None
+    for d in root.glob(f"{CKPT_PREFIX}*"):
+        if not (d / CKPT_DONE).is_file():
+            log.warning("ignoring incomplete checkpoint %s (no %s)", d, CKPT_DONE)
+            continue
+        try:
+            step = int(d.name[len(CKPT_PREFIX):])
+        except ValueError:
+            continue
+        if best is None or step > best[0]:
+            best = (step, d)
+    return best[1] if best else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainState, keep: int) -> Path:
+    """Write model/optimizer/scheduler/RNG/sampler state atomically: temp dir, marker file, rename."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{state.step:08d}"
+    tmp = root / f".tmp-{CKPT_PREFIX}{state.step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / CKPT_DONE).write_text(json.dumps(state.__dict__))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(d for d in root.glob(f"{CKPT_PREFIX}*") if (d / CKPT_DONE).is_file())
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint `train.resume_from` points at (None = start fresh).
+
+    Raises:
+        FileNotFoundError: an explicit checkpoint path that does not hold a complete checkpoint.
+    """
+    spec = cfg.train.resume_from
+    if spec is None:
+        return None
+    if spec == "latest":
+        latest = find_latest_checkpoint(cfg.train.output_dir)
+        if latest is None:
+            log.warning("train.resume_from=latest: no checkpoint under %s; starting fresh", cfg.train.output_dir)
+        return latest
+    path = Path(spec)
+    if not (path / CKPT_DONE).is_file():
+        raise FileNotFoundError(f"train.resume_from={spec!r} is not a complete checkpoint (no {CKPT_DONE})")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
+    accelerator.load_state(str(path))
+    return TrainState(**json.loads((path / CKPT_DONE).read_text()))
+
+
+# ------------------------------------------------------------------------------------------- run dir
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_run_info(cfg: RunConfig, backbone_path: str, extra: dict | None = None) -> None:
+    """`config.yaml` (resolved) and `run_info.json` (version, git sha, seed, prompt names and hashes)."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    prompts = {name: load_prompt(name, kind=kind).sha256 for name, kind in ((cfg.data.prompt, "task"), ("system", "free"))}
+    info = {
+        "package": "mllm_mer",
+        "version": mllm_mer.__version__,
+        "git_sha": git_sha(),
+        "seed": cfg.train.seed,
+        "backbone": backbone_path,
+        "prompts": prompts,
+        "labels": list(cfg.data.labels),
+        "torch": torch.__version__,
+        **(extra or {}),
+    }
+    (out / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig) -> None:
+    """Adapter (peft format, safetensors), heads and any unfrozen base weights into the run directory."""
+    out = Path(cfg.train.output_dir)
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; full on the main process
+    if not accelerator.is_main_process:
+        return
+    mer: MerModel = accelerator.unwrap_model(model)
+    if cfg.lora.enabled:
+        adapter_state = {k[len("backbone."):]: v for k, v in state.items() if ".lora_" in k}
+        mer.backbone.save_pretrained(str(out / "adapter"), state_dict=adapter_state, safe_serialization=True)
+    heads = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("fusion_")}
+    save_file(heads, str(out / "heads.safetensors"))
+    trainable = {n for n, p in mer.named_parameters() if p.requires_grad}
+    base = {k: v.detach().cpu().contiguous() for k, v in state.items()
+            if k in trainable and ".lora_" not in k and not k.startswith("fusion_")}
+    if base:
+        save_file(base, str(out / "trainable_base.safetensors"))
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def config_summary(cfg: RunConfig) -> str:
+    return json.dumps(config_to_dict(cfg), indent=1)

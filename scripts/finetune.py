@@ -1,0 +1,184 @@
+"""Fine-tune a Qwen2.5-Omni thinker with mllm_mer parts: LoRA + fused classification head.
+
+    accelerate launch scripts/finetune.py                                  # tiny model, synthetic data
+    accelerate launch scripts/finetune.py --config configs/tiny_cpu.yaml train.lr=5e-4 train.max_steps=50
+    accelerate launch --config_file configs/accelerate/ddp_cpu.yaml scripts/finetune.py
+    accelerate launch scripts/finetune.py train.resume_from=latest
+    python scripts/finetune.py --check-data data.train=my/train.jsonl      # decode every sample, list problems
+
+Only `--config`, `--check-data` and dotted `key.path=value` overrides are accepted. The run directory
+(`train.output_dir`) receives config.yaml, run_info.json, adapter/, heads.safetensors, checkpoints/,
+tb/, train_log.jsonl and final_metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from mllm_mer import training as T
+from mllm_mer.backbone import load_backbone
+from mllm_mer.config import ConfigError, RunConfig, load_config
+from mllm_mer.data.jsonl import DataError
+from mllm_mer.data.media import MediaError
+from mllm_mer.model import build_mer_model
+from mllm_mer.trainable import apply_trainable, format_trainable_table
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+
+
+def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: configs/tiny_cpu.yaml)")
+    parser.add_argument("--check-data", action="store_true", help="decode every sample, list problems, exit")
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides), args.check_data
+
+
+def check_data_only(cfg: RunConfig) -> int:
+    from transformers import AutoProcessor
+
+    T.ensure_inputs(cfg)
+    samples = T.read_splits(cfg, ("train", "dev", "test"))
+    processor = AutoProcessor.from_pretrained(cfg.model.path, local_files_only=True)
+    problems = T.check_data(samples, T.decode_options(cfg, processor))
+    for line in problems:
+        print(line)
+    n = sum(len(s) for s in samples.values())
+    print(f"checked {n} samples in {len(samples)} split(s): {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def train(cfg: RunConfig) -> dict:
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None,
+    )
+    main = accelerator.is_main_process
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(message)s")
+    if cfg.train.torch_threads > 0:
+        torch.set_num_threads(cfg.train.torch_threads)
+    set_seed(cfg.train.seed)
+    with accelerator.main_process_first():
+        T.ensure_inputs(cfg)
+    samples = T.read_splits(cfg)  # every row checked before the model loads
+    resume = T.resolve_resume(cfg)
+    backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+    train_dl = T.build_loader(cfg, backbone, samples["train"], train=True, accelerator=accelerator)
+    dev_dl = T.build_loader(cfg, backbone, samples["dev"], train=False, accelerator=accelerator) if "dev" in samples else None
+    model = build_mer_model(backbone, cfg)
+    counts = apply_trainable(model, cfg)
+    steps_per_epoch = -(-len(train_dl) // (cfg.train.grad_accum * accelerator.num_processes))
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    optimizer, scheduler = T.build_optimizer(model, cfg, total)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    if dev_dl is not None:
+        dev_dl = accelerator.prepare(dev_dl)
+    if main:
+        print(format_trainable_table(counts))
+        T.write_run_info(cfg, backbone.path, {"num_processes": accelerator.num_processes, "total_steps": total})
+    state = T.load_checkpoint(accelerator, resume) if resume else T.TrainState()
+    if resume and main:
+        print(f"resumed from {resume} at step {state.step}")
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(Path(cfg.train.output_dir) / "tb"))
+    log_file = Path(cfg.train.output_dir) / "train_log.jsonl"
+    bar = tqdm(total=total, initial=state.step, disable=not main, desc="train")
+    dev_metrics: dict = {}
+    model.train()
+    while state.step < total:
+        train_dl.set_epoch(state.epoch)
+        loader = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
+        for batch in loader:
+            with accelerator.accumulate(model):
+                out = model(batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            bar.update(1)
+            if main and state.step % cfg.train.log_every == 0:
+                row = {"step": state.step, "loss": float(out.loss), "lr": scheduler.get_last_lr()[0]}
+                for k in ("lm_loss", "cls_loss"):
+                    if getattr(out, k) is not None:
+                        row[k] = float(getattr(out, k))
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, state.step)
+                with log_file.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if dev_dl is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total:
+                T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+            if state.step >= total:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if dev_dl is not None and not cfg.train.eval_every and state.step < total:
+                dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
+    bar.close()
+    T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+    if dev_dl is not None:
+        dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
+    T.save_final(accelerator, model, cfg)
+    final = {"dev": dev_metrics, "step": state.step}
+    if main:
+        T.write_json(Path(cfg.train.output_dir) / "final_metrics.json", final)
+        writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def report_dev(model, dev_dl, accelerator, cfg, samples, step, writer) -> dict:
+    m = T.evaluate(model, dev_dl, accelerator, cfg, samples)
+    if accelerator.is_main_process:
+        subsets = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in m["per_subset"].items())
+        print(f"[dev step {step}] accuracy={m['accuracy']:.3f} weighted_f1={m['weighted_f1']:.3f} {subsets}")
+        writer.add_scalar("dev/accuracy", m["accuracy"], step)
+        writer.add_scalar("dev/weighted_f1", m["weighted_f1"], step)
+        for k, v in m["per_subset"].items():
+            writer.add_scalar(f"dev/accuracy_{k}", v["accuracy"], step)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, check_only = parse_args(argv)
+        if check_only:
+            return check_data_only(cfg)
+        train(cfg)
+    except (ConfigError, DataError, MediaError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
