@@ -232,6 +232,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             errors.append(f"{path} must be {tp.__name__}, got bool {value!r}")

@@ -177,6 +177,11 @@ class TrainState:
     batch_in_epoch: int = 0
 
 
+def batch_seed(seed: int, rank: int, state: TrainState) -> int:
+    """The torch seed set before each micro-batch, so random draws never depend on loop history."""
+    return (seed * 1_000_003 + rank * 10_007 + state.epoch * 100_003 + state.batch_in_epoch) % (2**63 - 1)
+
+
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under `<output_dir>/checkpoints`, or None.
 

@@ -107,6 +107,8 @@ def train(cfg: RunConfig) -> dict:
         train_dl.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
         for batch in loader:
+            # dropout draws depend only on (seed, rank, epoch, batch): a resumed run repeats them exactly
+            torch.manual_seed(T.batch_seed(cfg.train.seed, accelerator.process_index, state))
             with accelerator.accumulate(model):
                 out = model(batch)
                 accelerator.backward(out.loss)
@@ -121,10 +123,10 @@ def train(cfg: RunConfig) -> dict:
             state.step += 1
             bar.update(1)
             if main and state.step % cfg.train.log_every == 0:
-                row = {"step": state.step, "loss": float(out.loss), "lr": scheduler.get_last_lr()[0]}
+                row = {"step": state.step, "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0]}
                 for k in ("lm_loss", "cls_loss"):
                     if getattr(out, k) is not None:
-                        row[k] = float(getattr(out, k))
+                        row[k] = getattr(out, k).item()
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, state.step)

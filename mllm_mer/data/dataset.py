@@ -47,7 +47,7 @@ def _file_key(path: Path | None) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _generate(rows: list[dict], options: dict) -> Iterator[dict]:
+def _generate(rows: tuple[dict, ...], options: dict) -> Iterator[dict]:
     opts = DecodeOptions(**options)
     problems: list[str] = []
     for row in rows:
@@ -112,7 +112,7 @@ def build_media_dataset(
     try:
         ds = datasets.Dataset.from_generator(
             _generate,
-            gen_kwargs={"rows": rows, "options": options.__dict__},
+            gen_kwargs={"rows": tuple(rows), "options": options.__dict__},  # a list would be sharded
             features=_FEATURES,
             cache_dir=str(cache_dir),
         )

@@ -49,7 +49,8 @@ own track), ``OUT/media/<id>.mp4`` and ``OUT/manifest.json`` (config, config has
 
 Determinism: the JSONL files depend only on the config; each clip's rendering uses its own RNG
 seeded from (seed, split, index), so the media are identical across runs and worker counts
-(libx264 runs single-threaded; the mp4 bytes were checked identical across runs with PyAV 18.1).
+(libx264 runs single-threaded at constant QP without mbtree, which was non-deterministic here; the mp4
+bytes were checked identical across runs and worker counts with PyAV 18.1).
 Decoded AAC audio is padded up to a multiple of 1024 samples: trim it to ``clip_seconds * sample_rate``.
 """
 
@@ -309,7 +310,7 @@ def _segment_cover(
     """Anti-aliased coverage of a thick line segment with round caps (pixels)."""
     (x0, y0), (x1, y1) = p0, p1
     dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((x - x0) * dx + (y - y0) * dy) / max(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
+    t = np.clip(((x - x0) * dx + (y - y0) * dy) / np.maximum(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
     d = np.hypot(x - (x0 + t * dx), y - (y0 + t * dy)) - half_width
     return np.clip(0.5 - d, 0.0, 1.0)
 
@@ -351,6 +352,21 @@ def _paint(img: np.ndarray, cover: np.ndarray, color: np.ndarray) -> None:
     img += cover[..., None] * (color - img)
 
 
+def _shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Move `img` (H, W, 3) by (dx, dy) pixels, |dx|, |dy| < 1, bilinear with edge padding; same shape."""
+    h, w = img.shape[:2]
+    padded = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    ix, iy = math.floor(-dx), math.floor(-dy)  # sample the source at (x - dx, y - dy)
+    ax, ay = -dx - ix, -dy - iy
+
+    def window(oy: int, ox: int) -> np.ndarray:
+        return padded[1 + iy + oy : 1 + iy + oy + h, 1 + ix + ox : 1 + ix + ox + w]
+
+    return (1 - ay) * ((1 - ax) * window(0, 0) + ax * window(0, 1)) + ay * (
+        (1 - ax) * window(1, 0) + ax * window(1, 1)
+    )
+
+
 def render_face_frames(
     emotion: str,
     intensity: float,
@@ -378,10 +394,9 @@ def render_face_frames(
     """
     proto = _FACE[emotion]
     p = {k: intensity * v for k, v in proto.items()}
-    scale = size / 56.0
     radius = 0.45 * size * rng.uniform(0.92, 1.05)
-    cx0 = size / 2 + rng.uniform(-0.05, 0.05) * size
-    cy0 = size / 2 + rng.uniform(-0.05, 0.05) * size
+    cx = size / 2 + rng.uniform(-0.05, 0.05) * size
+    cy = size / 2 + rng.uniform(-0.05, 0.05) * size
     background = rng.uniform(0.25, 0.75, 3) * rng.uniform(0.6, 1.0)
     skin = np.array([rng.uniform(0.75, 1.0), rng.uniform(0.55, 0.8), rng.uniform(0.4, 0.65)])
     ink_full = rng.uniform(0.0, 0.15, 3)
@@ -390,43 +405,42 @@ def render_face_frames(
     sclera = skin + (0.55 + 0.45 * intensity) * (sclera - skin)
     cast = rng.uniform(0.0, 1.0, 3)
     bob_phase = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for t in range(num_frames):
-        cx = cx0 + 0.6 * scale * np.sin(bob_phase + 1.3 * t)
-        cy = cy0 + 0.6 * scale * np.cos(bob_phase + 0.9 * t)
-        img = np.broadcast_to(background, (size, size, 3)).copy()
-        face = _ellipse_cover(xx, yy, cx, cy, 0.9 * radius, radius)
-        _paint(img, face, skin)
-        # Eyes: sclera ellipse whose height follows eye_open, with a dark pupil.
-        eye_h = max(0.1 * radius * (1.0 + 0.85 * p["eye_open"]), 0.04 * radius)
-        for side in (-1.0, 1.0):
-            ex, ey = cx + side * 0.38 * radius, cy - 0.2 * radius
-            _paint(img, _ellipse_cover(xx, yy, ex, ey, 0.19 * radius, eye_h), sclera)
-            _paint(
-                img, _ellipse_cover(xx, yy, ex, ey, min(0.09 * radius, eye_h), min(0.09 * radius, eye_h)), ink
-            )
-            # Brow: segment above the eye; height and slant (inner end up when slant > 0).
-            by = cy - (0.5 + 0.17 * p["brow_height"]) * radius
-            inner = (ex - side * 0.2 * radius, by - 0.13 * p["brow_slant"] * radius)
-            outer = (ex + side * 0.2 * radius, by + 0.13 * p["brow_slant"] * radius)
-            _paint(img, _segment_cover(xx, yy, inner, outer, 0.065 * radius), ink)
-        # Mouth: a lip line bent by mouth_curve; an opening bent the same way (a round O when straight).
-        my = cy + 0.47 * radius
-        half_len = 0.36 * radius * (1.0 + 0.35 * p["mouth_width"])
-        sag = 0.4 * radius * p["mouth_curve"]
-        if p["mouth_open"] > 0.02:
-            open_w = half_len * (1.0 - 0.25 * p["mouth_open"])
-            open_h = 0.24 * radius * p["mouth_open"]
-            _paint(img, _bent_ellipse_cover(xx, yy, cx, my, half_len, sag, open_w, open_h), ink)
-        if p["mouth_open"] < 0.5:
-            _paint(img, _curve_cover(xx, yy, cx, my, half_len, sag, 0.065 * radius), ink)
-        # Degradation: fade the face toward the background, colour cast, pixel noise.
-        img += (0.75 * noise * face)[..., None] * (background - img)
-        img += 0.5 * noise * (cast - img)
-        if noise > 0:
-            img += rng.normal(0.0, 0.2 * noise, img.shape)
-        frames[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres, each (H, W)
+    img = np.broadcast_to(background, (size, size, 3)).copy()  # (H, W, 3) float
+    face = _ellipse_cover(xx, yy, cx, cy, 0.9 * radius, radius)  # (H, W)
+    _paint(img, face, skin)
+    # Eyes: sclera ellipse whose height follows eye_open, with a dark pupil.
+    eye_h = max(0.1 * radius * (1.0 + 0.85 * p["eye_open"]), 0.04 * radius)
+    pupil = min(0.09 * radius, eye_h)
+    for side in (-1.0, 1.0):
+        ex, ey = cx + side * 0.38 * radius, cy - 0.2 * radius
+        _paint(img, _ellipse_cover(xx, yy, ex, ey, 0.19 * radius, eye_h), sclera)
+        _paint(img, _ellipse_cover(xx, yy, ex, ey, pupil, pupil), ink)
+        # Brow: segment above the eye; height and slant (inner end up when slant > 0).
+        by = cy - (0.5 + 0.17 * p["brow_height"]) * radius
+        inner = (ex - side * 0.2 * radius, by - 0.13 * p["brow_slant"] * radius)
+        outer = (ex + side * 0.2 * radius, by + 0.13 * p["brow_slant"] * radius)
+        _paint(img, _segment_cover(xx, yy, inner, outer, 0.065 * radius), ink)
+    # Mouth: a lip line bent by mouth_curve; an opening bent the same way (a round O when straight).
+    my = cy + 0.47 * radius
+    half_len = 0.36 * radius * (1.0 + 0.35 * p["mouth_width"])
+    sag = 0.4 * radius * p["mouth_curve"]
+    if p["mouth_open"] > 0.02:
+        open_w = half_len * (1.0 - 0.25 * p["mouth_open"])
+        open_h = 0.24 * radius * p["mouth_open"]
+        _paint(img, _bent_ellipse_cover(xx, yy, cx, my, half_len, sag, open_w, open_h), ink)
+    if p["mouth_open"] < 0.5:
+        _paint(img, _curve_cover(xx, yy, cx, my, half_len, sag, 0.065 * radius), ink)
+    # Degradation: fade the face toward the background, colour cast.
+    img += (0.75 * noise * face)[..., None] * (background - img)
+    img += 0.5 * noise * (cast - img)
+    # Frames: a sub-pixel head bob (bilinear shift, < 1 px), then i.i.d. pixel noise per frame.
+    frame_t = np.arange(num_frames)
+    shifts = 0.6 * np.stack([np.sin(bob_phase + 1.3 * frame_t), np.cos(bob_phase + 0.9 * frame_t)], 1)
+    video = np.stack([_shift(img, dx, dy) for dx, dy in shifts])  # (T, H, W, 3)
+    if noise > 0:
+        video += rng.normal(0.0, 0.2 * noise, video.shape)
+    frames = np.clip(video * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return frames
 
 
@@ -496,7 +510,7 @@ def render_voice(
 
 
 def write_clip(path: str | Path, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int) -> None:
-    """Encode one mp4: H.264 (libx264, yuv420p, crf 18, one thread) video + AAC mono audio.
+    """Encode one mp4: H.264 (libx264, yuv420p, constant QP 18) video + AAC mono audio; deterministic bytes.
 
     Args:
         path: output file.
@@ -509,8 +523,10 @@ def write_clip(path: str | Path, frames: np.ndarray, audio: np.ndarray, fps: int
         vstream = container.add_stream("libx264", rate=fps)
         vstream.width, vstream.height = frames.shape[2], frames.shape[1]
         vstream.pix_fmt = "yuv420p"
-        vstream.options = {"crf": "18", "preset": "veryfast"}
-        vstream.codec_context.thread_count = 1  # deterministic bytes
+        # Constant QP, one thread and no macroblock-tree: x264's mbtree (on by default with crf) gave
+        # different bytes for the same frames from run to run on these tiny clips.
+        vstream.options = {"qp": "18", "preset": "veryfast", "x264-params": "mbtree=0"}
+        vstream.codec_context.thread_count = 1
         astream = container.add_stream("aac", rate=sample_rate)
         astream.layout = "mono"
         for i, array in enumerate(frames):

@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny thinker and a small synthetic set, built once per test session.
+
+Tiers: `pytest` runs unit + smoke (tiny model, CPU, offline); `pytest -m gpu` / `-m slow` opt in to the
+real-checkpoint and large runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm_mer.backbone.tiny import ensure_tiny_thinker
+from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)  # tiny models on shared CPUs: one thread is fastest and stable
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2.5-Omni thinker checkpoint directory (built with the package's builder)."""
+    return ensure_tiny_thinker(tmp_path_factory.mktemp("models") / "tiny-qwen2_5-omni")
+
+
+@pytest.fixture(scope="session")
+def syn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic conflict set: 24 train, 12 dev, 12 test clips."""
+    cfg = SyntheticConfig(seed=1, train_size=24, dev_size=12, test_size=12)
+    return ensure_synthetic_set(tmp_path_factory.mktemp("data") / "synthetic", cfg)
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_dir: Path):
+    from mllm_mer.backbone import load_backbone
+
+    return load_backbone(tiny_dir)

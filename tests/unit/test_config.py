@@ -1,0 +1,64 @@
+"""Config loading: unknown keys, types, ranges, overrides, every shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mllm_mer.config import ConfigError, RunConfig, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_dotted_path_and_suggestion(tmp_path):
+    p = write(tmp_path, "data:\n  train: a.jsonl\ntrain:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert "train.lrr" in msg and "did you mean 'train.lr'" in msg
+
+
+def test_unknown_section_and_all_errors_at_once(tmp_path):
+    p = write(tmp_path, "data:\n  train: a.jsonl\nmodle: {}\ntrain:\n  batch_size: 0\n  lr: fast\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    errs = exc.value.errors
+    assert any("'modle'" in e and "model" in e for e in errs)
+    assert any("train.batch_size=0" in e for e in errs)
+    assert any("train.lr must be float" in e for e in errs)
+    assert len(errs) == 3
+
+
+def test_literal_and_override_parsing():
+    with pytest.raises(ConfigError, match=r"model.dtype='fp8' is not allowed"):
+        load_config(None, ["data.train=x.jsonl", "model.dtype=fp8"])
+    cfg = load_config(None, ["data.train=x.jsonl", "train.lr=5e-4", "lora.enabled=false", "train.max_steps=3"])
+    assert cfg.train.lr == 5e-4 and cfg.lora.enabled is False and cfg.train.max_steps == 3
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides(["--lr", "1"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="data.train is empty"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="both 0"):
+        load_config(None, ["data.train=x", "train.lm_loss_weight=0", "train.cls_loss_weight=0"])
+
+
+def test_synthetic_dir_fills_split_paths():
+    cfg = load_config(None, ["data.synthetic_dir=/d"])
+    assert cfg.data.train == "/d/train.jsonl" and cfg.data.dev == "/d/dev.jsonl"
+    assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(path)
