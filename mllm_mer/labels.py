@@ -6,9 +6,11 @@ Two conventions for single labels, chosen by `mode`:
   punctuation are normalised, an explicit answer field ("Emotion: X", "the emotion is X",
   "Answer: X") wins, otherwise the last mention of a label (or a synonym) wins; negated mentions
   ("not happy") are ignored; an answer outside the label set is ``UNKNOWN_LABEL`` and counts as wrong.
-* ``"emotion_llama"`` reproduces the published Emotion-LLaMA scorer so numbers are comparable to the
-  paper's; see `parse_label_emotion_llama` for what that code does (it is stricter than "the last
-  label mentioned").
+* ``"emotion_llama"``: the Emotion-LLaMA convention as the field states it: the last label of the set
+  mentioned in the text wins (case-insensitive whole words, no synonyms); none mentioned -> "neutral".
+* ``"emotion_llama_exact"`` reproduces the published Emotion-LLaMA scorer byte for byte so numbers are
+  comparable to the paper's; see `parse_label_emotion_llama_exact` (it is stricter: only the last
+  space-separated token counts).
 
 `parse_openset` splits the answer of the open-vocabulary (``ov``) prompt into emotion words.
 """
@@ -20,7 +22,7 @@ import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 
-LABEL_MODES: tuple[str, ...] = ("strict", "emotion_llama")
+LABEL_MODES: tuple[str, ...] = ("strict", "emotion_llama", "emotion_llama_exact")
 """Valid `mode` values for `parse_label`."""
 
 UNKNOWN_LABEL = "unknown"
@@ -200,7 +202,23 @@ def parse_label_strict(text: str, labels: Sequence[str]) -> str:
 
 
 def parse_label_emotion_llama(text: str, labels: Sequence[str]) -> str:
-    """Reproduce Emotion-LLaMA's published classification scorer.
+    """The Emotion-LLaMA convention: the last label of the set mentioned wins; none -> "neutral".
+
+    Mentions are case-insensitive whole words (label phrases may span several words); synonyms and
+    negations are not interpreted ("not happy" votes happy), as in the convention.
+    """
+    canon = _check_labels(labels)
+    best: tuple[int, str] | None = None
+    lowered = text.lower()
+    for label in canon:
+        for m in re.finditer(rf"(?<!\w){re.escape(label.lower())}(?!\w)", lowered):
+            if best is None or m.start() > best[0]:
+                best = (m.start(), label)
+    return best[1] if best else EMOTION_LLAMA_FALLBACK
+
+
+def parse_label_emotion_llama_exact(text: str, labels: Sequence[str]) -> str:
+    """Reproduce Emotion-LLaMA's published classification scorer exactly.
 
     Source: ZebangCheng/Emotion-LLaMA ``eval_emotion.py`` (commit e3396fb757, the script behind the
     MER2023 / MER2024 numbers). The model's ``generate`` strips the decoded text
@@ -247,8 +265,9 @@ def parse_label(text: str, labels: Sequence[str], mode: str = "strict") -> str:
          into its opposite.
       5. Nothing found -> `UNKNOWN_LABEL`, which is scored as wrong.
 
-    ``mode="emotion_llama"``: see `parse_label_emotion_llama` (last space-separated token, exact
-    match, else ``"neutral"``).
+    ``mode="emotion_llama"``: see `parse_label_emotion_llama` (last label of the set mentioned, else
+    ``"neutral"``). ``mode="emotion_llama_exact"``: see `parse_label_emotion_llama_exact` (last
+    space-separated token, exact match, else ``"neutral"``).
 
     Args:
         text: generated answer.
@@ -263,6 +282,8 @@ def parse_label(text: str, labels: Sequence[str], mode: str = "strict") -> str:
         return parse_label_strict(text, labels)
     if mode == "emotion_llama":
         return parse_label_emotion_llama(text, labels)
+    if mode == "emotion_llama_exact":
+        return parse_label_emotion_llama_exact(text, labels)
     raise ValueError(f"label mode {mode!r} unknown; valid: {list(LABEL_MODES)}")
 
 

@@ -8,10 +8,12 @@ the weighted total loss, the LM loss on the answer tokens, the classification lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import peft
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from mllm_mer.backbone.loader import Backbone
@@ -117,14 +119,47 @@ def apply_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
     return wrapped
 
 
-def build_mer_model(backbone: Backbone, cfg: RunConfig) -> MerModel:
-    """Wrap a loaded backbone with the configured parts and heads (trainability is set separately)."""
+def build_mer_model(backbone: Backbone, cfg: RunConfig, run_dir: str | Path | None = None) -> MerModel:
+    """Wrap a loaded backbone with the configured parts and heads (trainability is set separately).
+
+    Args:
+        backbone: the loaded (frozen) backbone; its model is wrapped in place.
+        cfg: the run config.
+        run_dir: a finished run directory to load the trained adapter, heads and unfrozen base weights
+            from (safetensors only); None = fresh adapters and heads.
+    """
     model = backbone.model
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg)
+        if run_dir is not None:
+            model = peft.PeftModel.from_pretrained(model, str(Path(run_dir) / "adapter"), is_trainable=False)
+        else:
+            model = apply_lora(model, cfg)
     hidden = backbone.model.config.text_config.hidden_size
     mer = MerModel(model, hidden, len(cfg.data.labels), cfg)
     if cfg.train.gradient_checkpointing:
         backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         backbone.model.enable_input_require_grads()
+    if run_dir is not None:
+        load_run_weights(mer, run_dir)
     return mer
+
+
+def load_run_weights(model: MerModel, run_dir: str | Path) -> None:
+    """Load `heads.safetensors` (and `trainable_base.safetensors` if present) into `model`, strictly."""
+    run_dir = Path(run_dir)
+    heads = load_file(str(run_dir / "heads.safetensors"))
+    expected = set(model.head_state_dict())
+    if set(heads) != expected:
+        raise ValueError(
+            f"{run_dir / 'heads.safetensors'} does not match the configured heads: "
+            f"missing {sorted(expected - set(heads))[:5]}, unexpected {sorted(set(heads) - expected)[:5]}"
+        )
+    state = dict(heads)
+    base_file = run_dir / "trainable_base.safetensors"
+    if base_file.is_file():
+        state.update(load_file(str(base_file)))
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"weights in {run_dir} name parameters this model does not have: {unknown[:5]}")
+    model.load_state_dict(state, strict=False)

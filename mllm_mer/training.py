@@ -50,7 +50,8 @@ def ensure_inputs(cfg: RunConfig) -> None:
     if cfg.data.synthetic_dir is not None:
         from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
 
-        ensure_synthetic_set(cfg.data.synthetic_dir, SyntheticConfig(seed=cfg.data.synthetic_seed))
+        workers = min(2, os.cpu_count() or 1)
+        ensure_synthetic_set(cfg.data.synthetic_dir, SyntheticConfig(seed=cfg.data.synthetic_seed), workers=workers)
 
 
 def read_splits(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev")) -> dict[str, list[Sample]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
@@ -19,7 +20,9 @@ from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, SyntheticConfig, int]:
     d = SyntheticConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--train", type=int, default=d.train_size, help="train clips")
@@ -30,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, SyntheticConfig, int
     parser.add_argument("--text-noise", type=float, default=d.text_noise)
     parser.add_argument("--train-conflict-rate", type=float, default=d.train_conflict_rate)
     parser.add_argument("--masking-intensity", type=float, default=d.masking_intensity)
-    parser.add_argument("--workers", type=int, default=1, help="encoding processes (output does not depend on it)")
+    parser.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes (same output)"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = SyntheticConfig(
@@ -54,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     out_dir = ensure_synthetic_set(out, cfg, workers=workers)
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    print(f"synthetic set in {out_dir} (config hash {manifest['config_hash']}, {time.perf_counter() - start:.1f} s)")
+    print(
+        f"synthetic set in {out_dir} (config hash {manifest['config_hash']}, {time.perf_counter() - start:.1f} s)"
+    )
     for split, counts in manifest["counts"].items():
         print(f"{split:5s} {counts['total']:5d}  subsets {counts['subset']}  labels {counts['label']}")
 

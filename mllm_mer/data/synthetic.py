@@ -33,6 +33,8 @@ Noise ``v`` in [0, 1] per modality (0 = clean cue, 1 = no information about the 
 - audio: with probability ``v`` the voice shows a uniformly random label instead of the cue; in
   addition white Gaussian noise of std ``0.003 + 0.25 v`` (full scale 1.0) is added. At v = 1 the
   rendered voice is independent of the cue.
+- in both, a replaced display keeps its designed intensity (genuine or masking), so intensity still
+  tells which modality is genuine; it carries no information about the emotion.
 - text: the subtitle normally expresses the true label (a phrase from that label's bank, neutral =
   filler). With probability ``v`` it is replaced: half of the time by neutral filler, otherwise by a
   phrase of a uniformly random label. At v = 1 the subtitle is independent of the label.
@@ -94,9 +96,9 @@ class SyntheticConfig:
     """Number of dev clips (balanced across the three subsets and, as far as possible, labels)."""
     test_size: int = 96
     """Number of test clips (balanced like dev)."""
-    audio_noise: float = 0.1
+    audio_noise: float = 0.05
     """Audio noise in [0, 1]: probability of a random voice emotion, plus additive noise."""
-    video_noise: float = 0.1
+    video_noise: float = 0.05
     """Video noise in [0, 1]: probability of a random face emotion, plus contrast loss, tint, pixel noise."""
     text_noise: float = 0.7
     """Text noise in [0, 1]: probability that the subtitle is filler or a random-emotion phrase."""
@@ -639,9 +641,9 @@ def _explain(clip: _Clip) -> str:
     if clip.subset == "consistent":
         reason = "Face and voice agree."
     elif clip.subset == "video_aligned":
-        reason = "The vivid facial expression looks genuine, while the weaker voice seems to mask it."
+        reason = "The full facial display looks genuine, while the weaker voice seems to mask it."
     else:
-        reason = "The vivid voice sounds genuine, while the weaker facial expression seems to mask it."
+        reason = "The full vocal display sounds genuine, while the weaker face seems to mask it."
     return f"{face} {voice} {text} {reason} Overall the emotion is {clip.label}."
 
 

@@ -4,49 +4,30 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.smoke.conftest import REPO, base_args, check, run_finetune
+
 pytestmark = pytest.mark.smoke
 
 
-def run_finetune(args: list[str], launch: list[str] | None = None, env: dict | None = None, timeout: int = 600):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(launch or ["--num_processes", "1"]),
-           str(REPO / "scripts" / "finetune.py"), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
-
-
-def base_args(tiny_dir: Path, syn_dir: Path, out: Path, cache: Path) -> list[str]:
-    return [
-        f"model.path={tiny_dir}", "model.build_tiny=false", "data.synthetic_dir=null",
-        f"data.train={syn_dir / 'train.jsonl'}", f"data.dev={syn_dir / 'dev.jsonl'}", f"data.cache_dir={cache}",
-        "data.num_workers=0", "train.batch_size=4", "train.eval_batch_size=12", "train.torch_threads=1",
-        f"train.output_dir={out}", "train.log_every=1",
-    ]
-
-
-def check(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
-
-
-def test_finetune_writes_run_dir_and_resume_matches_uninterrupted(tiny_dir, syn_dir, tmp_path):
+def test_finetune_writes_run_dir_and_resume_matches_uninterrupted(tiny_dir, syn_dir, trained_run, tmp_path):
     cache = tmp_path / "cache"
-    a = tmp_path / "a"
-    out = check(run_finetune([*base_args(tiny_dir, syn_dir, a, cache), "train.max_steps=6", "train.save_every=2",
-                              "train.keep_checkpoints=3"]))
+    a, out = trained_run
     assert "trainable" in out and "[dev step 6] accuracy=" in out
-    for name in ("config.yaml", "run_info.json", "final_metrics.json", "heads.safetensors", "train_log.jsonl",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "run_info.json",
+        "final_metrics.json",
+        "heads.safetensors",
+        "train_log.jsonl",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (a / name).is_file(), name
     assert any((a / "tb").iterdir())
     metrics = json.loads((a / "final_metrics.json").read_text())
@@ -64,8 +45,16 @@ def test_finetune_writes_run_dir_and_resume_matches_uninterrupted(tiny_dir, syn_
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step_00000004", b / "checkpoints" / "step_00000004")
     (b / "checkpoints" / "step_00000009").mkdir()  # a half-written checkpoint (no marker) is ignored
-    out = check(run_finetune([*base_args(tiny_dir, syn_dir, b, cache), "train.max_steps=6", "train.save_every=2",
-                              "train.resume_from=latest"]))
+    out = check(
+        run_finetune(
+            [
+                *base_args(tiny_dir, syn_dir, b, cache),
+                "train.max_steps=6",
+                "train.save_every=2",
+                "train.resume_from=latest",
+            ]
+        )
+    )
     assert "at step 4" in out
     log_steps = [json.loads(line)["step"] for line in (b / "train_log.jsonl").read_text().splitlines()]
     assert log_steps == [5, 6]
@@ -76,7 +65,9 @@ def test_finetune_writes_run_dir_and_resume_matches_uninterrupted(tiny_dir, syn_
 
 
 def test_bad_config_key_and_missing_media_fail_before_model_loads(tiny_dir, syn_dir, tmp_path):
-    proc = run_finetune([*base_args(tiny_dir, syn_dir, tmp_path / "r", tmp_path / "c"), "train.learning_rate=1"])
+    proc = run_finetune(
+        [*base_args(tiny_dir, syn_dir, tmp_path / "r", tmp_path / "c"), "train.learning_rate=1"]
+    )
     assert proc.returncode != 0
     assert "unknown key 'train.learning_rate'" in proc.stderr
     rows = [json.loads(line) for line in (syn_dir / "train.jsonl").read_text().splitlines()[:3]]
@@ -99,11 +90,17 @@ def test_ddp_two_processes_on_cpu(tiny_dir, syn_dir, tmp_path):
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed ([deepspeed])")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed ([deepspeed])"
+)
 def test_deepspeed_zero2_on_cpu(tiny_dir, syn_dir, tmp_path):
     out_dir = tmp_path / "z2"
     launch = ["--config_file", str(REPO / "configs" / "accelerate" / "zero2.yaml"), "--mixed_precision", "no"]
     env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
-    check(run_finetune([*base_args(tiny_dir, syn_dir, out_dir, tmp_path / "c"), "train.max_steps=2"], launch, env))
+    check(
+        run_finetune(
+            [*base_args(tiny_dir, syn_dir, out_dir, tmp_path / "c"), "train.max_steps=2"], launch, env
+        )
+    )
     assert json.loads((out_dir / "final_metrics.json").read_text())["step"] == 2
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()

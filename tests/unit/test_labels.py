@@ -90,13 +90,31 @@ def test_strict_synonyms_follow_the_label_set() -> None:
         ("", "neutral"),
     ],
 )
+def test_emotion_llama_exact(text: str, expected: str) -> None:
+    assert parse_label(text, MER2023_LABELS, mode="emotion_llama_exact") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("happy", "happy"),
+        ("Happy.", "happy"),  # case-insensitive whole words
+        ("He is sad, I think", "sad"),
+        ("sad at first, then happy", "happy"),  # the last label mentioned wins
+        ("he is not happy", "happy"),  # no negation handling in the convention
+        ("joy", "neutral"),  # no synonyms; none mentioned -> neutral
+        ("unhappy", "neutral"),  # whole words only
+        ("The emotional state is: worried\n", "worried"),
+        ("", "neutral"),
+    ],
+)
 def test_emotion_llama(text: str, expected: str) -> None:
     assert parse_label(text, MER2023_LABELS, mode="emotion_llama") == expected
 
 
 def test_modes_and_bad_input() -> None:
-    assert LABEL_MODES == ("strict", "emotion_llama")
-    with pytest.raises(ValueError, match=r"label mode 'loose' unknown; valid: \['strict', 'emotion_llama'\]"):
+    assert LABEL_MODES == ("strict", "emotion_llama", "emotion_llama_exact")
+    with pytest.raises(ValueError, match=r"label mode 'loose' unknown; valid: \['strict', 'emotion_llama'"):
         parse_label("happy", MER2023_LABELS, mode="loose")
     with pytest.raises(ValueError, match="non-empty"):
         parse_label("happy", ())

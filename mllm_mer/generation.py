@@ -1,0 +1,145 @@
+"""Batched generation of emotion explanations / labels, label parsing and per-path class probabilities.
+
+`load_for_inference` rebuilds a trained model from its run directory (resolved `config.yaml`, peft
+adapter, heads) or loads a base backbone for zero-shot use. `generate_rows` renders each sample's
+prompt from `prompts/`, generates with left padding (greedy by default), parses the label and, when the
+run has heads, adds the fused head's class probabilities. Every row records the prompt name and hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mllm_mer.backbone import Backbone, load_backbone
+from mllm_mer.config import RunConfig, config_from_dict
+from mllm_mer.data.collate import MerCollator
+from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
+from mllm_mer.data.schema import Sample
+from mllm_mer.labels import parse_label, parse_openset
+from mllm_mer.model import MerModel, build_mer_model
+from mllm_mer.prompts import PromptTemplate, load_prompt
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings (recorded next to the predictions)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    label_mode: str = "strict"
+    batch_size: int = 8
+
+
+@dataclass
+class InferenceModel:
+    """A backbone plus (for trained runs) the MerModel with adapter and heads."""
+
+    backbone: Backbone
+    cfg: RunConfig
+    mer: MerModel | None
+
+    @property
+    def generator(self) -> torch.nn.Module:
+        """The module whose `generate` to call (the peft-wrapped thinker for trained runs)."""
+        return self.mer.backbone if self.mer is not None else self.backbone.model
+
+
+def load_run_config(run_dir: str | Path, overrides: dict | None = None) -> RunConfig:
+    """The resolved config a run saved (`config.yaml`), with optional nested-dict overrides applied."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run directory (no config.yaml)")
+    data = yaml.safe_load(path.read_text())
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return config_from_dict(data, str(path))
+
+
+def load_for_inference(
+    run_dir: str | Path | None = None, model_path: str | None = None, cfg: RunConfig | None = None
+) -> InferenceModel:
+    """Load a trained run (`run_dir`) or a base model (`model_path`, zero-shot) for generation."""
+    if (run_dir is None) == (model_path is None):
+        raise ValueError("give exactly one of run_dir (a trained run) or model_path (zero-shot base model)")
+    if run_dir is not None:
+        cfg = cfg or load_run_config(run_dir)
+        backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+        mer = build_mer_model(backbone, cfg, run_dir=run_dir)
+        mer.eval()
+        return InferenceModel(backbone, cfg, mer)
+    cfg = cfg or config_from_dict({"model": {"path": model_path}, "data": {"train": "-"}})
+    backbone = load_backbone(model_path, cfg.model.dtype, cfg.model.attn_implementation)
+    return InferenceModel(backbone, cfg, None)
+
+
+def build_inference_loader(
+    model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int
+) -> DataLoader:
+    cfg = model.cfg
+    fe = model.backbone.processor.feature_extractor
+    window = float(fe.chunk_length)
+    options = DecodeOptions(
+        fps=cfg.data.fps, max_frames=cfg.data.max_frames, sample_rate=int(fe.sampling_rate),
+        max_audio_seconds=min(window, cfg.data.max_audio_seconds or window),
+    )
+    media = build_media_dataset(samples, options, cfg.data.cache_dir)
+    collator = MerCollator(
+        processor=model.backbone.processor, token_ids=model.backbone.token_ids, prompt=prompt,
+        system_prompt=load_prompt("system", kind="free").text, labels=cfg.data.labels, train=False,
+    )
+    return DataLoader(MerDataset(samples, media, options), batch_size=batch_size, collate_fn=collator)
+
+
+@torch.no_grad()
+def generate_rows(
+    model: InferenceModel, samples: Sequence[Sample], prompt_name: str, options: GenerationOptions,
+    progress: bool = True,
+) -> Iterator[dict]:
+    """Yield one prediction row per sample, in order (see module docstring for the fields)."""
+    prompt = load_prompt(prompt_name)
+    labels = list(model.cfg.data.labels)
+    loader = build_inference_loader(model, samples, prompt, options.batch_size)
+    tok = model.backbone.processor.tokenizer
+    gen_kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
+                  "pad_token_id": model.backbone.token_ids.pad, "eos_token_id": model.backbone.token_ids.eos}
+    if options.do_sample:
+        gen_kwargs.update(temperature=options.temperature, top_p=options.top_p)
+    for batch in tqdm(loader, disable=not progress, desc="generate"):
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
+                  and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
+        out = model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], **gen_kwargs)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+        probs = None
+        if model.mer is not None:
+            logits = model.mer(batch, compute_lm_loss=False).cls_logits
+            probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
+        for i, (sid, text) in enumerate(zip(batch["sample_ids"], texts, strict=True)):
+            row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text.strip(),
+                   "label": parse_label(text, labels, mode=options.label_mode)}
+            if prompt.name == "ov":
+                row["labels_ov"] = parse_openset(text)
+            if probs is not None:
+                row["probs"] = {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}
+            yield row
+
+
+def generation_record(model: InferenceModel, prompt_name: str, options: GenerationOptions) -> dict:
+    """What produced a predictions file (written beside it)."""
+    import mllm_mer
+
+    prompt = load_prompt(prompt_name)
+    return {"version": mllm_mer.__version__, "backbone": model.backbone.path, "prompt": prompt.name,
+            "prompt_sha256": prompt.sha256, "generation": asdict(options), "labels": list(model.cfg.data.labels)}
