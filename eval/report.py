@@ -229,7 +229,15 @@ def _save(fig: Figure, path: Path) -> Path:
 def plot_confusion(
     confusion: Sequence[Sequence[int]], rows: Sequence[str], columns: Sequence[str], path: Path, title: str
 ) -> Path:
-    """Confusion-matrix heat map with counts; colours are the share of each row (truth) count."""
+    """Confusion-matrix heat map with counts; colours are the share of each row (truth) count.
+
+    Args:
+        confusion: counts, one row per entry of `rows`, one column per entry of `columns`.
+        rows: truth labels.
+        columns: predicted labels (the labels, plus "unknown" when present).
+        path: PNG to write.
+        title: plot title.
+    """
     n_rows, n_cols = len(rows), len(columns)
     shares = [[c / max(1, sum(row)) for c in row] for row in confusion]
     fig = Figure(figsize=(1.0 + 0.75 * n_cols, 1.0 + 0.65 * n_rows), layout="constrained")
@@ -260,7 +268,7 @@ def plot_bars(
     path: Path,
     title: str,
     ylabel: str,
-    ylim: tuple[float, float] = (0, 1),
+    ylim: tuple[float, float] = (0.0, 1.1),
 ) -> Path:
     """Grouped bar chart: one group per category, one bar per series (e.g. level1/level2 per wheel).
 
@@ -269,7 +277,7 @@ def plot_bars(
         path: PNG to write.
         title: plot title.
         ylabel: y-axis label.
-        ylim: y-axis range.
+        ylim: y-axis range (the default leaves room for the value labels above 1.0).
     """
     names = list(series)
     categories = list(next(iter(series.values())))
@@ -352,7 +360,7 @@ def write_report(result: Mapping[str, Any], out_json: str | Path) -> list[Path]:
         confusion = result["metrics"]["confusion"]
         plots = [
             plot_confusion(
-                confusion,
+                confusion[: len(result["labels"])],  # drop the all-zero "unknown" truth row
                 result["labels"],
                 confusion_columns(result, confusion),
                 paths["confusion"],
@@ -361,7 +369,7 @@ def write_report(result: Mapping[str, Any], out_json: str | Path) -> list[Path]:
         ]
         per_subset = result["metrics"].get("per_subset") or {}
         if per_subset:
-            series = {"accuracy": {name: s["accuracy"] for name, s in per_subset.items()}}
+            series = {"accuracy": {f"{name}\n(n={s['n']})": s["accuracy"] for name, s in per_subset.items()}}
             plots.append(plot_bars(series, paths["subsets"], f"{task}: accuracy per subset", "accuracy"))
     paths["markdown"].write_text(text + "\n", encoding="utf-8")
     written.append(paths["markdown"])

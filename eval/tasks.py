@@ -44,6 +44,9 @@ Id matching, the same for every task:
   (and ``"unknown"`` for every `probs` path), an empty word list for emer-ov, a "no prediction"
   failure for emer-judge; OUT.json's `warnings` says how many and which.
 
+The MER2023, DFEW and EMER CSVs are read with `mllm_mer.data.readers`' row helpers (`_csv_rows`,
+`_name`, `_label`, `_Ids`) so the validation rules cannot drift from the dataset readers.
+
 All input problems raise `ValueError` (or `FileNotFoundError` for a missing file); the script turns
 them into ``error: ...`` and exit code 2.
 """
@@ -306,9 +309,7 @@ def read_predictions(path: str | Path) -> dict[str, PredictionRow]:
     return rows
 
 
-def _rekey(
-    rows: Mapping[str, PredictionRow], key: Callable[[str], str], path: Path
-) -> dict[str, PredictionRow]:
+def _rekey(rows: Mapping[str, PredictionRow], key: Callable[[str], str]) -> dict[str, PredictionRow]:
     """Re-key predictions by a normalised id, refusing two rows that normalise to the same id."""
     out: dict[str, PredictionRow] = {}
     for sid, row in rows.items():
@@ -476,7 +477,7 @@ def score_classification(
         raise ValueError(f"{opts.references}: no labelled reference samples to score")
     preds = read_predictions(opts.predictions)
     if id_key is not None:
-        preds = _rekey(preds, id_key, opts.predictions)
+        preds = _rekey(preds, id_key)
     missing = match_ids(preds, [r.id for r in refs], opts, warnings)
     y_true = [r.label for r in refs]
     y_pred = [
@@ -746,6 +747,10 @@ def build_scorer(opts: EvalOptions) -> Scorer:
         if not opts.judge_model:
             raise ValueError("--judge local needs --judge-model (a local causal-LM folder)")
         return LocalJudge(opts.judge_model, device=opts.judge_device, cache_dir=opts.judge_cache)
+    if opts.judge_cache is not None:
+        raise ValueError(
+            "--judge-cache applies to the openai and local judges; the embedding proxy caches nothing"
+        )
     try:
         return EmbeddingSimilarity(model_path=opts.judge_model, device=opts.judge_device)
     except ImportError as err:

@@ -4,11 +4,14 @@
 adapter, heads) or loads a base backbone for zero-shot use. `generate_rows` renders each sample's
 prompt from `prompts/`, generates with left padding (greedy by default), parses the label and, when the
 run has heads, adds the fused head's class probabilities. Every row records the prompt name and hash.
+With `ar.enabled`, both `generate_rows` and `predict_rows` run each batch inside
+`mllm_mer.attention.realloc.attention_reallocation` (attention reallocation, inference only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,8 +20,9 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mllm_mer.attention.realloc import attention_reallocation
 from mllm_mer.backbone import Backbone, load_backbone
-from mllm_mer.config import RunConfig, config_from_dict
+from mllm_mer.config import RunConfig, config_from_dict, config_to_dict
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
 from mllm_mer.data.schema import Sample
@@ -102,6 +106,18 @@ def build_inference_loader(
     return DataLoader(MerDataset(samples, media, options), batch_size=batch_size, collate_fn=collator)
 
 
+def reallocation_scope(model: InferenceModel, batch: dict) -> AbstractContextManager:
+    """Attention reallocation for one batch when `ar.enabled`, else a no-op context.
+
+    Args:
+        model: the loaded model; `model.cfg.ar` holds the AR settings.
+        batch: collator output with `token_modality` (B, T) long of the (left-padded) prompts.
+    """
+    if not model.cfg.ar.enabled:
+        return nullcontext()
+    return attention_reallocation(model.generator, batch["token_modality"], model.cfg.ar)
+
+
 @torch.no_grad()
 def generate_rows(
     model: InferenceModel, samples: Sequence[Sample], prompt_name: str, options: GenerationOptions,
@@ -119,13 +135,14 @@ def generate_rows(
     for batch in tqdm(loader, disable=not progress, desc="generate"):
         inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
                   and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
-        out = model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], **gen_kwargs)
+        probs = None
+        with reallocation_scope(model, batch):
+            out = model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], **gen_kwargs)
+            if model.mer is not None:
+                logits = model.mer(batch, compute_lm_loss=False).cls_logits
+                probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-        probs = None
-        if model.mer is not None:
-            logits = model.mer(batch, compute_lm_loss=False).cls_logits
-            probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
         for i, (sid, text) in enumerate(zip(batch["sample_ids"], texts, strict=True)):
             row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text.strip(),
                    "label": parse_label(text, labels, mode=options.label_mode)}
@@ -136,10 +153,36 @@ def generate_rows(
             yield row
 
 
+@torch.no_grad()
+def predict_rows(
+    model: InferenceModel, samples: Sequence[Sample], batch_size: int = 16, prompt_name: str | None = None,
+    progress: bool = False,
+) -> Iterator[dict]:
+    """Classification-head predictions without generation: one row per sample, in order.
+
+    Rows: `id`, `label` (argmax of the fused head), `probs` ({path: {label: p}}). With `ar.enabled` the
+    forward runs under attention reallocation (the last prompt position is the targeted query).
+    """
+    if model.mer is None:
+        raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
+    labels = list(model.cfg.data.labels)
+    prompt = load_prompt(prompt_name or model.cfg.data.prompt)
+    loader = build_inference_loader(model, samples, prompt, batch_size)
+    for batch in tqdm(loader, disable=not progress, desc="predict"):
+        with reallocation_scope(model, batch):
+            logits = model.mer(batch, compute_lm_loss=False).cls_logits
+        probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
+        fused = probs["fused"].argmax(dim=-1).tolist()
+        for i, sid in enumerate(batch["sample_ids"]):
+            yield {"id": sid, "label": labels[fused[i]],
+                   "probs": {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}}
+
+
 def generation_record(model: InferenceModel, prompt_name: str, options: GenerationOptions) -> dict:
     """What produced a predictions file (written beside it)."""
     import mllm_mer
 
     prompt = load_prompt(prompt_name)
     return {"version": mllm_mer.__version__, "backbone": model.backbone.path, "prompt": prompt.name,
-            "prompt_sha256": prompt.sha256, "generation": asdict(options), "labels": list(model.cfg.data.labels)}
+            "prompt_sha256": prompt.sha256, "generation": asdict(options), "labels": list(model.cfg.data.labels),
+            "ar": config_to_dict(model.cfg.ar)}

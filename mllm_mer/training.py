@@ -88,13 +88,15 @@ def check_data(samples: dict[str, list[Sample]], options: DecodeOptions) -> list
 
 
 def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None) -> MerCollator:
+    """The collator for training (`train=True`, answers + modality dropout) or dev evaluation."""
     return MerCollator(
         processor=backbone.processor,
         token_ids=backbone.token_ids,
         prompt=load_prompt(prompt or cfg.data.prompt),
         system_prompt=load_prompt("system", kind="free").text,
         labels=cfg.data.labels,
-        train=train,
+        train=True,  # dev batches carry the answer too (dev LM loss)
+        modality_dropout=cfg.data.modality_dropout if train else 0.0,
     )
 
 
@@ -110,7 +112,7 @@ def build_loader(
         dataset,
         batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
         shuffle=train,
-        collate_fn=build_collator(cfg, backbone, train=True),  # dev batches carry the answer too (LM loss)
+        collate_fn=build_collator(cfg, backbone, train=train),
         num_workers=cfg.data.num_workers,
         drop_last=False,
     )

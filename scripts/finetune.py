@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -102,6 +103,7 @@ def train(cfg: RunConfig) -> dict:
     log_file = Path(cfg.train.output_dir) / "train_log.jsonl"
     bar = tqdm(total=total, initial=state.step, disable=not main, desc="train")
     dev_metrics: dict = {}
+    window_start, window_steps = time.perf_counter(), 0
     model.train()
     while state.step < total:
         train_dl.set_epoch(state.epoch)
@@ -121,9 +123,13 @@ def train(cfg: RunConfig) -> dict:
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            window_steps += 1
             bar.update(1)
             if main and state.step % cfg.train.log_every == 0:
-                row = {"step": state.step, "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0]}
+                step_time = (time.perf_counter() - window_start) / window_steps
+                window_start, window_steps = time.perf_counter(), 0
+                row = {"step": state.step, "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0],
+                       "step_time": step_time}
                 for k in ("lm_loss", "cls_loss"):
                     if getattr(out, k) is not None:
                         row[k] = getattr(out, k).item()

@@ -233,6 +233,7 @@ def build_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Pat
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared directory
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "mllm_mer_tiny.json").write_text(json.dumps(asdict(spec), indent=2))

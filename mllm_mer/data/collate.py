@@ -16,6 +16,7 @@ generation prompt and have `labels` None.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,14 +54,31 @@ class MerCollator:
     train: bool = True
     use_video: bool = True
     use_audio: bool = True
+    modality_dropout: float = 0.0
+    """Probability that a batch keeps only one modality (audio-only or video-only, half each). The draw
+    is a hash of the batch's sample ids, so it does not depend on worker processes or RNG state."""
 
-    def messages(self, sample: Sample, media: DecodedMedia) -> list[dict]:
+    def _batch_modalities(self, items: Sequence[tuple[Sample, DecodedMedia]]) -> tuple[bool, bool]:
+        if self.modality_dropout <= 0:
+            return self.use_video, self.use_audio
+        digest = hashlib.sha256("\x00".join(s.id for s, _ in items).encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
+        if u >= self.modality_dropout:
+            return self.use_video, self.use_audio
+        keep_audio = u < self.modality_dropout / 2
+        return self.use_video and not keep_audio, self.use_audio and keep_audio
+
+    def messages(
+        self, sample: Sample, media: DecodedMedia, use_video: bool | None = None, use_audio: bool | None = None
+    ) -> list[dict]:
         """Chat messages for one sample (the media items are placeholders filled by the processor)."""
+        use_video = self.use_video if use_video is None else use_video
+        use_audio = self.use_audio if use_audio is None else use_audio
         content: list[dict] = []
-        has_video = self.use_video and media.frames is not None
+        has_video = use_video and media.frames is not None
         if has_video:
             content.append({"type": "video"})
-        if self.use_audio and media.audio is not None and not has_video:
+        if use_audio and media.audio is not None and not has_video:
             content.append({"type": "audio"})
         instruction = self.prompt.render(subtitle=sample.subtitle, labels=", ".join(self.labels))
         content.append({"type": "text", "text": instruction})
@@ -81,12 +99,13 @@ class MerCollator:
         audio_slots: list[int | None] = []
         answer_ids: list[list[int]] = []
         with_audio_in_video: set[bool] = set()
+        use_video, use_audio = self._batch_modalities(items)
         for sample, media in items:
             text = self.processor.apply_chat_template(
-                self.messages(sample, media), add_generation_prompt=True, tokenize=False
+                self.messages(sample, media, use_video, use_audio), add_generation_prompt=True, tokenize=False
             )
-            has_video = self.use_video and media.frames is not None
-            has_audio = self.use_audio and media.audio is not None
+            has_video = use_video and media.frames is not None
+            has_audio = use_audio and media.audio is not None
             if has_video:
                 videos.append(media.frames)
                 with_audio_in_video.add(has_audio)

@@ -720,6 +720,7 @@ def make_synthetic_set(out_dir: str | Path, cfg: SyntheticConfig, workers: int =
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared directory
     try:
         (tmp / "media").mkdir()
         counts: dict[str, dict] = {}

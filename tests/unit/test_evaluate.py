@@ -6,6 +6,7 @@ Expected numbers are worked by hand in the comments; the judge is a scripted `Ju
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -395,6 +396,8 @@ def test_emer_judge_needs_backend_and_text(tmp_path: Path) -> None:
         run_task("emer-judge", EvalOptions(pred, emer_v1(tmp_path)))
     with pytest.raises(ValueError, match="--judge openai needs --judge-model"):
         run_task("emer-judge", EvalOptions(pred, emer_v1(tmp_path), judge="openai"))
+    with pytest.raises(ValueError, match="--judge-cache applies to the openai and local judges"):
+        run_task("emer-judge", EvalOptions(pred, emer_v1(tmp_path), judge="embedding", judge_cache=tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,21 +523,43 @@ def test_script_end_to_end(tmp_path: Path) -> None:
         assert (out.parent / name).is_file(), name
 
 
-@pytest.mark.parametrize("case", ["missing_ids", "missing_file", "bad_json"])
-def test_script_bad_input_exits_2_without_traceback(tmp_path: Path, case: str) -> None:
+def test_script_bad_input_exits_2_without_traceback(tmp_path: Path) -> None:
+    pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": "s1", "label": "happy"}])
+    out = tmp_path / "o.json"
+    proc = run_script("synthetic", "--predictions", pred, "--references", syn_refs(tmp_path), "--output", out)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {pred}: no prediction for 3 of 4 reference id(s)")
+    assert "['s2', 's3', 's4']; pass --allow-missing" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def load_script_main() -> Any:
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("case", ["missing_file", "bad_json", "bad_references"])
+def test_script_main_bad_input_returns_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
     refs = syn_refs(tmp_path)
     pred = tmp_path / "pred.jsonl"
-    if case == "missing_ids":
-        write_jsonl(pred, [{"id": "s1", "label": "happy"}])
-        expected = "no prediction for 3 of 4 reference id(s)"
-    elif case == "missing_file":
-        expected = f"predictions file not found: {pred}"
-    else:
+    if case == "missing_file":
+        expected = f"error: predictions file not found: {pred}"
+    elif case == "bad_json":
         write_jsonl(pred, ['{"id": "s1", "label": "happy"}', "not json"])
-        expected = f"{pred}, line 2: invalid JSON"
-    proc = run_script(
-        "synthetic", "--predictions", pred, "--references", refs, "--output", tmp_path / "o.json"
+        expected = f"error: {pred}, line 2: invalid JSON"
+    else:
+        write_jsonl(pred, [{"id": "s1", "label": "happy"}])
+        write_jsonl(refs, [{"id": "s1", "video": "a.mp4", "label": "joy"}])
+        expected = (
+            f"error: 1 problem(s) in {refs}:\n  - line 1 (id 's1'): label 'joy' is not in the label set"
+        )
+    out = tmp_path / "o.json"
+    code = load_script_main()(
+        ["synthetic", "--predictions", str(pred), "--references", str(refs), "--output", str(out)]
     )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and expected in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "o.json").exists()
+    assert code == 2 and capsys.readouterr().err.startswith(expected) and not out.exists()

@@ -1,0 +1,64 @@
+"""MoSE settings (`mose.*` in the run YAML): modality-specific LoRA experts with a regularized gate.
+
+MoSEAR (ACM MM 2025) describes the method in words only (shared LoRA A, per-modality groups of expert B
+matrices, a gate that selects the expert per modality, dynamic modality weights, a regularized gate); no
+code or formulas are public. Every value and formula behind these fields is therefore our choice; the
+README section "MoSE" and `mllm_mer.adapters.mose.layer` / `.model` state them.
+
+This module imports nothing from `mllm_mer.config` (which imports it), so the default target regex is
+written out here; `tests/unit/test_mose.py` checks that it equals `mllm_mer.config.LM_TARGETS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ROUTINGS = ("soft", "top_k", "top1_st")
+
+
+@dataclass(frozen=True)
+class MoSEConfig:
+    """Modality-specific LoRA experts on the language model (replaces plain LoRA when enabled)."""
+
+    enabled: bool = False
+    """Use MoSE instead of plain LoRA on `target_modules` (`lora.*` is then unused, whatever `lora.enabled`)."""
+    r: int = 8
+    """Rank of the shared A matrix and of every expert B matrix."""
+    alpha: float = 16.0
+    """The adapter delta is scaled by alpha / r (as LoRA)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input (before A); the gate reads the input without dropout."""
+    experts: int = 4
+    """E: expert B matrices per modality group (text, audio, video each get E)."""
+    routing: Literal["soft", "top_k", "top1_st"] = "top1_st"
+    """How gate probabilities weight a token's E experts. "soft": all experts, weighted by the softmax;
+    "top_k": the `top_k` most probable experts keep their softmax probability, the rest get 0 (Switch-style,
+    no renormalisation); "top1_st": the most probable expert gets weight exactly 1 in the forward pass and
+    the gradient is the softmax's (straight-through)."""
+    top_k: int = 2
+    """Experts kept per token with routing "top_k" (1 <= top_k <= experts); unused otherwise."""
+    gate_init_scale: float = 0.1
+    """Gate weights start N(0, gate_init_scale^2 / D_in), so initial gate logits have a std of about
+    gate_init_scale * rms(x): near-uniform, but different per token (breaks the symmetry of zero B's)."""
+    modality_weights: Literal["learned", "fixed"] = "learned"
+    """Per layer and modality, a scale w_m on the expert delta. "learned": w_m = 2 * sigmoid(s_m), s_m
+    trainable from 0 (w_m = 1 at start); "fixed": w_m = 1, no parameter."""
+    load_balance_weight: float = 0.01
+    """Weight of the within-group load-balance loss (`aux_losses["mose_load_balance"]`) in the total loss."""
+    modality_balance_weight: float = 0.1
+    """Weight of the audio-vs-video balance loss (`aux_losses["mose_modality_balance"]`) in the total loss."""
+    target_modules: str = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    """Regex (full match) over module names; every match must be an nn.Linear inside the language model."""
+
+    def __post_init__(self) -> None:
+        if self.routing == "top_k" and not 1 <= self.top_k <= self.experts:
+            raise ValueError(
+                f"mose.top_k={self.top_k} must lie in [1, mose.experts={self.experts}] with mose.routing=top_k; "
+                f"lower mose.top_k or raise mose.experts"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, the factor on every adapter delta."""
+        return self.alpha / self.r

@@ -1,0 +1,355 @@
+"""Attention reallocation (AR): move attention mass between audio and video tokens at inference time.
+
+AR is the second, training-free part of MoSEAR: while the frozen backbone generates, look at how the
+generating positions spread their attention over text, audio and video tokens, and move mass from the
+over-attended of audio/video toward the under-attended one. Related training-free methods intervene on
+the attention of the generating (last) query in intermediate layers ("Pay More Attention To Audio",
+2025, for Qwen2.5-Omni-class models; PAI's boosting of image tokens). No AR formula is public: the one
+below is OURS, and every choice in it is a field of `mllm_mer.config.ARConfig` (`ar.*` in the YAML).
+
+The formula, for one sample, targeted layer, head h in `ar.heads` and selected query row:
+
+    p_k         attention probabilities of the row over its keys (padding and future keys masked)
+    m_A, m_V    mass on audio / video keys (from `token_modality`; keys beyond the prompt, i.e. generated
+                tokens, are text)
+    s  = m_A / (m_A + m_V)             audio share of the audio + video mass
+    s' = s + alpha * (tau - s)         alpha = ar.strength in [0, 1], tau = ar.target_audio_share in (0, 1)
+
+    mode "probs" (default, after softmax): p_k <- p_k * s'/s on audio keys, p_k * (1-s')/(1-s) on video
+        keys. The row still sums to 1; the text mass and the distribution inside each modality are kept:
+        mass only moves from the over-attended modality to the under-attended one.
+    mode "scores" (before softmax): z_k <- z_k + |logit(s') - logit(s)| on the keys of the under-attended
+        modality (audio when s < tau, else video), then softmax. The audio share of the audio + video
+        mass is again exactly s'; the boosted modality also takes mass from text (PAI-style boost).
+
+A row is left exactly as the wrapped implementation computed it when m_A or m_V is <= `ar.min_mass` (a
+clip without audio, say), for heads outside `ar.heads`, and at query rows outside `ar.query`:
+"generated" (default) = the rows at absolute positions >= T - 1 (T: prompt length), i.e. the last prompt
+position in a plain forward (what the classification heads and the first generated token read) and each
+new token's query during KV-cached decoding (a cache-free forward over prompt + generated tokens selects
+the same rows, so both give the same tokens); "all" = every query row. `ar.layers` (None = the middle
+half of the language model, layers L//4 .. 3L//4-1) picks the layers. `ar.strength=0` is an exact
+(bitwise) no-op.
+
+How it is wired (no class patching): `attention_reallocation(model, token_modality, cfg)` registers an
+attention function through transformers' `AttentionInterface` (plus the matching mask function through
+`AttentionMaskInterface`) under "mllm_mer_ar_sdpa" / "mllm_mer_ar_eager", selects it for the language
+model only (`set_attn_implementation({"text_config": ...})`; the audio and vision towers keep theirs) and
+restores the exact previous implementation in `finally`. The function first runs the wrapped
+implementation (sdpa or eager) unchanged, so every untargeted layer, row and head is bitwise identical;
+it then recomputes only the targeted rows in float32 (one (B, H, Q_sel, T_k) score block per targeted
+layer, Q_sel = 1 while decoding) and writes them back where the row changes. Flash-attention and flex
+backends never materialise the weights, so the context raises `RuntimeError` for them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from mllm_mer.attention.stats import find_thinker, text_attention_modules
+from mllm_mer.config import ARConfig
+from mllm_mer.data.schema import Modality
+
+AR_PREFIX = "mllm_mer_ar_"
+"""Name prefix of the registered attention functions: AR_PREFIX + the wrapped implementation."""
+
+WRAPPABLE: tuple[str, ...] = ("sdpa", "eager")
+"""Language-model attention implementations AR can wrap (they expose, or let us recompute, the weights)."""
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class ARMonitor:
+    """Attention shares of the targeted rows before and after reallocation, per layer (filled when `record`).
+
+    Sums run over every call inside the block (prefill and each decoding step), the heads in `ar.heads`
+    and the selected query rows that attend to at least one key. Column order: text, audio, video.
+    """
+
+    record: bool = False
+    before: dict[int, Tensor] = field(default_factory=dict)
+    """layer -> (B, 3) float32, summed shares before AR."""
+    after: dict[int, Tensor] = field(default_factory=dict)
+    """layer -> (B, 3) float32, summed shares after AR."""
+    rows: dict[int, Tensor] = field(default_factory=dict)
+    """layer -> (B,) float32, number of rows summed."""
+
+    def add(self, layer: int, before: Tensor, after: Tensor, selected: Tensor) -> None:
+        """Accumulate one call.
+
+        Args:
+            layer: language-model layer index.
+            before: (B, H, Q, 3) float32 shares before AR.
+            after: (B, H, Q, 3) float32 shares after AR.
+            selected: (B, H, Q) bool, the rows to count.
+        """
+        weight = selected.float()[..., None]  # (B, H, Q, 1)
+        b = (before * weight).sum(dim=(1, 2)).detach().cpu()  # (B, 3)
+        a = (after * weight).sum(dim=(1, 2)).detach().cpu()
+        n = selected.sum(dim=(1, 2)).float().cpu()  # (B,)
+        if layer in self.before:
+            b, a, n = b + self.before[layer], a + self.after[layer], n + self.rows[layer]
+        self.before[layer], self.after[layer], self.rows[layer] = b, a, n
+
+    def shares(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per layer, the mean shares (before, after), each (B, 3) float32 (rows without data are NaN)."""
+        out = {}
+        for layer in sorted(self.before):
+            n = self.rows[layer][:, None]
+            out[layer] = (self.before[layer] / n, self.after[layer] / n)
+        return out
+
+
+@dataclass
+class _Scope:
+    """State of one active `attention_reallocation` block (one model)."""
+
+    cfg: ARConfig
+    layers: frozenset[int]
+    heads: Tensor | None  # (H,) bool, or None = every head
+    modality: Tensor  # (B, T) long, the prompt's token modality
+    monitor: ARMonitor
+    av: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # batch size -> key indicators
+
+    def key_indicators(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Audio / video indicators of the prompt keys for a call with `batch` rows.
+
+        Returns:
+            (B, 1, T, 2) and (B, 1, 2, T) float32 (columns audio, video). A batch that is a multiple of
+            the prompt batch (beam search, several returns per prompt) repeats each sample in place.
+        """
+        if batch not in self.av:
+            B = self.modality.shape[0]
+            if batch % B:
+                raise RuntimeError(
+                    f"attention reallocation was set up for a batch of {B} prompts but the language model "
+                    f"ran a batch of {batch}; enter attention_reallocation with that batch's token_modality"
+                )
+            modality = self.modality.repeat_interleave(batch // B, dim=0)
+            ind = torch.stack([modality == int(Modality.AUDIO), modality == int(Modality.VIDEO)], dim=-1)
+            ind = ind.float()[:, None]  # (B, T, 2) -> (B, 1, T, 2)
+            self.av[batch] = (ind, ind.transpose(2, 3))
+        return self.av[batch]
+
+
+_SCOPES: dict[int, _Scope] = {}
+"""id(text config) -> the active scope of that model; entries live only inside `attention_reallocation`."""
+
+
+def _ar_attention_forward(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
+) -> tuple[Tensor, Tensor | None]:
+    """The registered attention function: the wrapped implementation, then AR on the targeted rows.
+
+    Args:
+        module: the language model's attention module (`layer_idx`, `num_key_value_groups`, `scaling`).
+        query: (B, H, Q, D).
+        key, value: (B, H_kv, T_k, D), KV cache included.
+        attention_mask: what the wrapped implementation's mask function built: (B, 1, Q, T_k) bool (sdpa)
+            or additive float (eager), or None (sdpa with a plain causal mask).
+    Returns:
+        (B, Q, H, D) attention output and the weights (B, H, Q, T_k) under eager, None under sdpa.
+    """
+    scope = _SCOPES.get(id(module.config))
+    if scope is None:
+        raise RuntimeError(
+            f"attention implementation {module.config._attn_implementation!r} is only valid inside "
+            "mllm_mer.attention.realloc.attention_reallocation(); it was selected outside of it"
+        )
+    out, weights = _base_function(module)(module, query, key, value, attention_mask, **kwargs)
+    if module.layer_idx not in scope.layers:
+        return out, weights
+    scaling = kwargs.get("scaling")
+    return _reallocate(scope, module, query, key, value, attention_mask, out, weights,
+                       module.scaling if scaling is None else scaling)
+
+
+def _reallocate(
+    scope: _Scope, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+    out: Tensor, weights: Tensor | None, scaling: float,
+) -> tuple[Tensor, Tensor | None]:
+    """Recompute the selected query rows with reallocated attention and write back the changed ones."""
+    cfg = scope.cfg
+    B, H, Q, D = query.shape
+    H_kv, K = key.shape[1], key.shape[2]
+    audio_video, audio_video_t = scope.key_indicators(B)
+    T = audio_video.shape[2]
+    if K < T:
+        raise RuntimeError(
+            f"layer {module.layer_idx} sees {K} keys but the prompt given to attention_reallocation has {T} "
+            "tokens; enter the context with the token_modality of the batch being run"
+        )
+    first = 0 if cfg.query == "all" else max(0, T - 1 - (K - Q))  # first selected row
+    if first >= Q:
+        return out, weights
+    Qs, g = Q - first, H // H_kv
+    q = query[:, :, first:].float().reshape(B, H_kv, g * Qs, D)  # heads h = kv * g + j share kv head kv
+    k, v = key.float(), value.float()
+    scores = (torch.matmul(q, k.transpose(2, 3)) * scaling).view(B, H, Qs, K)
+    low = torch.finfo(torch.float32).min
+    if mask is not None:
+        m = mask[:, :, first:, :K]
+        scores = scores.masked_fill(~m, low) if m.dtype == torch.bool else scores + m.float()
+    elif Q > 1:  # sdpa passed no mask: plain causal attention, query rows are the last Q positions
+        positions = torch.arange(K, device=scores.device)
+        rows = torch.arange(K - Qs, K, device=scores.device)
+        scores = scores.masked_fill(positions[None, :] > rows[:, None], low)
+    valid = scores.amax(dim=-1) > low / 2  # (B, H, Qs): rows attending to at least one key
+    probs = torch.softmax(scores, dim=-1)
+    m_a, m_v = torch.matmul(probs[..., :T], audio_video).unbind(-1)  # (B, H, Qs) each
+    active = valid & (m_a > cfg.min_mass) & (m_v > cfg.min_mass)
+    if scope.heads is not None:
+        active = active & scope.heads[None, :, None]
+    s = m_a / (m_a + m_v).clamp_min(_TINY)
+    s_new = s + cfg.strength * (cfg.target_audio_share - s)
+    if cfg.mode == "probs":
+        factor = torch.stack([s_new / s.clamp_min(_TINY), (1 - s_new) / (1 - s).clamp_min(_TINY)], dim=-1)
+        factor = torch.where(active[..., None], factor - 1, 0.0)  # (B, H, Qs, 2)
+        scaled = probs[..., :T] * (1 + torch.matmul(factor, audio_video_t))  # (B, H, Qs, T)
+        new_probs = torch.cat([scaled, probs[..., T:]], dim=-1) if K > T else scaled
+    else:
+        s_c, s_new_c = s.clamp(_TINY, 1 - 1e-7), s_new.clamp(_TINY, 1 - 1e-7)
+        logit_gap = torch.log(s_new_c) - torch.log1p(-s_new_c) - torch.log(s_c) + torch.log1p(-s_c)
+        logit_gap = torch.where(active, logit_gap, 0.0)  # > 0: boost audio keys, < 0: boost video keys
+        bias = torch.matmul(torch.stack([logit_gap.clamp_min(0), (-logit_gap).clamp_min(0)], dim=-1),
+                            audio_video_t)  # (B, H, Qs, T)
+        biased = scores[..., :T] + bias
+        new_probs = torch.softmax(torch.cat([biased, scores[..., T:]], dim=-1) if K > T else biased, dim=-1)
+    if scope.monitor.record:
+        after = torch.matmul(new_probs[..., :T], audio_video)  # (B, H, Qs, 2)
+        sel = valid if scope.heads is None else valid & scope.heads[None, :, None]
+        scope.monitor.add(module.layer_idx, _with_text(torch.stack([m_a, m_v], dim=-1)), _with_text(after), sel)
+    rows_out = torch.matmul(new_probs.view(B, H_kv, g * Qs, K), v).view(B, H, Qs, D)
+    rows_out = rows_out.transpose(1, 2).to(out.dtype)  # (B, Qs, H, D), the layout of `out`
+    keep = active.transpose(1, 2)[..., None]  # (B, Qs, H, 1)
+    if first == 0:
+        out = torch.where(keep, rows_out, out)
+    else:
+        out = torch.cat([out[:, :first], torch.where(keep, rows_out, out[:, first:])], dim=1)
+    if weights is not None:  # eager returns its weights: keep them consistent with the output
+        new_w = torch.where(active[..., None], new_probs.to(weights.dtype), weights[:, :, first:])
+        weights = new_w if first == 0 else torch.cat([weights[:, :, :first], new_w], dim=2)
+    return out, weights
+
+
+def _with_text(audio_video_mass: Tensor) -> Tensor:
+    """(..., 2) audio / video mass -> (..., 3) text / audio / video shares (rows sum to 1)."""
+    return torch.cat([1 - audio_video_mass.sum(-1, keepdim=True), audio_video_mass], dim=-1)
+
+
+def _register() -> None:
+    """Register AR_PREFIX + base for every wrappable base, with the base's own mask function (idempotent)."""
+    for base in WRAPPABLE:
+        name = AR_PREFIX + base
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _ar_attention_forward)
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+def _base_function(module: nn.Module) -> Callable:
+    """The attention function the model itself would call for the implementation AR wraps.
+
+    The base is read from the current name at each call, so a switch from "mllm_mer_ar_sdpa" to
+    "mllm_mer_ar_eager" inside the block (e.g. to read the weights) keeps AR and changes the kernel.
+    """
+    function = ALL_ATTENTION_FUNCTIONS.get(module.config._attn_implementation.removeprefix(AR_PREFIX))
+    if function is None:  # "eager": the modeling module's own function, as the attention module does
+        function = sys.modules[type(module).__module__].eager_attention_forward
+    return function
+
+
+def check_attn_backend(implementation: str) -> None:
+    """Raise unless AR can wrap the language model's attention `implementation`.
+
+    Raises:
+        RuntimeError: a flash-attention / flex / other backend that never exposes the weights, or AR
+            already active on this model.
+    """
+    if implementation.startswith(AR_PREFIX):
+        raise RuntimeError("attention reallocation is already active on this model (blocks do not nest)")
+    if implementation not in WRAPPABLE:
+        raise RuntimeError(
+            f"attention reallocation needs the language model's attention weights, but its backend is "
+            f"{implementation!r}, which never materialises them (flash-attention / flex kernels); supported: "
+            f"{list(WRAPPABLE)}. Load the backbone with model.attn_implementation=sdpa (or eager)"
+        )
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """`ar.layers=None`: the middle half of the language model, layers L//4 .. 3L//4-1 (at least one)."""
+    start = num_layers // 4
+    return tuple(range(start, max(start + 1, (3 * num_layers) // 4)))
+
+
+@contextmanager
+def attention_reallocation(
+    model: nn.Module, token_modality: Tensor, cfg: ARConfig, record: bool = False
+) -> Iterator[ARMonitor]:
+    """Apply AR to every forward of `model`'s language model inside the block (see module docstring).
+
+    The block always applies AR (callers read `cfg.enabled`); `cfg.strength == 0` is an exact no-op. On
+    exit, also through an exception, the language model's previous attention implementation is restored
+    and nothing of AR remains on the model.
+
+    Args:
+        model: the thinker, a peft wrapper around it, or a `MerModel`; in eval mode.
+        token_modality: (B, T) long, values in `Modality`, of the (left-padded) prompt batch that the
+            forwards / `generate()` inside the block run on.
+        cfg: the AR settings (`RunConfig.ar`).
+        record: fill the yielded `ARMonitor` with the targeted rows' shares before and after AR.
+    Yields:
+        An `ARMonitor` (empty unless `record`).
+    Raises:
+        RuntimeError: unsupported attention backend (flash-attention, flex), AR already active on the
+            model, or the model in training mode.
+        ValueError: invalid `cfg` (e.g. a layer index outside the model) or `token_modality`.
+    """
+    thinker = find_thinker(model)
+    text_config = thinker.config.text_config
+    previous = text_config._attn_implementation
+    check_attn_backend(previous)
+    if thinker.training:
+        raise RuntimeError("attention reallocation is an inference method: call model.eval() first")
+    modules = text_attention_modules(thinker)
+    problems = cfg.problems(len(modules), text_config.num_attention_heads)
+    if problems:
+        raise ValueError("invalid AR settings:\n" + "\n".join(f"  - {p}" for p in problems))
+    if token_modality.dim() != 2 or token_modality.is_floating_point() or token_modality.dtype == torch.bool:
+        raise ValueError(f"token_modality must be a (B, T) integer tensor, got {token_modality.dtype} "
+                         f"{tuple(token_modality.shape)}")
+    if token_modality.numel() and not 0 <= int(token_modality.min()) <= int(token_modality.max()) <= 2:
+        raise ValueError("token_modality values must be Modality codes (0 text, 1 audio, 2 video)")
+    layers = cfg.layers if cfg.layers is not None else default_layers(len(modules))
+    heads = None
+    if cfg.heads is not None:
+        heads = torch.zeros(text_config.num_attention_heads, dtype=torch.bool)
+        heads[list(cfg.heads)] = True
+    device = next(thinker.parameters()).device
+    monitor = ARMonitor(record=record)
+    scope = _Scope(
+        cfg=cfg,
+        layers=frozenset(i % len(modules) for i in layers) if cfg.strength > 0 else frozenset(),
+        heads=None if heads is None else heads.to(device),
+        modality=token_modality.to(device=device, dtype=torch.long),
+        monitor=monitor,
+    )
+    _register()
+    _SCOPES[id(text_config)] = scope
+    try:
+        thinker.set_attn_implementation({"text_config": AR_PREFIX + previous})
+        yield monitor
+    finally:
+        try:
+            thinker.set_attn_implementation({"text_config": previous})
+        finally:
+            del _SCOPES[id(text_config)]
