@@ -2,9 +2,11 @@
 
 `write_report(result, out_json)` writes, next to OUT.json:
 
-- ``OUT.md``: overall metrics, per-subset table, per-class recall, audio dominance, per-path metrics
-  and warnings (classification tasks); level/wheel tables (emer-ov); score summary and failures
-  (emer-judge, headed PROXY for the embedding proxy).
+- ``OUT.md``: overall metrics, per-subset table, per-class recall, audio dominance, per-path metrics,
+  DnR component ablation (when the predictions carry it), DCR fuse-or-drop table (when they carry every
+  path's probs) and warnings (classification tasks);
+  level/wheel tables (emer-ov); score summary and failures (emer-judge, headed PROXY for the embedding
+  proxy).
 - ``OUT.confusion.png``: confusion matrix (classification tasks), cells coloured by row share.
 - ``OUT.subsets.png``: accuracy per conflict subset (only when the result has subsets).
 - ``OUT.wheels.png``: F-score per emotion wheel at both levels (emer-ov).
@@ -104,6 +106,48 @@ def _warnings_section(result: Mapping[str, Any]) -> list[str]:
     return ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
 
 
+def dnr_ablation_section(result: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for `result["dnr_ablation"]` (mean per DnR component); [] when absent."""
+    ablation = result.get("dnr_ablation")
+    if not ablation:
+        return []
+    rows = [(c, v["kl"], v["delta_p"]) for c, v in ablation["components"].items()]
+    return [
+        f"## DnR component ablation (mean over {ablation['n']} predictions)",
+        "",
+        "One part zeroed at a time: KL(full || ablated) of the class distribution, and the drop of the "
+        "predicted class's probability.",
+        "",
+        markdown_table(["component", "kl", "delta_p(pred)"], rows),
+        "",
+    ]
+
+
+def fuse_or_drop_section(result: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for `result["fuse_or_drop"]` (DCR arms and baselines per subset); [] when absent."""
+    report = result.get("fuse_or_drop")
+    if not report:
+        return []
+    arms = report["arms"]
+    with_arbiter = any("arbiter" in r for r in report["subsets"].values())
+    header = ["subset", "n", "always_fuse", f"best_single ({report['best_single']})", "oracle"]
+    header += (["arbiter"] + [f"share {a}" for a in arms]) if with_arbiter else []
+    rows = []
+    for name, r in report["subsets"].items():
+        row = [name, r["n"], r["always_fuse"], r["best_single"], r["oracle"]]
+        if with_arbiter:
+            row += [r["arbiter"], *(r["arm_share"][a] for a in arms)]
+        rows.append(row)
+    return [
+        "## DCR: fuse or drop (accuracy per subset)",
+        "",
+        "best_single: the unimodal path with the best overall accuracy; oracle: correct when any path is.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def classification_markdown(result: Mapping[str, Any]) -> str:
     """Markdown for a classification result (synthetic, ca-mer, mer2023, dfew)."""
     metrics = result["metrics"]
@@ -156,6 +200,8 @@ def classification_markdown(result: Mapping[str, Any]) -> str:
             markdown_table(["path", "accuracy", "weighted_f1", "uar"], rows),
             "",
         ]
+    lines += dnr_ablation_section(result)
+    lines += fuse_or_drop_section(result)
     confusion = metrics["confusion"]
     columns = confusion_columns(result, confusion)
     lines += [

@@ -77,6 +77,8 @@ from mllm_mer.data.readers import (
     read_camer,
 )
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
+from mllm_mer.fusion.dcr.ada import ARMS
+from mllm_mer.fusion.dcr.report import fuse_or_drop_report
 from mllm_mer.labels import LABEL_MODES, UNKNOWN_LABEL, parse_label
 from mllm_mer.labels import parse_openset as parse_openset_answer
 from mllm_mer.metrics import audio_dominance, classification_metrics
@@ -150,6 +152,9 @@ class PredictionRow:
         text: the raw generated text (None when absent).
         labels_ov: open-vocabulary words (JSONL `labels_ov` or CSV `openset`), None when absent.
         probs: path name -> label -> probability, None when absent.
+        dnr_ablation: DnR component -> {"kl", "delta_p"} (`mllm_mer.fusion.dnr.component_ablation`), None
+            when absent.
+        arm: the path DCR's arbiter chose ("fused", "text", "audio", "video"), None when absent.
     """
 
     where: str
@@ -157,6 +162,8 @@ class PredictionRow:
     text: str | None = None
     labels_ov: tuple[str, ...] | None = None
     probs: Mapping[str, Mapping[str, float]] | None = None
+    dnr_ablation: Mapping[str, Mapping[str, float]] | None = None
+    arm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,36 @@ def _check_probs(value: Any, where: str) -> dict[str, dict[str, float]] | None:
     return out
 
 
+def _check_dnr_ablation(value: Any, where: str) -> dict[str, dict[str, float]] | None:
+    """Validate a `dnr_ablation` field: {component: {"kl": number, "delta_p": number}}."""
+    if value is None:
+        return None
+
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    ok = isinstance(value, dict) and value and all(
+        isinstance(v, dict) and set(v) == {"kl", "delta_p"} and all(number(x) for x in v.values())
+        for v in value.values()
+    )
+    if not ok:
+        raise ValueError(f"{where}: 'dnr_ablation' must be {{component: {{'kl': x, 'delta_p': y}}}}")
+    return {c: {k: float(x) for k, x in v.items()} for c, v in value.items()}
+
+
+def _dnr_ablation_summary(rows: Sequence[PredictionRow]) -> dict[str, Any] | None:
+    """Mean KL and mean predicted-class probability drop per DnR component over the rows that have them."""
+    table = [row.dnr_ablation for row in rows if row.dnr_ablation]
+    if not table:
+        return None
+    components = list(dict.fromkeys(c for t in table for c in t))
+    means = {
+        c: {k: sum(t[c][k] for t in table if c in t) / sum(c in t for t in table) for k in ("kl", "delta_p")}
+        for c in components
+    }
+    return {"n": len(table), "components": means}
+
+
 def _read_prediction_jsonl(path: Path) -> dict[str, PredictionRow]:
     rows: dict[str, PredictionRow] = {}
     with path.open(encoding="utf-8") as fh:
@@ -240,6 +277,8 @@ def _read_prediction_jsonl(path: Path) -> dict[str, PredictionRow]:
                 text=text,
                 labels_ov=None if words is None else tuple(words),
                 probs=_check_probs(obj.get("probs"), where),
+                dnr_ablation=_check_dnr_ablation(obj.get("dnr_ablation"), where),
+                arm=_optional_str(obj, "arm", where),
             )
     return rows
 
@@ -410,6 +449,31 @@ def _argmax(dist: Mapping[str, float], labels: Sequence[str], where: str) -> str
     return max((label for label in labels if label in dist), key=lambda label: dist[label])
 
 
+def _fuse_or_drop(
+    preds: Mapping[str, PredictionRow],
+    refs: Sequence[Reference],
+    labels: Sequence[str],
+    subsets: list[str | None] | None,
+    warnings: list[str],
+) -> dict[str, Any] | None:
+    """DCR's fuse-or-drop report (`mllm_mer.fusion.dcr.report`) when every reference has a prediction with
+    probabilities of every arm (fused, text, audio, video); arm choices when every row has an `arm`."""
+    rows = [preds.get(r.id) for r in refs]
+    complete = [row is not None and bool(row.probs) and all(a in row.probs for a in ARMS) for row in rows]
+    if not any(complete):
+        return None
+    if not all(complete):
+        warnings.append(f"some predictions lack probs of the DCR paths {list(ARMS)}; no fuse-or-drop report")
+        return None
+    path_preds = {a: [_argmax(row.probs[a], labels, row.where) for row in rows] for a in ARMS}
+    arms = [row.arm for row in rows]
+    if any(a is None for a in arms):
+        if any(a is not None for a in arms):
+            warnings.append("some predictions lack the arbiter's 'arm'; the fuse-or-drop report omits the arbiter")
+        arms = None
+    return fuse_or_drop_report([r.label for r in refs], path_preds, subsets, arms)
+
+
 def _per_path(
     preds: Mapping[str, PredictionRow],
     refs: Sequence[Reference],
@@ -467,8 +531,9 @@ def score_classification(
         id_key: normalises prediction ids before matching (DFEW zero-padding).
         normalize: maps a written predicted label to a label-set name.
     Returns:
-        `{"task", "n", "labels", "labels_mode", "metrics", ["audio_dominance"], ["per_path"], "inputs",
-        "warnings"}`; see `classification_metrics` and `audio_dominance` for the inner dicts.
+        `{"task", "n", "labels", "labels_mode", "metrics", ["audio_dominance"], ["per_path"],
+        ["dnr_ablation"], "inputs", "warnings"}`; see `classification_metrics` and `audio_dominance` for
+        the inner dicts; `dnr_ablation` is `{"n", "components": {component: {"kl", "delta_p"}}}` (means).
     Raises:
         ValueError: bad prediction rows or ids (see the module docstring).
     """
@@ -506,6 +571,12 @@ def score_classification(
     per_path = _per_path(preds, refs, labels, subsets, warnings)
     if per_path:
         result["per_path"] = per_path
+    dnr_ablation = _dnr_ablation_summary([preds[r.id] for r in refs if r.id in preds])
+    if dnr_ablation:
+        result["dnr_ablation"] = dnr_ablation
+    fuse_or_drop = _fuse_or_drop(preds, refs, labels, subsets, warnings)
+    if fuse_or_drop:
+        result["fuse_or_drop"] = fuse_or_drop
     result["inputs"] = _inputs(opts, ref_files)
     result["warnings"] = warnings
     return result

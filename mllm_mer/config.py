@@ -17,7 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mllm_mer.adapters.mose.config import MoSEConfig
 from mllm_mer.data.schema import MER2023_LABELS
+from mllm_mer.fusion.dcr.config import DCRConfig
+from mllm_mer.fusion.dnr import DnRConfig
 
 LM_TARGETS = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 """LoRA target regex: the language model's attention projections only (never the audio/vision towers)."""
@@ -76,6 +79,10 @@ class DataConfig:
     """JSONL of training samples (see README, "Data")."""
     dev: str = ""
     test: str = ""
+    format: Literal["mer_jsonl", "sharegpt", "swift"] = "mer_jsonl"
+    """File format of train/dev/test: our JSONL, LLaMA-Factory sharegpt, or ms-swift messages JSONL."""
+    label_field: str | None = None
+    """Peer formats: record key holding the label (None = last label word of the assistant answer)."""
     synthetic_dir: str | None = None
     """If set, build the synthetic conflict set here on first use; empty train/dev/test default into it."""
     synthetic_seed: int = 0
@@ -196,6 +203,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ar: ARConfig = field(default_factory=ARConfig)
+    mose: MoSEConfig = field(default_factory=MoSEConfig)
+    """MoSE (`mllm_mer.adapters.mose`); when enabled it replaces plain LoRA (`lora.*` is then unused)."""
+    dcr: DCRConfig = field(default_factory=DCRConfig)
+    """DCR (`mllm_mer.fusion.dcr`): unimodal paths with own adapters and heads, AFD, the ADA arbiter."""
+    dnr: DnRConfig = field(default_factory=DnRConfig)
+    """DnR (`mllm_mer.fusion.dnr`): divide-and-refine parts whose logits are added to the fused head's."""
 
     def resolved(self) -> RunConfig:
         """Fill paths derived from `data.synthetic_dir` (empty train/dev/test point into it)."""
@@ -238,6 +251,23 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.log_every": (1, None),
     "train.eval_batch_size": (1, None),
     "train.torch_threads": (0, None),
+    "mose.r": (1, None),
+    "mose.alpha": (0, None),
+    "mose.dropout": (0, 0.999),
+    "mose.experts": (1, None),
+    "mose.top_k": (1, None),
+    "mose.gate_init_scale": (0, None),
+    "mose.load_balance_weight": (0, None),
+    "mose.modality_balance_weight": (0, None),
+    "dcr.stage1_steps": (0, None),
+    "dcr.path_loss_weight": (0, None),
+    "dcr.afd_weight": (0, None),
+    "dcr.afd_temperature": (0.05, None),
+    "dcr.afd_agreement_power": (0, None),
+    "dcr.arbiter.ridge": (1e-6, None),
+    "dcr.arbiter.alpha": (0, None),
+    "dcr.arbiter.calibration_weight": (0, None),
+    "dcr.arbiter.epochs": (1, None),
 }
 
 
@@ -256,6 +286,7 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     if not cfg.model.path:
         errors.append("model.path is empty: give a Qwen2.5-Omni checkpoint directory")
     errors.extend(cfg.ar.problems())
+    errors.extend(cfg.dnr.problems())
     return errors
 
 
@@ -336,7 +367,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
                 errors.append(f"{name}={v!r} is out of range {rng}")
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a wrongly typed value that the dataclass could not take
+    except (TypeError, ValueError) as exc:  # a wrong type, or a dataclass's own cross-field check
         errors.append(f"{prefix or 'config'}: {exc}")
         return cls()
 

@@ -26,6 +26,8 @@ from mllm_mer.config import RunConfig, config_from_dict, config_to_dict
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
 from mllm_mer.data.schema import Sample
+from mllm_mer.fusion.dcr.ada import Arbiter, add_arbiter_path, load_run_arbiter
+from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
 from mllm_mer.labels import parse_label, parse_openset
 from mllm_mer.model import MerModel, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
@@ -50,6 +52,8 @@ class InferenceModel:
     backbone: Backbone
     cfg: RunConfig
     mer: MerModel | None
+    arbiter: Arbiter | None = None
+    """DCR's fitted ADA arbiter (the run's `arbiter.json`, `scripts/fit_arbiter.py`), if any."""
 
     @property
     def generator(self) -> torch.nn.Module:
@@ -82,7 +86,8 @@ def load_for_inference(
         backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
         mer = build_mer_model(backbone, cfg, run_dir=run_dir)
         mer.eval()
-        return InferenceModel(backbone, cfg, mer)
+        arbiter = load_run_arbiter(run_dir, cfg.data.labels, cfg.dcr.enabled)
+        return InferenceModel(backbone, cfg, mer, arbiter)
     cfg = cfg or config_from_dict({"model": {"path": model_path}, "data": {"train": "-"}})
     backbone = load_backbone(model_path, cfg.model.dtype, cfg.model.attn_implementation)
     return InferenceModel(backbone, cfg, None)
@@ -103,6 +108,8 @@ def build_inference_loader(
         processor=model.backbone.processor, token_ids=model.backbone.token_ids, prompt=prompt,
         system_prompt=load_prompt("system", kind="free").text, labels=cfg.data.labels, train=False,
     )
+    if cfg.dcr.enabled and model.mer is not None:  # DCR: batches also carry the unimodal sub-batches
+        collator = UnimodalPathCollator(collator)
     return DataLoader(MerDataset(samples, media, options), batch_size=batch_size, collate_fn=collator)
 
 
@@ -136,11 +143,16 @@ def generate_rows(
         inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
                   and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
         probs = None
-        with reallocation_scope(model, batch):
+        # MoSE layers read the prompt's token modalities (generated tokens count as text); no-op without MoSE
+        routing = model.mer.routing(batch["token_modality"]) if model.mer is not None else nullcontext()
+        with reallocation_scope(model, batch), routing:
             out = model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], **gen_kwargs)
             if model.mer is not None:
                 logits = model.mer(batch, compute_lm_loss=False).cls_logits
                 probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
+        arms = None
+        if probs is not None and model.arbiter is not None:  # DCR: the path the arbiter picks, as "arbiter"
+            probs, arms = add_arbiter_path(model.arbiter, probs)
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
         for i, (sid, text) in enumerate(zip(batch["sample_ids"], texts, strict=True)):
@@ -150,6 +162,8 @@ def generate_rows(
                 row["labels_ov"] = parse_openset(text)
             if probs is not None:
                 row["probs"] = {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}
+            if arms is not None:
+                row["arm"] = arms[i]
             yield row
 
 
@@ -160,8 +174,12 @@ def predict_rows(
 ) -> Iterator[dict]:
     """Classification-head predictions without generation: one row per sample, in order.
 
-    Rows: `id`, `label` (argmax of the fused head), `probs` ({path: {label: p}}). With `ar.enabled` the
-    forward runs under attention reallocation (the last prompt position is the targeted query).
+    Rows: `id`, `label` (argmax of the fused head), `probs` ({path: {label: p}}; with DCR also "text",
+    "audio", "video" and, when the run has a fitted `arbiter.json`, "arbiter", with the chosen `arm`) and,
+    when the run has DnR, `dnr_ablation` ({component: {"kl", "delta_p"}},
+    `mllm_mer.fusion.dnr.component_ablation`). With
+    `ar.enabled` the forward runs under attention reallocation (the last prompt position is the targeted
+    query).
     """
     if model.mer is None:
         raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
@@ -170,12 +188,22 @@ def predict_rows(
     loader = build_inference_loader(model, samples, prompt, batch_size)
     for batch in tqdm(loader, disable=not progress, desc="predict"):
         with reallocation_scope(model, batch):
-            logits = model.mer(batch, compute_lm_loss=False).cls_logits
+            out = model.mer(batch, compute_lm_loss=False)
+        logits = out.cls_logits
+        explained = model.mer.explain(out)  # DnR component ablation per sample; None without DnR
         probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
         fused = probs["fused"].argmax(dim=-1).tolist()
+        arms = None
+        if model.arbiter is not None:  # DCR: the path the arbiter picks, as the "arbiter" path
+            probs, arms = add_arbiter_path(model.arbiter, probs)
         for i, sid in enumerate(batch["sample_ids"]):
-            yield {"id": sid, "label": labels[fused[i]],
+            row = {"id": sid, "label": labels[fused[i]],
                    "probs": {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}}
+            if explained is not None:
+                row["dnr_ablation"] = explained[i]
+            if arms is not None:
+                row["arm"] = arms[i]
+            yield row
 
 
 def generation_record(model: InferenceModel, prompt_name: str, options: GenerationOptions) -> dict:

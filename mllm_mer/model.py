@@ -1,12 +1,15 @@
 """MerModel: the frozen backbone (with its adapters) plus the classification heads, one forward.
 
-`build_mer_model` wraps a loaded `Backbone` with the parts the config switches on (plain LoRA via peft
-today) and a fused head on modality-pooled hidden states. `MerModel.forward` returns a `MerOutput` with
-the weighted total loss, the LM loss on the answer tokens, the classification loss and logits per path.
+`build_mer_model` wraps a loaded `Backbone` with the parts the config switches on (plain LoRA via peft,
+or MoSE experts when `mose.enabled`) and a fused head on modality-pooled hidden states. `MerModel.forward`
+returns a `MerOutput` with the weighted total loss, the LM loss on the answer tokens, the classification
+loss, logits per path and, with MoSE, the regularizers and gate statistics.
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +19,30 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from mllm_mer.adapters.mose import (
+    MOSE_WEIGHTS,
+    apply_mose,
+    bound_modalities,
+    checkpoint_context_fn,
+    load_mose_weights,
+    mose_aux_losses,
+    summarize_gates,
+)
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig
+from mllm_mer.fusion.dcr.paths import (
+    PathsOutput,
+    StudentFeed,
+    UnimodalHead,
+    attach_path_adapters,
+    run_unimodal_paths,
+)
+from mllm_mer.fusion.dcr.paths import checkpoint_context_fn as adapter_checkpoint_context_fn
+from mllm_mer.fusion.dcr.paths import loss_weights as dcr_loss_weights
+from mllm_mer.fusion.dnr import DnRHead, DnROutput, ablation_rows, component_ablation, load_divide_weights
 from mllm_mer.fusion.heads import FusedHead, pool_by_modality
+
+log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "fusion_"
 """Attribute prefix of every head module on MerModel (what trains besides adapters)."""
@@ -37,8 +61,18 @@ class MerOutput:
         loss: scalar, weighted sum of the enabled losses (None when no targets were given).
         lm_loss: scalar LM loss on the answer tokens, or None.
         cls_loss: scalar cross-entropy of the fused head, or None.
-        cls_logits: {"fused": (B, C)} float32 logits per path.
+        cls_logits: {"fused": (B, C)} float32 logits per path; with `dcr.enabled` also "text", "audio",
+            "video" (the unimodal paths).
         pooled: (B, S, D) pooled hidden states fed to the heads.
+        aux_losses: unweighted regularizers, e.g. {"mose_load_balance": scalar, "mose_modality_balance":
+            scalar} with MoSE (their weighted sum is part of `loss` when `loss` is not None).
+        gate_stats: MoSE gate statistics averaged over layers (detached; see
+            `mllm_mer.adapters.mose.summarize_gates`): tokens (M,), expert_usage (M, E), gate_mass (M, E),
+            modality_weights (M,), delta_share (M,); empty without MoSE.
+        dnr: DnR parts, base and DnR logits (`mllm_mer.fusion.dnr.DnROutput`) when `dnr.enabled`; its
+            losses are in `aux_losses` ("dnr_*") and "fused" already includes its logits.
+        dcr: the unimodal paths' output (`mllm_mer.fusion.dcr.paths.PathsOutput`) when `dcr.enabled`; its
+            losses are in `aux_losses` ("dcr_*") and "fused" already includes the student feed.
     """
 
     loss: torch.Tensor | None
@@ -46,6 +80,10 @@ class MerOutput:
     cls_loss: torch.Tensor | None
     cls_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     pooled: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    gate_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    dnr: DnROutput | None = None
+    dcr: PathsOutput | None = None
 
 
 class MerModel(nn.Module):
@@ -55,8 +93,30 @@ class MerModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.fusion_head = FusedHead(hidden_size, num_classes)
+        # DnR plug-in, built after fusion_head so that its initialisation does not depend on dnr.enabled
+        self.fusion_dnr = DnRHead(hidden_size, num_classes, cfg.dnr) if cfg.dnr.enabled else None
+        self.dcr = cfg.dcr if cfg.dcr.enabled else None
+        if self.dcr is not None:  # DCR unimodal-path heads and the student feed (mllm_mer.fusion.dcr.paths)
+            self.fusion_text = UnimodalHead(hidden_size, num_classes)
+            self.fusion_audio = UnimodalHead(hidden_size, num_classes)
+            self.fusion_video = UnimodalHead(hidden_size, num_classes)
+            self.fusion_dcr_feed = StudentFeed()
         self.lm_loss_weight = cfg.train.lm_loss_weight
         self.cls_loss_weight = cfg.train.cls_loss_weight
+        self.mose = cfg.mose.enabled
+        self.aux_loss_weights = {
+            "mose_load_balance": cfg.mose.load_balance_weight,
+            "mose_modality_balance": cfg.mose.modality_balance_weight,
+            **cfg.dnr.loss_weights,
+            **dcr_loss_weights(cfg.dcr),
+        }
+
+    def routing(self, token_modality: torch.Tensor, collect: bool = False) -> AbstractContextManager:
+        """Context binding (B, T) `token_modality` to the MoSE layers (a no-op context without MoSE).
+
+        Wrap calls of `self.backbone` made outside `forward` in it, e.g. `self.backbone.generate(...)`.
+        """
+        return bound_modalities(self.backbone, token_modality, collect) if self.mose else nullcontext()
 
     def forward(self, batch: dict, compute_lm_loss: bool | None = None) -> MerOutput:
         """Run the backbone and the heads on a collated batch (see `mllm_mer.data.collate`).
@@ -69,16 +129,30 @@ class MerModel(nn.Module):
         labels = batch.get("labels")
         if compute_lm_loss is None:
             compute_lm_loss = labels is not None and self.lm_loss_weight > 0
-        out = self.backbone(
-            **inputs,
-            labels=labels if compute_lm_loss else None,
-            use_audio_in_video=bool(batch.get("use_audio_in_video", False)),
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        with self.routing(batch["token_modality"], collect=True) as records:
+            out = self.backbone(
+                **inputs,
+                labels=labels if compute_lm_loss else None,
+                use_audio_in_video=bool(batch.get("use_audio_in_video", False)),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+        aux_losses = mose_aux_losses(records) if records is not None else {}
+        gate_stats = summarize_gates(records) if records is not None else {}
         hidden = out.hidden_states[-1]  # (B, T, D), after the final norm
         pooled = pool_by_modality(hidden, batch["token_modality"], batch["prompt_mask"])
         logits = self.fusion_head(pooled)
+        dnr = None
+        if self.fusion_dnr is not None:  # adds its logits to the fused head's (exactly 0 at initialisation)
+            dnr = self.fusion_dnr(out.hidden_states, batch["token_modality"], batch["prompt_mask"], logits,
+                                  batch.get("class_id"), batch.get("train_step"))
+            logits = dnr.fused_logits
+            aux_losses = {**aux_losses, **dnr.losses}
+        dcr = run_unimodal_paths(self, batch) if self.dcr is not None else None
+        if dcr is not None:  # unimodal paths (own adapters and heads) + AFD; the text student feeds "fused"
+            if dcr.feed is not None:
+                logits = logits + dcr.feed
+            aux_losses = {**aux_losses, **dcr.losses}
         cls_loss = None
         class_id = batch.get("class_id")
         if class_id is not None and (class_id >= 0).any():
@@ -89,8 +163,24 @@ class MerModel(nn.Module):
             parts.append(self.lm_loss_weight * lm_loss)
         if cls_loss is not None and self.cls_loss_weight > 0:
             parts.append(self.cls_loss_weight * cls_loss)
+        if parts:  # regularizers only join a loss that has a target
+            parts.extend(self.aux_loss_weights[k] * v for k, v in aux_losses.items())
         loss = torch.stack(parts).sum() if parts else None
-        return MerOutput(loss=loss, lm_loss=lm_loss, cls_loss=cls_loss, cls_logits={"fused": logits}, pooled=pooled)
+        return MerOutput(
+            loss=loss, lm_loss=lm_loss, cls_loss=cls_loss,
+            cls_logits={"fused": logits, **(dcr.logits if dcr is not None else {})}, pooled=pooled,
+            aux_losses=aux_losses, gate_stats=gate_stats, dnr=dnr, dcr=dcr,
+        )
+
+    def explain(self, out: MerOutput) -> list[dict] | None:
+        """Per-sample DnR component ablation of `out` (see `mllm_mer.fusion.dnr.component_ablation`).
+
+        Returns:
+            One {component: {"kl", "delta_p"}} dict per sample, or None without DnR.
+        """
+        if self.fusion_dnr is None or out.dnr is None:
+            return None
+        return ablation_rows(component_ablation(self.fusion_dnr, out.dnr))
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """State of every head (names prefixed `fusion_`), for safetensors."""
@@ -129,18 +219,35 @@ def build_mer_model(backbone: Backbone, cfg: RunConfig, run_dir: str | Path | No
             from (safetensors only); None = fresh adapters and heads.
     """
     model = backbone.model
-    if cfg.lora.enabled:
+    if cfg.mose.enabled:  # MoSE replaces plain LoRA (lora.* unused)
+        targets = apply_mose(model, cfg.mose)
+        log.info("MoSE on %d modules (%s routing, %d experts per modality)%s", len(targets), cfg.mose.routing,
+                 cfg.mose.experts, "; it replaces plain LoRA (lora.* unused)" if cfg.lora.enabled else "")
+        if run_dir is not None:
+            load_mose_weights(model, Path(run_dir) / MOSE_WEIGHTS)
+    elif cfg.lora.enabled:
         if run_dir is not None:
             model = peft.PeftModel.from_pretrained(model, str(Path(run_dir) / "adapter"), is_trainable=False)
         else:
             model = apply_lora(model, cfg)
+    if cfg.dcr.enabled:  # one LoRA adapter per unimodal path beside "default" (mllm_mer.fusion.dcr.paths)
+        attach_path_adapters(model, run_dir)
     hidden = backbone.model.config.text_config.hidden_size
     mer = MerModel(model, hidden, len(cfg.data.labels), cfg)
     if cfg.train.gradient_checkpointing:
-        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gc_kwargs = {"use_reentrant": False}
+        if cfg.mose.enabled:  # re-bind token modalities when backward recomputes a layer
+            gc_kwargs["context_fn"] = checkpoint_context_fn(backbone.model)
+        elif cfg.dcr.enabled:  # recompute a layer under the peft adapter of the path that ran it
+            gc_kwargs["context_fn"] = adapter_checkpoint_context_fn(model)
+        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         backbone.model.enable_input_require_grads()
     if run_dir is not None:
         load_run_weights(mer, run_dir)
+    elif cfg.dnr.enabled and cfg.dnr.init_from:
+        load_divide_weights(mer.fusion_dnr, cfg.dnr.init_from)
+    if cfg.dnr.enabled and cfg.dnr.stage == "refine" and not cfg.dnr.init_from and run_dir is None:
+        log.warning("dnr.stage=refine without dnr.init_from: the frozen Divide heads keep their random init")
     return mer
 
 

@@ -1,8 +1,9 @@
 """The one place that decides what trains, and the start-up table of parameter counts per part.
 
 Rules: every backbone weight is frozen unless its part is unfrozen in `model.freeze`; adapter weights
-(peft `lora_`) and head weights (`fusion_`) always train. `apply_trainable` sets `requires_grad` on every
-parameter of the model, so nothing else in the package needs to.
+(peft `lora_`, MoSE `mose_`) and head weights (`fusion_`) always train. `apply_trainable` sets `requires_grad` on every
+parameter of the model, so nothing else in the package needs to. Exception: with `dnr.stage: refine` the DnR
+Divide heads (`fusion_dnr.divide.*`, `DnRConfig.frozen_prefixes`) stay frozen.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from torch import nn
 
 from mllm_mer.config import RunConfig
 
-PARTS = ("lora", "heads", "language_model", "audio_tower", "audio_projector", "vision_tower", "vision_projector")
+PARTS = (
+    "lora", "mose", "heads", "language_model", "audio_tower", "audio_projector", "vision_tower", "vision_projector",
+)
 
 
 def part_of(name: str) -> str:
     """Which part a parameter belongs to, from its full name in MerModel."""
     if ".lora_" in name:
         return "lora"
+    if ".mose_" in name:
+        return "mose"
     if name.startswith("fusion_"):
         return "heads"
     if ".audio_tower." in name:
@@ -40,6 +45,7 @@ def apply_trainable(model: nn.Module, cfg: RunConfig) -> dict[str, tuple[int, in
     frozen = cfg.model.freeze
     unfrozen = {
         "lora": True,
+        "mose": True,
         "heads": True,
         "language_model": not frozen.language_model,
         "audio_tower": not frozen.audio_tower,
@@ -47,12 +53,14 @@ def apply_trainable(model: nn.Module, cfg: RunConfig) -> dict[str, tuple[int, in
         "vision_tower": not frozen.vision_tower,
         "vision_projector": not frozen.vision_projector,
     }
+    held = cfg.dnr.frozen_prefixes()  # heads kept frozen: DnR's Divide heads in dnr.stage=refine
     counts: dict[str, list[int]] = OrderedDict((p, [0, 0]) for p in PARTS)
     for name, param in model.named_parameters():
         part = part_of(name)
-        param.requires_grad_(unfrozen[part])
+        train = unfrozen[part] and not (held and name.startswith(held))
+        param.requires_grad_(train)
         counts[part][1] += param.numel()
-        if unfrozen[part]:
+        if train:
             counts[part][0] += param.numel()
     return {p: (t, n) for p, (t, n) in counts.items() if n}
 

@@ -23,12 +23,15 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import mllm_mer
+from mllm_mer.adapters.mose import MOSE_WEIGHTS, save_mose_weights
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig, config_to_dict, save_config
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset, check_media
-from mllm_mer.data.jsonl import DataError, read_jsonl
+from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.schema import Sample
+from mllm_mer.data.sources import read_samples
+from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
 from mllm_mer.metrics import classification_metrics
 from mllm_mer.model import MerModel
 from mllm_mer.prompts import load_prompt
@@ -63,8 +66,8 @@ def read_splits(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev")) -> d
         if not path:
             continue
         try:
-            out[split] = read_jsonl(path, cfg.data.labels)
-        except (DataError, FileNotFoundError) as exc:
+            out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field)
+        except (ValueError, FileNotFoundError) as exc:
             errors.append(f"data.{split}: {exc}")
     if errors:
         raise DataError("the configured data", errors)
@@ -87,9 +90,14 @@ def check_data(samples: dict[str, list[Sample]], options: DecodeOptions) -> list
     return [f"{split}: {p}" for split, ss in samples.items() for p in check_media(ss, options)]
 
 
-def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None) -> MerCollator:
-    """The collator for training (`train=True`, answers + modality dropout) or dev evaluation."""
-    return MerCollator(
+def build_collator(
+    cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None
+) -> MerCollator | UnimodalPathCollator:
+    """The collator for training (`train=True`, answers + modality dropout) or dev evaluation.
+
+    With `dcr.enabled` it is wrapped in `UnimodalPathCollator` (batches also carry the unimodal sub-batches).
+    """
+    collator = MerCollator(
         processor=backbone.processor,
         token_ids=backbone.token_ids,
         prompt=load_prompt(prompt or cfg.data.prompt),
@@ -98,6 +106,7 @@ def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str 
         train=True,  # dev batches carry the answer too (dev LM loss)
         modality_dropout=cfg.data.modality_dropout if train else 0.0,
     )
+    return UnimodalPathCollator(collator) if cfg.dcr.enabled else collator
 
 
 def build_loader(
@@ -288,20 +297,24 @@ def write_run_info(cfg: RunConfig, backbone_path: str, extra: dict | None = None
 
 
 def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig) -> None:
-    """Adapter (peft format, safetensors), heads and any unfrozen base weights into the run directory."""
+    """Adapter (peft format, safetensors) or MoSE weights (`mose.safetensors`), heads and any unfrozen base
+    weights into the run directory."""
     out = Path(cfg.train.output_dir)
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; full on the main process
     if not accelerator.is_main_process:
         return
     mer: MerModel = accelerator.unwrap_model(model)
-    if cfg.lora.enabled:
+    if cfg.mose.enabled:  # names relative to the thinker, as the peft adapter's
+        mose_state = {k[len("backbone."):]: v for k, v in state.items() if ".mose_" in k}
+        save_mose_weights(mose_state, out / MOSE_WEIGHTS, cfg.mose)
+    elif cfg.lora.enabled:
         adapter_state = {k[len("backbone."):]: v for k, v in state.items() if ".lora_" in k}
         mer.backbone.save_pretrained(str(out / "adapter"), state_dict=adapter_state, safe_serialization=True)
     heads = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("fusion_")}
     save_file(heads, str(out / "heads.safetensors"))
     trainable = {n for n, p in mer.named_parameters() if p.requires_grad}
     base = {k: v.detach().cpu().contiguous() for k, v in state.items()
-            if k in trainable and ".lora_" not in k and not k.startswith("fusion_")}
+            if k in trainable and ".lora_" not in k and ".mose_" not in k and not k.startswith("fusion_")}
     if base:
         save_file(base, str(out / "trainable_base.safetensors"))
 

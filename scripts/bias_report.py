@@ -51,10 +51,16 @@ UNIMODAL = {"audio_only": {"use_video": False}, "video_only": {"use_audio": Fals
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", help="backbone checkpoint directory (default with --run: the run's model.path)")
-    p.add_argument("--data", required=True, help="test JSONL (a balanced synthetic set with subsets and cues)")
+    p.add_argument(
+        "--backbone", help="backbone checkpoint directory (default with --run: the run's model.path)"
+    )
+    p.add_argument(
+        "--data", required=True, help="test JSONL (a balanced synthetic set with subsets and cues)"
+    )
     p.add_argument("--output", required=True, help="report JSON; the PNG goes beside it")
-    p.add_argument("--run", help="finished run directory: adds accuracy, audio dominance, unimodal recognition")
+    p.add_argument(
+        "--run", help="finished run directory: adds accuracy, audio dominance, unimodal recognition"
+    )
     p.add_argument("--prompt", help="prompt template (default: the run's data.prompt, else 'label')")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
@@ -74,11 +80,14 @@ def shares_report(per_sample: torch.Tensor, samples: Sequence[Sample]) -> dict:
 
 
 @torch.no_grad()
-def unimodal_predictions(model: InferenceModel, samples: Sequence[Sample], prompt: str, batch_size: int,
-                         flags: dict[str, bool]) -> list[str]:
+def unimodal_predictions(
+    model: InferenceModel, samples: Sequence[Sample], prompt: str, batch_size: int, flags: dict[str, bool]
+) -> list[str]:
     """Fused-head labels with one modality removed from every prompt (`flags` for MerCollator)."""
     base = build_inference_loader(model, samples, load_prompt(prompt), batch_size)
-    loader = DataLoader(base.dataset, batch_size=batch_size, collate_fn=dataclasses.replace(base.collate_fn, **flags))
+    loader = DataLoader(
+        base.dataset, batch_size=batch_size, collate_fn=dataclasses.replace(base.collate_fn, **flags)
+    )
     labels = list(model.cfg.data.labels)
     preds: list[str] = []
     for batch in loader:
@@ -115,27 +124,42 @@ def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: st
 
 
 def markdown(report: dict) -> str:
-    lines = [f"## Modality bias: {report['data']} (n={report['n']})", "",
-             "Attention share at the generating position (audio / video), per language-model layer:", "",
-             "| model | " + " | ".join(f"layer {i}" for i in range(len(report["attention"]["backbone"]["overall"])))
-             + " |", "|---|" + "---|" * len(report["attention"]["backbone"]["overall"])]
-    for name, rep in report["attention"].items():
-        cells = [f"{row[1]:.3f} / {row[2]:.3f}" for row in rep["overall"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    """The printed summary: attention shares per layer, then (with --run) accuracy per condition."""
+    names = list(report["attention"])
+    lines = [
+        f"## Modality bias: {report['data']} (n={report['n']})",
+        "",
+        "Attention share at the generating position (audio / video):",
+        "",
+        "| layer | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    overall = [report["attention"][n]["overall"] for n in names]
+    for layer, rows in enumerate(zip(*overall, strict=True)):
+        lines.append(f"| {layer} | " + " | ".join(f"{r[1]:.3f} / {r[2]:.3f}" for r in rows) + " |")
     acc = report.get("accuracy")
     if acc:
-        lines += ["", "| condition | accuracy | " + " | ".join(SUBSETS) + " |", "|---|---|" + "---|" * len(SUBSETS)]
-        rows = [("fused (audio+video)", acc["fused"])] + list(acc["unimodal"].items())
-        for name, r in rows:
+        lines += [
+            "",
+            "| condition | accuracy | " + " | ".join(SUBSETS) + " |",
+            "|---|---|" + "---|" * len(SUBSETS),
+        ]
+        for name, r in [("fused (audio+video)", acc["fused"]), *acc["unimodal"].items()]:
             per = [f"{r['per_subset'][s]['accuracy']:.3f}" if s in r["per_subset"] else "-" for s in SUBSETS]
             lines.append(f"| {name} | {r['accuracy']:.3f} | " + " | ".join(per) + " |")
         dom = acc["audio_dominance"]
         index = "n/a" if dom["index"] is None else f"{dom['index']:.3f}"
-        lines += ["", f"Audio-dominance index: {index} (audio {dom['audio_follow']} / video "
-                      f"{dom['video_follow']} of {dom['n_conflict']} conflicts); weighted F1 "
-                      f"{acc['fused']['weighted_f1']:.3f}; unimodal cue accuracy: "
-                  + ", ".join(f"{k} {v['cue_accuracy']:.3f}" for k, v in acc["unimodal"].items()
-                              if v["cue_accuracy"] is not None)]
+        cue = ", ".join(
+            f"{k} {v['cue_accuracy']:.3f}"
+            for k, v in acc["unimodal"].items()
+            if v["cue_accuracy"] is not None
+        )
+        lines += [
+            "",
+            f"Audio-dominance index: {index} (audio {dom['audio_follow']} / video {dom['video_follow']} of "
+            f"{dom['n_conflict']} conflicts); weighted F1 {acc['fused']['weighted_f1']:.3f}; unimodal "
+            f"accuracy against the modality's own cue: {cue}",
+        ]
     return "\n".join(lines)
 
 
@@ -150,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         prompt = args.prompt or (run_cfg.data.prompt if run_cfg else "label")
         labels = run_cfg.data.labels if run_cfg else MER2023_LABELS
         samples = read_jsonl(args.data, labels)
-        report: dict = {"backbone": str(backbone), "run": args.run, "data": str(args.data), "n": len(samples),
-                        "prompt": prompt, "modalities": list(MODALITIES),
-                        "subset_counts": {s: sum(x.subset == s for x in samples) for s in SUBSETS},
-                        "attention": {}}
+        report: dict = {
+            "backbone": str(backbone),
+            "run": args.run,
+            "data": str(args.data),
+            "n": len(samples),
+            "prompt": prompt,
+            "modalities": list(MODALITIES),
+            "subset_counts": {s: sum(x.subset == s for x in samples) for s in SUBSETS},
+            "attention": {},
+        }
         bare = load_for_inference(model_path=str(backbone), cfg=run_cfg)  # run's data settings, if any
         loader = build_inference_loader(bare, samples, load_prompt(prompt), args.batch_size)
         shares = {"backbone": collect_attention_shares(bare.backbone.model, loader)}
@@ -166,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         report["attention"] = {name: shares_report(s, samples) for name, s in shares.items()}
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        png = plot_shares({n: s.mean(0) for n, s in shares.items()}, out.with_suffix(".png"),
-                          title="attention share at the generating position")
+        png = plot_shares(
+            {n: s.mean(0) for n, s in shares.items()},
+            out.with_suffix(".png"),
+            title="attention share at the generating position",
+        )
         report["plot"] = png.name
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(markdown(report))

@@ -7,8 +7,9 @@
     python scripts/finetune.py --check-data data.train=my/train.jsonl      # decode every sample, list problems
 
 Only `--config`, `--check-data` and dotted `key.path=value` overrides are accepted. The run directory
-(`train.output_dir`) receives config.yaml, run_info.json, adapter/, heads.safetensors, checkpoints/,
-tb/, train_log.jsonl and final_metrics.json.
+(`train.output_dir`) receives config.yaml, run_info.json, adapter/ (or mose.safetensors and
+gate_stats.json with mose.enabled=true), heads.safetensors, checkpoints/, tb/, train_log.jsonl and
+final_metrics.json.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mllm_mer import training as T
+from mllm_mer.adapters.mose import GateStatsMean, flatten_gate_stats
 from mllm_mer.backbone import load_backbone
 from mllm_mer.config import ConfigError, RunConfig, load_config
 from mllm_mer.data.jsonl import DataError
@@ -104,6 +106,7 @@ def train(cfg: RunConfig) -> dict:
     bar = tqdm(total=total, initial=state.step, disable=not main, desc="train")
     dev_metrics: dict = {}
     window_start, window_steps = time.perf_counter(), 0
+    gate_mean = GateStatsMean()  # MoSE gate statistics over the run (rank 0's batches)
     model.train()
     while state.step < total:
         train_dl.set_epoch(state.epoch)
@@ -111,6 +114,7 @@ def train(cfg: RunConfig) -> dict:
         for batch in loader:
             # dropout draws depend only on (seed, rank, epoch, batch): a resumed run repeats them exactly
             torch.manual_seed(T.batch_seed(cfg.train.seed, accelerator.process_index, state))
+            batch["train_step"] = state.step  # gates DnR's Refine stage (dnr.refine_start_step)
             with accelerator.accumulate(model):
                 out = model(batch)
                 accelerator.backward(out.loss)
@@ -119,6 +123,8 @@ def train(cfg: RunConfig) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+            if main and out.gate_stats:
+                gate_mean.add(out.gate_stats)
             state.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
@@ -133,9 +139,12 @@ def train(cfg: RunConfig) -> dict:
                 for k in ("lm_loss", "cls_loss"):
                     if getattr(out, k) is not None:
                         row[k] = getattr(out, k).item()
+                row.update({k: v.item() for k, v in out.aux_losses.items()})
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, state.step)
+                for k, v in flatten_gate_stats(out.gate_stats).items():  # empty without MoSE
+                    writer.add_scalar(f"mose/{k}", v, state.step)
                 with log_file.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -158,6 +167,9 @@ def train(cfg: RunConfig) -> dict:
     final = {"dev": dev_metrics, "step": state.step}
     if main:
         T.write_json(Path(cfg.train.output_dir) / "final_metrics.json", final)
+        if gate_mean.steps:
+            gates = {"step": state.step, "train": gate_mean.summary()}
+            T.write_json(Path(cfg.train.output_dir) / "gate_stats.json", gates)
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

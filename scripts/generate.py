@@ -20,8 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mllm_mer.config import ConfigError, parse_overrides
-from mllm_mer.data.jsonl import DataError, read_jsonl
+from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.media import MediaError
+from mllm_mer.data.sources import read_samples
 from mllm_mer.generation import (
     GenerationOptions,
     generate_rows,
@@ -61,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict({"model": {"path": args.model}, "data": {"train": "-"}, **overrides})
         options = GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                                     args.label_mode, args.batch_size)
-        labels = cfg.data.labels if cfg else None
-        samples = read_jsonl(args.data, labels or _default_labels(), require_label=False)
+        data_cfg = cfg.data if cfg else None
+        samples = read_samples(
+            args.data, data_cfg.format if data_cfg else "mer_jsonl",
+            data_cfg.labels if data_cfg else _default_labels(),
+            label_field=data_cfg.label_field if data_cfg else None, require_label=False,
+        )
         model = load_for_inference(run_dir=args.run, model_path=args.model, cfg=cfg)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

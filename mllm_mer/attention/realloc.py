@@ -116,19 +116,27 @@ class _Scope:
 
     cfg: ARConfig
     layers: frozenset[int]
-    heads: Tensor | None  # (H,) bool, or None = every head
+    heads: Tensor | None  # (H, 1) bool, or None = every head
     modality: Tensor  # (B, T) long, the prompt's token modality
     monitor: ARMonitor
-    av: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # batch size -> key indicators
+    coef: Tensor  # (2,) float32 [-strength * (1 - target), strength * target]: (m_A, m_V) -> m_A' - m_A
+    sign: Tensor  # (2,) float32 [1, -1]
+    zero: Tensor  # () float32 0
+    low: Tensor  # () float32, the most negative float32 (masked scores)
+    _prompt: dict[int, Tensor] = field(default_factory=dict)  # batch size -> (B, T, 2) indicators
+    _last: tuple[int, int, Tensor] | None = None  # (batch, keys, (B, K, 2)) of the latest call
 
-    def key_indicators(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Audio / video indicators of the prompt keys for a call with `batch` rows.
+    def key_indicators(self, batch: int, keys: int) -> Tensor:
+        """Audio / video indicators of the keys of a call with `batch` rows and `keys` keys.
 
         Returns:
-            (B, 1, T, 2) and (B, 1, 2, T) float32 (columns audio, video). A batch that is a multiple of
-            the prompt batch (beam search, several returns per prompt) repeats each sample in place.
+            (B, K, 2) float32: column 0 is 1.0 on audio keys, column 1 on video keys; keys beyond the
+            prompt (generated tokens) are text (zero). A batch that is a multiple of the prompt batch (beam
+            search, several sequences per prompt) repeats each sample in place.
         """
-        if batch not in self.av:
+        if self._last is not None and self._last[0] == batch and self._last[1] == keys:
+            return self._last[2]
+        if batch not in self._prompt:
             B = self.modality.shape[0]
             if batch % B:
                 raise RuntimeError(
@@ -136,10 +144,18 @@ class _Scope:
                     f"ran a batch of {batch}; enter attention_reallocation with that batch's token_modality"
                 )
             modality = self.modality.repeat_interleave(batch // B, dim=0)
-            ind = torch.stack([modality == int(Modality.AUDIO), modality == int(Modality.VIDEO)], dim=-1)
-            ind = ind.float()[:, None]  # (B, T, 2) -> (B, 1, T, 2)
-            self.av[batch] = (ind, ind.transpose(2, 3))
-        return self.av[batch]
+            self._prompt[batch] = torch.stack(
+                [modality == int(Modality.AUDIO), modality == int(Modality.VIDEO)], dim=-1).float()
+        prompt = self._prompt[batch]
+        T = prompt.shape[1]
+        if keys < T:
+            raise RuntimeError(
+                f"the language model attends over {keys} keys but the prompt given to attention_reallocation "
+                f"has {T} tokens; enter the context with the token_modality of the batch being run"
+            )
+        padded = torch.nn.functional.pad(prompt, (0, 0, 0, keys - T)) if keys > T else prompt
+        self._last = (batch, keys, padded)
+        return padded
 
 
 _SCOPES: dict[int, _Scope] = {}
@@ -178,66 +194,58 @@ def _reallocate(
     scope: _Scope, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
     out: Tensor, weights: Tensor | None, scaling: float,
 ) -> tuple[Tensor, Tensor | None]:
-    """Recompute the selected query rows with reallocated attention and write back the changed ones."""
+    """Recompute the selected query rows with reallocated attention and write back the changed ones.
+
+    Rows are handled flat, (B, H * Q_sel, T_k), with few tensor ops: while decoding this runs once per
+    targeted layer and generated token.
+    """
     cfg = scope.cfg
     B, H, Q, D = query.shape
     H_kv, K = key.shape[1], key.shape[2]
-    audio_video, audio_video_t = scope.key_indicators(B)
-    T = audio_video.shape[2]
-    if K < T:
-        raise RuntimeError(
-            f"layer {module.layer_idx} sees {K} keys but the prompt given to attention_reallocation has {T} "
-            "tokens; enter the context with the token_modality of the batch being run"
-        )
-    first = 0 if cfg.query == "all" else max(0, T - 1 - (K - Q))  # first selected row
+    av = scope.key_indicators(B, K)  # (B, K, 2)
+    first = 0 if cfg.query == "all" else max(0, scope.modality.shape[1] - 1 - (K - Q))  # first selected row
     if first >= Q:
         return out, weights
     Qs, g = Q - first, H // H_kv
-    q = query[:, :, first:].float().reshape(B, H_kv, g * Qs, D)  # heads h = kv * g + j share kv head kv
-    k, v = key.float(), value.float()
-    scores = (torch.matmul(q, k.transpose(2, 3)) * scaling).view(B, H, Qs, K)
-    low = torch.finfo(torch.float32).min
+    q = (query[:, :, first:].float() * scaling).reshape(B, H_kv, g * Qs, D)  # head h = kv * g + j
+    scores = torch.matmul(q, key.float().transpose(2, 3)).view(B, H, Qs, K)
     if mask is not None:
         m = mask[:, :, first:, :K]
-        scores = scores.masked_fill(~m, low) if m.dtype == torch.bool else scores + m.float()
-    elif Q > 1:  # sdpa passed no mask: plain causal attention, query rows are the last Q positions
-        positions = torch.arange(K, device=scores.device)
+        scores = torch.where(m, scores, scope.low) if m.dtype == torch.bool else scores + m.float()
+    elif Q > 1:  # sdpa passed no mask: plain causal attention, the query rows are the last Q positions
         rows = torch.arange(K - Qs, K, device=scores.device)
-        scores = scores.masked_fill(positions[None, :] > rows[:, None], low)
-    valid = scores.amax(dim=-1) > low / 2  # (B, H, Qs): rows attending to at least one key
+        scores = scores.masked_fill(torch.arange(K, device=scores.device) > rows[:, None], scope.low)
+    scores = scores.view(B, H * Qs, K)
     probs = torch.softmax(scores, dim=-1)
-    m_a, m_v = torch.matmul(probs[..., :T], audio_video).unbind(-1)  # (B, H, Qs) each
-    active = valid & (m_a > cfg.min_mass) & (m_v > cfg.min_mass)
+    mass = torch.bmm(probs, av)  # (B, H * Qs, 2): audio and video mass of each row
+    active = (mass > cfg.min_mass).all(dim=-1)  # (B, H * Qs)
+    if cfg.query == "all":  # fully masked rows (left padding) stay as they are
+        active = active & (scores.amax(dim=-1) > scope.low / 2)
     if scope.heads is not None:
-        active = active & scope.heads[None, :, None]
-    s = m_a / (m_a + m_v).clamp_min(_TINY)
-    s_new = s + cfg.strength * (cfg.target_audio_share - s)
-    if cfg.mode == "probs":
-        factor = torch.stack([s_new / s.clamp_min(_TINY), (1 - s_new) / (1 - s).clamp_min(_TINY)], dim=-1)
-        factor = torch.where(active[..., None], factor - 1, 0.0)  # (B, H, Qs, 2)
-        scaled = probs[..., :T] * (1 + torch.matmul(factor, audio_video_t))  # (B, H, Qs, T)
-        new_probs = torch.cat([scaled, probs[..., T:]], dim=-1) if K > T else scaled
-    else:
-        s_c, s_new_c = s.clamp(_TINY, 1 - 1e-7), s_new.clamp(_TINY, 1 - 1e-7)
-        logit_gap = torch.log(s_new_c) - torch.log1p(-s_new_c) - torch.log(s_c) + torch.log1p(-s_c)
-        logit_gap = torch.where(active, logit_gap, 0.0)  # > 0: boost audio keys, < 0: boost video keys
-        bias = torch.matmul(torch.stack([logit_gap.clamp_min(0), (-logit_gap).clamp_min(0)], dim=-1),
-                            audio_video_t)  # (B, H, Qs, T)
-        biased = scores[..., :T] + bias
-        new_probs = torch.softmax(torch.cat([biased, scores[..., T:]], dim=-1) if K > T else biased, dim=-1)
+        active = (active.view(B, H, Qs) & scope.heads).view(B, H * Qs)
+    # m_A' - m_A = (s' - s)(m_A + m_V) = strength * (target * m_V - (1 - target) * m_A), moved from video
+    shift = torch.where(active, torch.matmul(mass, scope.coef), scope.zero)  # (B, H * Qs)
+    gain = shift[..., None] * scope.sign / mass.clamp_min(_TINY)  # relative change of (m_A, m_V)
+    if cfg.mode == "probs":  # p_k x (1 + gain of k's modality): s'/s on audio, (1-s')/(1-s) on video keys
+        new = torch.addcmul(probs, probs, torch.bmm(gain, av.transpose(1, 2)))
+    else:  # scores + |logit(s') - logit(s)| on the under-attended modality's keys, then softmax
+        gap = torch.log1p(gain[..., 0]) - torch.log1p(gain[..., 1])  # logit(s') - logit(s), 0 if inactive
+        bias = torch.stack([gap.clamp_min(0), (-gap).clamp_min(0)], dim=-1)  # (B, H * Qs, 2)
+        new = torch.softmax(torch.baddbmm(scores, bias, av.transpose(1, 2)), dim=-1)
     if scope.monitor.record:
-        after = torch.matmul(new_probs[..., :T], audio_video)  # (B, H, Qs, 2)
-        sel = valid if scope.heads is None else valid & scope.heads[None, :, None]
-        scope.monitor.add(module.layer_idx, _with_text(torch.stack([m_a, m_v], dim=-1)), _with_text(after), sel)
-    rows_out = torch.matmul(new_probs.view(B, H_kv, g * Qs, K), v).view(B, H, Qs, D)
+        valid = scores.amax(dim=-1) > scope.low / 2
+        sel = valid if scope.heads is None else (valid.view(B, H, Qs) & scope.heads).view(B, H * Qs)
+        scope.monitor.add(module.layer_idx, _with_text(mass).view(B, H, Qs, 3),
+                          _with_text(torch.bmm(new, av)).view(B, H, Qs, 3), sel.view(B, H, Qs))
+    rows_out = torch.matmul(new.view(B, H_kv, g * Qs, K), value.float()).view(B, H, Qs, D)
     rows_out = rows_out.transpose(1, 2).to(out.dtype)  # (B, Qs, H, D), the layout of `out`
-    keep = active.transpose(1, 2)[..., None]  # (B, Qs, H, 1)
+    keep = active.view(B, H, Qs).transpose(1, 2)[..., None]  # (B, Qs, H, 1)
     if first == 0:
         out = torch.where(keep, rows_out, out)
     else:
         out = torch.cat([out[:, :first], torch.where(keep, rows_out, out[:, first:])], dim=1)
     if weights is not None:  # eager returns its weights: keep them consistent with the output
-        new_w = torch.where(active[..., None], new_probs.to(weights.dtype), weights[:, :, first:])
+        new_w = torch.where(active.view(B, H, Qs, 1), new.view(B, H, Qs, K).to(weights.dtype), weights[:, :, first:])
         weights = new_w if first == 0 else torch.cat([weights[:, :, :first], new_w], dim=2)
     return out, weights
 
@@ -339,9 +347,14 @@ def attention_reallocation(
     scope = _Scope(
         cfg=cfg,
         layers=frozenset(i % len(modules) for i in layers) if cfg.strength > 0 else frozenset(),
-        heads=None if heads is None else heads.to(device),
+        heads=None if heads is None else heads.to(device)[:, None],
         modality=token_modality.to(device=device, dtype=torch.long),
         monitor=monitor,
+        coef=torch.tensor([-cfg.strength * (1 - cfg.target_audio_share), cfg.strength * cfg.target_audio_share],
+                          device=device),
+        sign=torch.tensor([1.0, -1.0], device=device),
+        zero=torch.zeros((), device=device),
+        low=torch.tensor(torch.finfo(torch.float32).min, device=device),
     )
     _register()
     _SCOPES[id(text_config)] = scope

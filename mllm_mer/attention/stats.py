@@ -11,13 +11,14 @@ attention matrix (`output_attentions=True` under sdpa returns an empty tuple and
 `eager` attention function returns it from every `Qwen2_5OmniAttention` call. So, for one call, the
 language model is switched to `eager` with `set_attn_implementation({"text_config": "eager"})` (only the
 language model: the towers keep their kernels) and the previous implementation is restored in `finally`.
-Any other implementation (e.g. the attention-reallocation wrapper) is
-kept as it is and must return its weights: to measure shares under AR, enter
-`weights_returning_attention(model)` first and `attention_reallocation(...)` inside it (AR then wraps
-eager and returns its reallocated weights). Instead of `output_attentions=True`, which would keep every
-layer's (B, H, T, T) matrix alive until the end of the forward (gigabytes on a 7B model), a forward hook
-on each language-model attention module reduces its weights to (B, 3) shares as soon as they exist; the
-hooks live for this one call. The result equals the reduction of `output_attentions` (unit-tested).
+Any other implementation (e.g. the attention-reallocation wrapper) is kept and must return its weights:
+to measure shares under AR, enter `weights_returning_attention(model)` first and
+`attention_reallocation(...)` inside it (AR then wraps eager and returns its reallocated weights).
+
+Instead of `output_attentions=True`, which keeps every layer's (B, H, T, T) matrix alive until the end of
+the forward (gigabytes on a 7B model), a forward hook on each language-model attention module reduces
+its weights to (B, 3) shares as soon as they exist; the hooks live for this one call. The result equals
+the reduction of `output_attentions` (unit-tested).
 
 `plot_shares` draws the per-layer audio and video shares of several conditions (e.g. before/after).
 """

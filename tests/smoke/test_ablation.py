@@ -31,12 +31,29 @@ def load_harness():
 
 
 @pytest.fixture(scope="module")
-def ablation(tiny_dir: Path, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
+def ablation(
+    tiny_dir: Path, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict, str, Path]:
     root = tmp_path_factory.mktemp("ablation")
     cmd = [
-        sys.executable, str(HARNESS), "--data", str(syn_dir), "--backbone", str(tiny_dir), "--steps", "2",
-        "--configs", "plain_lora,ar,mose", "--output", str(root / "report.json"), "--workdir", str(root / "runs"),
-        f"data.cache_dir={root / 'cache'}", "data.num_workers=0", "train.batch_size=4", "train.eval_batch_size=12",
+        sys.executable,
+        str(HARNESS),
+        "--data",
+        str(syn_dir),
+        "--backbone",
+        str(tiny_dir),
+        "--steps",
+        "2",
+        "--configs",
+        "plain_lora,ar,mose",
+        "--output",
+        str(root / "report.json"),
+        "--workdir",
+        str(root / "runs"),
+        f"data.cache_dir={root / 'cache'}",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "train.eval_batch_size=12",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -76,11 +93,53 @@ def test_rows_with_unknown_keys_are_skipped_and_real_errors_raise(tiny_dir: Path
     harness = load_harness()
     config = REPO / "configs" / "tiny_cpu.yaml"
     base = [f"model.path={tiny_dir}", "model.build_tiny=false", "data.train=x.jsonl"]
-    rows = [harness.Row("plain_lora"), harness.Row("bogus", train=("bogus.enabled=true",)),
-            harness.Row("bogus_infer", infer=("lora.bogus=1",))]
+    rows = [
+        harness.Row("plain_lora"),
+        harness.Row("bogus", train=("bogus.enabled=true",)),
+        harness.Row("bogus_infer", infer=("lora.bogus=1",)),
+    ]
     runnable, skipped = harness.plan_rows(config, base, rows)
     assert [r.name for r in runnable] == ["plain_lora"]
     assert [(r.name, reason) for r, reason in skipped] == [
-        ("bogus", "unknown key 'bogus'"), ("bogus_infer", "unknown key 'lora.bogus'")]
+        ("bogus", "unknown key 'bogus'"),
+        ("bogus_infer", "unknown key 'lora.bogus'"),
+    ]
     with pytest.raises(ConfigError, match="train.lr"):
         harness.plan_rows(config, [*base, "train.lr=fast"], rows[:1])
+
+
+def test_bias_report_on_the_plain_lora_run(ablation, tiny_dir: Path, syn_dir: Path):
+    """scripts/bias_report.py with --run: attention shares of backbone and run, accuracy, unimodal."""
+    _, _, root = ablation
+    out = root / "bias" / "report.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "bias_report.py"),
+        "--backbone",
+        str(tiny_dir),
+        "--data",
+        str(syn_dir / "test.jsonl"),
+        "--output",
+        str(out),
+        "--run",
+        str(root / "runs" / "plain_lora"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    report = json.loads(out.read_text())
+    layers = load_backbone(tiny_dir).model.config.text_config.num_hidden_layers
+    assert set(report["attention"]) == {"backbone", "fine-tuned"}
+    for shares in report["attention"].values():
+        assert len(shares["overall"]) == layers
+        assert all(abs(sum(row) - 1) < 1e-5 for row in shares["overall"])
+        assert set(shares["per_subset"]) == set(SUBSETS)
+    acc = report["accuracy"]
+    assert set(acc["fused"]["per_subset"]) == set(SUBSETS)
+    assert set(acc["unimodal"]) == {"audio_only", "video_only"}
+    assert (
+        acc["audio_dominance"]["n_conflict"]
+        == report["subset_counts"]["video_aligned"] + report["subset_counts"]["audio_aligned"]
+    )
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "Audio-dominance index" in proc.stdout and "| layer | backbone | fine-tuned |" in proc.stdout

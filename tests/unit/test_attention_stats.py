@@ -19,8 +19,15 @@ from mllm_mer.data.schema import MER2023_LABELS
 from mllm_mer.model import build_mer_model
 from mllm_mer.prompts import load_prompt
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask",
-                "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "input_features",
+    "feature_attention_mask",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "video_second_per_grid",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,14 @@ def batches(backbone, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     samples = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)[:3]
     opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("dec")), opts)
-    col = MerCollator(backbone.processor, backbone.token_ids, load_prompt("label"),
-                      load_prompt("system", kind="free").text, MER2023_LABELS, train=False)
+    col = MerCollator(
+        backbone.processor,
+        backbone.token_ids,
+        load_prompt("label"),
+        load_prompt("system", kind="free").text,
+        MER2023_LABELS,
+        train=False,
+    )
     items = [mds[i] for i in range(3)]
     out = {"av": col(items), "audio": dataclasses.replace(col, use_video=False)(items)}
     assert not out["av"]["attention_mask"].bool().all(), "the test wants a batch with padding"
@@ -50,8 +63,12 @@ def reference_shares(model, batch: dict, query_mask: torch.Tensor) -> torch.Tens
     try:
         inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
         with torch.no_grad():
-            out = model(**inputs, use_audio_in_video=batch["use_audio_in_video"], use_cache=False,
-                        output_attentions=True)
+            out = model(
+                **inputs,
+                use_audio_in_video=batch["use_audio_in_video"],
+                use_cache=False,
+                output_attentions=True,
+            )
     finally:
         model.set_attn_implementation({"text_config": previous})
     valid = batch["attention_mask"].bool()
@@ -88,8 +105,11 @@ def test_last_query_is_the_last_prompt_position(batches):
     batch = batches["av"]  # left padded: the last prompt position is the last position
     mask = query_mask_for(batch, "last")
     assert mask.sum(1).tolist() == [1, 1, 1] and mask[:, -1].all()
-    right = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"]),
-             "prompt_mask": torch.zeros_like(batch["prompt_mask"])}
+    right = {
+        **batch,
+        "attention_mask": torch.ones_like(batch["attention_mask"]),
+        "prompt_mask": torch.zeros_like(batch["prompt_mask"]),
+    }
     right["prompt_mask"][:, :5] = True  # e.g. a training batch whose answer starts at position 5
     assert query_mask_for(right, "last").nonzero()[:, 1].tolist() == [4, 4, 4]
 
@@ -150,8 +170,9 @@ def test_mer_model_with_fresh_lora_matches_the_bare_thinker(tiny_dir, backbone, 
     cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", "data.prompt=label"])
     mer = build_mer_model(fresh, cfg).eval()
     batch = batches["av"]
-    torch.testing.assert_close(attention_shares(mer, batch)["per_sample"],
-                               attention_shares(backbone.model, batch)["per_sample"])
+    torch.testing.assert_close(
+        attention_shares(mer, batch)["per_sample"], attention_shares(backbone.model, batch)["per_sample"]
+    )
     assert find_thinker(mer).config.text_config._attn_implementation == "sdpa"
 
 

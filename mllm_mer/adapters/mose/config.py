@@ -22,7 +22,8 @@ class MoSEConfig:
     """Modality-specific LoRA experts on the language model (replaces plain LoRA when enabled)."""
 
     enabled: bool = False
-    """Use MoSE instead of plain LoRA on `target_modules` (`lora.*` is then unused, whatever `lora.enabled`)."""
+    """Use MoSE instead of plain LoRA on `target_modules` (`lora.*` is then unused, whatever
+    `lora.enabled` says)."""
     r: int = 8
     """Rank of the shared A matrix and of every expert B matrix."""
     alpha: float = 16.0
@@ -54,8 +55,8 @@ class MoSEConfig:
     def __post_init__(self) -> None:
         if self.routing == "top_k" and not 1 <= self.top_k <= self.experts:
             raise ValueError(
-                f"mose.top_k={self.top_k} must lie in [1, mose.experts={self.experts}] with mose.routing=top_k; "
-                f"lower mose.top_k or raise mose.experts"
+                f"mose.top_k={self.top_k} must lie in [1, mose.experts={self.experts}] with "
+                f"mose.routing=top_k; lower mose.top_k or raise mose.experts"
             )
 
     @property

@@ -176,7 +176,9 @@ class MoSELinear(nn.Module):
                 "mllm_mer.adapters.mose.bound_modalities(model, token_modality)"
             )
         if token_modality.shape != x.shape[:-1]:
-            raise ValueError(f"token_modality has shape {tuple(token_modality.shape)}, x has {tuple(x.shape)}")
+            raise ValueError(
+                f"token_modality has shape {tuple(token_modality.shape)}, x has {tuple(x.shape)}"
+            )
         xf = x.to(self.mose_A.dtype)
         h = F.linear(self.mose_dropout(xf), self.mose_A)  # (B,T,r)
         probs = self.gate_probs(xf, token_modality)  # (B,T,E)

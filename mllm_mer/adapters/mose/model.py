@@ -8,9 +8,10 @@
   decoder layers run forward again during backward, after the block has exited: `checkpoint_context_fn`
   (given to the checkpoint function by `mllm_mer.model.build_mer_model`) re-binds the same tensor for
   exactly that recompute (torch's non-reentrant checkpoint `context_fn`).
-- Lengths during generation: with a KV cache, every forward after the prompt only carries the new tokens;
-  a call whose token count differs from the bound (B, T) treats its tokens as generated text. A batch
-  expanded by `generate` (beams, several sequences per prompt) repeats each row's modalities.
+- Lengths during generation: the bound (B, T) covers the prompt. With a KV cache every forward after the
+  prompt carries only the new tokens: a call on fewer than T tokens treats them all as generated text.
+  Without a cache each step sees the whole sequence: a call on more than T tokens appends text codes. A
+  batch expanded by `generate` (beams, several sequences per prompt) repeats each row's modalities.
 - Regularizers (`mose_aux_losses`), our formulas:
   load balance, per layer and modality group with tokens, with f = expert usage (share of tokens whose
   most probable expert is e), P = gate mass (mean gate probability) and u = 1/E:
@@ -41,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm_mer.adapters.mose.config import MoSEConfig
-from mllm_mer.adapters.mose.layer import NUM_MODALITIES, MoSELinear, RoutingRecord
+from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord
 from mllm_mer.data.schema import Modality
 
 MOSE_WEIGHTS = "mose.safetensors"
@@ -74,8 +75,8 @@ def apply_mose(model: nn.Module, cfg: MoSEConfig) -> list[str]:
     names = [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
     if not names:
         raise ValueError(
-            f"mose.target_modules={cfg.target_modules!r} matches no module; it must fully match names such as "
-            f"'model.language_model.layers.0.self_attn.q_proj'"
+            f"mose.target_modules={cfg.target_modules!r} matches no module; it must fully match names "
+            f"such as 'model.language_model.layers.0.self_attn.q_proj'"
         )
     if mose_layers(model):
         raise ValueError("MoSE is already applied to this model (it holds MoSELinear layers)")
@@ -99,9 +100,9 @@ def _aligned(token_modality: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         token_modality = token_modality.repeat_interleave(B_x // B, dim=0)
     if T_x == T:
         return token_modality
-    if T_x > T:
-        raise ValueError(f"the layer got {T_x} tokens, more than the {T} bound ones")
-    return token_modality.new_full((B_x, T_x), int(Modality.TEXT))  # generated tokens (KV cache steps)
+    if T_x > T:  # the whole sequence again (generation without a cache): prompt + generated text
+        return torch.cat([token_modality, token_modality.new_full((B_x, T_x - T), int(Modality.TEXT))], dim=1)
+    return token_modality.new_full((B_x, T_x), int(Modality.TEXT))  # new tokens only (KV cache steps)
 
 
 def _bind_pre_hook(
@@ -133,7 +134,9 @@ def bound_modalities(
     if not layers:
         raise ValueError("bound_modalities: the model has no MoSELinear layers (apply_mose first)")
     if token_modality.dim() != 2 or token_modality.dtype != torch.long:
-        raise ValueError(f"token_modality must be (B, T) long, got {tuple(token_modality.shape)} {token_modality.dtype}")
+        raise ValueError(
+            f"token_modality must be (B, T) long, got {tuple(token_modality.shape)} {token_modality.dtype}"
+        )
     records: list[RoutingRecord] | None = [] if collect else None
     hook = partial(_bind_pre_hook, token_modality=token_modality, records=records)
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
@@ -147,7 +150,10 @@ def bound_modalities(
         setattr(model, _BINDING, previous)
 
 
-def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+ContextFn = Callable[[], tuple[AbstractContextManager, AbstractContextManager]]
+
+
+def checkpoint_context_fn(model: nn.Module) -> ContextFn:
     """A `context_fn` for torch's non-reentrant checkpoint that re-binds the modalities for the recompute.
 
     Called at each checkpointed forward; returns (forward context, recompute context). The recompute
@@ -199,7 +205,7 @@ def mose_aux_losses(records: list[RoutingRecord]) -> dict[str, torch.Tensor]:
         ValueError: `records` is empty.
     """
     if not records:
-        raise ValueError("no MoSE routing records: was the forward run inside bound_modalities(collect=True)?")
+        raise ValueError("no MoSE routing records: run the forward inside bound_modalities(collect=True)")
     tokens = torch.stack([r.tokens for r in records])  # (L, M)
     present = (tokens > 0).to(torch.float32)
     usage = torch.stack([r.expert_usage for r in records])  # (L, M, E)
@@ -296,9 +302,10 @@ def save_mose_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: MoS
     """
     bad = [k for k in state if PARAM_MARK not in k]
     if not state or bad:
-        raise ValueError(f"save_mose_weights needs MoSE tensors only; got {len(state)} with non-MoSE {bad[:5]}")
+        raise ValueError(f"save_mose_weights needs MoSE tensors only; got {len(state)}, non-MoSE: {bad[:5]}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "mose_config": json.dumps(dataclasses.asdict(cfg))})
+    metadata = {"format": "pt", "mose_config": json.dumps(dataclasses.asdict(cfg))}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_mose_weights(model: nn.Module, path: str | Path) -> None:
@@ -319,7 +326,8 @@ def load_mose_weights(model: nn.Module, path: str | Path) -> None:
             f"{path} does not match the model's MoSE layers: missing {sorted(set(own) - set(saved))[:5]}, "
             f"unexpected {sorted(set(saved) - set(own))[:5]}"
         )
-    wrong = [f"{k}: saved {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in saved.items() if v.shape != own[k].shape]
+    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(own[k].shape)}"
+             for k, v in saved.items() if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{path} shapes differ from the configured MoSE (mose.r / mose.experts?): {wrong[:3]}")
+        raise ValueError(f"{path} shapes differ from the run's mose.r / mose.experts: {wrong[:2]}")
     model.load_state_dict(saved, strict=False)

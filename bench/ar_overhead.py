@@ -1,0 +1,80 @@
+"""Generation-time overhead of attention reallocation (AR): AR on / AR off, measured side by side in one run.
+
+    python bench/ar_overhead.py                                   # tiny thinker, configs/tiny_cpu.yaml
+    python bench/ar_overhead.py --rounds 15 --new-tokens 64 ar.layers=[0,1] ar.mode=scores
+
+One left-padded batch of test clips is collated once; `generate()` (greedy, exactly --new-tokens tokens) then
+runs alternately without and with AR (A B A B ..., torch threads 1, after one warm-up of each), and the
+median of the per-round time ratios is reported. Prints one JSON line, then the ratio as the last line.
+Trailing `key.path=value` arguments override the config (the `ar.*` settings used for the "on" runs;
+`ar.enabled` is forced on for them).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from mllm_mer.config import load_config  # noqa: E402
+from mllm_mer.generation import build_inference_loader, load_for_inference, reallocation_scope  # noqa: E402
+from mllm_mer.prompts import load_prompt  # noqa: E402
+from mllm_mer.training import ensure_inputs, read_splits  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny_cpu.yaml")
+    p.add_argument("--rounds", type=int, default=15, help="A/B pairs measured (after one warm-up pair)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, args.overrides)
+    ensure_inputs(cfg)
+    samples = read_splits(cfg, ("test",))["test"][: args.batch_size]
+    model = load_for_inference(model_path=cfg.model.path, cfg=cfg)
+    batch = next(iter(build_inference_loader(model, samples, load_prompt("label"), args.batch_size)))
+    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
+              and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
+    variants = {"off": dataclasses.replace(model, cfg=dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, enabled=False))),
+                "on": dataclasses.replace(model, cfg=dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, enabled=True)))}
+
+    @torch.no_grad()
+    def timed(variant: str) -> float:
+        start = time.perf_counter()
+        with reallocation_scope(variants[variant], batch):
+            model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], do_sample=False,
+                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     pad_token_id=model.backbone.token_ids.pad)
+        return time.perf_counter() - start
+
+    timed("off"), timed("on")  # warm-up
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        for variant in ("off", "on"):
+            times[variant].append(timed(variant))
+    ratios = [on / off for on, off in zip(times["on"], times["off"], strict=True)]
+    ratio = statistics.median(ratios)
+    print(json.dumps({
+        "bench": "ar_overhead", "backbone": cfg.model.path, "batch_size": len(samples),
+        "prompt_tokens": int(batch["input_ids"].shape[1]), "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "ar": dataclasses.asdict(cfg.ar) | {"enabled": True}, "torch_threads": torch.get_num_threads(),
+        "median_s": {k: statistics.median(v) for k, v in times.items()}, "ratios": [round(r, 4) for r in ratios],
+        "median_ratio_on_off": round(ratio, 4), "goal": "<= 1.10",
+    }))
+    print(f"AR on / AR off generation time (median of {args.rounds} A/B rounds): {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

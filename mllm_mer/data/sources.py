@@ -1,0 +1,39 @@
+"""One entry point for training / inference data files in the formats users bring.
+
+`data.format` selects the reader: `mer_jsonl` (our sample JSONL, see README "Data"), `sharegpt`
+(LLaMA-Factory: `messages`/`conversations` with `<video>`/`<audio>` tags and `videos`/`audios` lists) or
+`swift` (ms-swift messages JSONL). The label comes from `data.label_field` when set, otherwise from the
+last label word of the assistant answer (peer formats only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.readers import read_sharegpt, read_swift_jsonl
+from mllm_mer.data.schema import Sample
+
+FORMATS = ("mer_jsonl", "sharegpt", "swift")
+
+
+def read_samples(
+    path: str | Path, fmt: str, labels: Sequence[str], *, label_field: str | None = None,
+    require_label: bool = True,
+) -> list[Sample]:
+    """Read a data file of format `fmt` into `Sample`s (paths checked inside the file's folder).
+
+    Raises:
+        ValueError: unknown format, or bad rows (the reader's message names the file and line/record).
+        FileNotFoundError: the file does not exist.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    if fmt == "mer_jsonl":
+        return read_jsonl(path, labels, require_label=require_label)
+    if fmt == "sharegpt":
+        return read_sharegpt(path, labels=labels, label_field=label_field)
+    if fmt == "swift":
+        return read_swift_jsonl(path, labels=labels, label_field=label_field)
+    raise ValueError(f"data.format={fmt!r} unknown; valid: {list(FORMATS)}")

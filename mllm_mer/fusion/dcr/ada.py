@@ -1,0 +1,359 @@
+"""The ADA arbiter (DCR Path II): a contextual bandit that keeps the fused prediction or drops to one modality.
+
+Arms (`ARMS`): fused, text, audio, video. The paper ("To Fuse or to Drop?", 2026) is public as an abstract
+only; the state, reward and policy below are ours.
+
+State ("dual view": the fused view and the unimodal views of one sample), from the four paths' class
+probabilities p_a (C each) alone:
+
+    x = [p_a for a in ARMS] + [H(p_a) / ln C] + [top1(p_a) - top2(p_a)] + [JS(p_a, p_b) / ln 2 for a < b] + [1]
+
+(4C + 4 + 4 + 6 + 1 features; pooled hidden features are not used). Reward of arm a for a sample with label y:
+
+    r_a = 1[argmax p_a = y] - lambda_cal * cal(p_a, y),   cal = Brier / 2 = sum_c (p_a,c - 1[c = y])^2 / 2
+                                                          or  -log max(p_a,y, 1e-6) / ln C   ("nll")
+
+so the arbiter learns from the sample's label only, through the reward: nothing here reads per-modality cue
+labels (real datasets have none). `fit_arbiter(probs, labels, config)` takes exactly those two inputs.
+
+Policy: disjoint LinUCB. Per arm, A_a = ridge * I + sum x x^T and b_a = sum r x; theta_a = A_a^-1 b_a; while
+fitting, the arm played is argmax_a theta_a . x + alpha * sqrt(x^T A_a^-1 x) (ties -> the first arm, fused)
+and, with `feedback="bandit"`, only that arm is updated with its reward (`"full"` updates every arm).
+After fitting, `select` is greedy: argmax_a theta_a . x, ties to fused. Fitting is meant for held-out
+predictions (dev): `scripts/fit_arbiter.py` refuses the run's training data. The policy is stored as JSON
+(`arbiter.json` in the run directory; never pickle).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mllm_mer.fusion.dcr.afd import js_divergence
+from mllm_mer.fusion.dcr.config import ArbiterConfig
+
+ARMS: tuple[str, ...] = ("fused", "text", "audio", "video")
+"""Arms of the arbiter, in index order (the fused path first: it wins ties)."""
+ARBITER_FILE = "arbiter.json"
+"""File name of a fitted arbiter inside a run directory."""
+FORMAT = "mllm_mer.dcr.linucb/1"
+
+
+def feature_names(labels: Sequence[str]) -> list[str]:
+    """Names of the state features, in order (for the JSON file and for reading a fitted policy)."""
+    names = [f"p_{a}_{c}" for a in ARMS for c in labels]
+    names += [f"entropy_{a}" for a in ARMS] + [f"margin_{a}" for a in ARMS]
+    names += [f"js_{a}_{b}" for a, b in itertools.combinations(ARMS, 2)]
+    return names + ["bias"]
+
+
+def build_state(probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The arbiter's state from the paths' class probabilities (module docstring).
+
+    Args:
+        probs: {arm: (N, C) probabilities} for every arm in `ARMS` (extra keys are ignored).
+    Returns:
+        (N, 4C + 15) float64.
+    Raises:
+        ValueError: an arm is missing or the shapes differ.
+    """
+    missing = [a for a in ARMS if a not in probs]
+    if missing:
+        raise ValueError(f"the arbiter needs probabilities of every path {list(ARMS)}; missing {missing}")
+    ps = [probs[a].detach().to(torch.float64).cpu() for a in ARMS]
+    if len({tuple(p.shape) for p in ps}) != 1 or ps[0].dim() != 2:
+        raise ValueError(f"path probabilities must all be (N, C), got {[tuple(p.shape) for p in ps]}")
+    C = ps[0].shape[1]
+    entropy = [-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(C) for p in ps]
+    top2 = [p.topk(min(2, C), dim=-1).values for p in ps]
+    margin = [t[:, 0] - t[:, -1] for t in top2]
+    js = [js_divergence(ps[i], ps[j]) / math.log(2.0) for i, j in itertools.combinations(range(len(ARMS)), 2)]
+    columns = [*ps, torch.stack(entropy, 1), torch.stack(margin, 1), torch.stack(js, 1), torch.ones(len(ps[0]), 1)]
+    return torch.cat(columns, dim=1)
+
+
+def arm_rewards(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig) -> torch.Tensor:
+    """Calibration-aware reward of every arm for every sample (module docstring).
+
+    Args:
+        probs: {arm: (N, C) probabilities}.
+        labels: (N,) long class ids (the ground truth; the only supervision the arbiter gets).
+        config: reward settings (`calibration`, `calibration_weight`).
+    Returns:
+        (N, len(ARMS)) float64.
+    """
+    labels = labels.long().cpu()
+    out = []
+    for arm in ARMS:
+        p = probs[arm].detach().to(torch.float64).cpu()
+        C = p.shape[1]
+        onehot = torch.nn.functional.one_hot(labels, C).to(torch.float64)
+        correct = (p.argmax(-1) == labels).to(torch.float64)
+        if config.calibration == "brier":
+            cal = ((p - onehot) ** 2).sum(-1) / 2.0
+        else:
+            cal = -p.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-6).log() / math.log(C)
+        out.append(correct - config.calibration_weight * cal)
+    return torch.stack(out, dim=1)
+
+
+class LinUCB:
+    """Disjoint-arm LinUCB (Li et al., 2010) in float64 numpy.
+
+    Args:
+        n_arms: K.
+        dim: d, the state size.
+        ridge: lambda, A_a starts at lambda * I.
+        alpha: exploration weight of the confidence bonus.
+    """
+
+    def __init__(self, n_arms: int, dim: int, ridge: float = 1.0, alpha: float = 0.5) -> None:
+        self.ridge, self.alpha = float(ridge), float(alpha)
+        self.A = np.stack([ridge * np.eye(dim) for _ in range(n_arms)])  # (K, d, d)
+        self.b = np.zeros((n_arms, dim))  # (K, d)
+
+    def theta(self) -> np.ndarray:
+        """(K, d) ridge estimates theta_a = A_a^-1 b_a."""
+        return np.stack([np.linalg.solve(A, b) for A, b in zip(self.A, self.b, strict=True)])
+
+    def expected(self, x: np.ndarray) -> np.ndarray:
+        """(N, d) states -> (N, K) estimated rewards theta_a . x."""
+        return np.atleast_2d(x) @ self.theta().T
+
+    def ucb(self, x: np.ndarray) -> np.ndarray:
+        """(N, d) states -> (N, K) upper confidence bounds theta_a . x + alpha * sqrt(x^T A_a^-1 x)."""
+        x = np.atleast_2d(x)
+        bonus = np.stack([np.einsum("nd,nd->n", x, np.linalg.solve(A, x.T).T) for A in self.A], axis=1)
+        return self.expected(x) + self.alpha * np.sqrt(np.maximum(bonus, 0.0))
+
+    def update(self, arm: int, x: np.ndarray, reward: float) -> None:
+        """A_arm += x x^T; b_arm += reward * x."""
+        self.A[arm] += np.outer(x, x)
+        self.b[arm] += reward * x
+
+
+@dataclass
+class Arbiter:
+    """A fitted arbiter: the LinUCB statistics plus what they mean.
+
+    Attributes:
+        labels: the class names, in the order of the probabilities' columns.
+        policy: the LinUCB statistics.
+        config: the settings it was fit with.
+        fit_info: provenance (data file, its sha256, sample count, mean reward, ...).
+    """
+
+    labels: tuple[str, ...]
+    policy: LinUCB
+    config: ArbiterConfig
+    fit_info: dict[str, Any]
+
+    def select(self, probs: Mapping[str, torch.Tensor]) -> list[str]:
+        """Greedy arm per sample: argmax_a theta_a . x (ties to fused).
+
+        Args:
+            probs: {arm: (N, C) probabilities} in `labels` order.
+        Returns:
+            N arm names.
+        """
+        C = next(iter(probs.values())).shape[-1]
+        if C != len(self.labels):
+            raise ValueError(f"the arbiter was fit on {len(self.labels)} classes, the paths give {C}")
+        scores = self.policy.expected(build_state(probs).numpy())
+        return [ARMS[i] for i in scores.argmax(axis=1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "arms": list(ARMS),
+            "labels": list(self.labels),
+            "features": feature_names(self.labels),
+            "config": asdict(self.config),
+            "A": self.policy.A.tolist(),
+            "b": self.policy.b.tolist(),
+            "fit": self.fit_info,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "arbiter") -> Arbiter:
+        """Rebuild from `to_dict` output.
+
+        Raises:
+            ValueError: another format, other arms, or statistics whose shapes do not match the labels.
+        """
+        if data.get("format") != FORMAT or list(data.get("arms", [])) != list(ARMS):
+            raise ValueError(f"{where}: not a {FORMAT} arbiter over arms {list(ARMS)}")
+        labels = tuple(data["labels"])
+        config = ArbiterConfig(**data["config"])
+        dim = len(feature_names(labels))
+        A, b = np.asarray(data["A"], dtype=np.float64), np.asarray(data["b"], dtype=np.float64)
+        if A.shape != (len(ARMS), dim, dim) or b.shape != (len(ARMS), dim):
+            raise ValueError(f"{where}: A {A.shape} / b {b.shape} do not fit {len(ARMS)} arms x {dim} features")
+        policy = LinUCB(len(ARMS), dim, config.ridge, config.alpha)
+        policy.A, policy.b = A, b
+        return cls(labels=labels, policy=policy, config=config, fit_info=dict(data.get("fit", {})))
+
+
+def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig) -> Arbiter:
+    """Fit the LinUCB arbiter on held-out predictions: path probabilities and labels, nothing else.
+
+    Args:
+        probs: {arm: (N, C) probabilities} for every arm in `ARMS`, columns in label order.
+        labels: (N,) long ground-truth class ids.
+        config: policy and reward settings.
+    Returns:
+        The fitted `Arbiter` (`labels` holds placeholders "0".."C-1"; the caller sets the names).
+    """
+    x = build_state(probs).numpy()  # (N, d)
+    rewards = arm_rewards(probs, labels, config).numpy()  # (N, K)
+    if len(x) != len(rewards):
+        raise ValueError(f"{len(x)} predictions but {len(rewards)} labels")
+    policy = LinUCB(len(ARMS), x.shape[1], config.ridge, config.alpha)
+    rng = np.random.default_rng(config.seed)
+    played: list[int] = []
+    for _ in range(config.epochs):
+        for i in rng.permutation(len(x)):
+            if config.feedback == "full":
+                for arm in range(len(ARMS)):
+                    policy.update(arm, x[i], float(rewards[i, arm]))
+                continue
+            arm = int(policy.ucb(x[i]).argmax())
+            played.append(arm)
+            policy.update(arm, x[i], float(rewards[i, arm]))
+    chosen = policy.expected(x).argmax(axis=1)
+    info = {
+        "n": len(x),
+        "mean_reward": {a: float(rewards[:, k].mean()) for k, a in enumerate(ARMS)},
+        "mean_reward_selected": float(rewards[np.arange(len(x)), chosen].mean()),
+        "mean_reward_oracle": float(rewards.max(axis=1).mean()),
+    }
+    if played:
+        info["played"] = {a: played.count(k) for k, a in enumerate(ARMS)}
+    C = next(iter(probs.values())).shape[1]
+    return Arbiter(labels=tuple(str(c) for c in range(C)), policy=policy, config=config, fit_info=info)
+
+
+def save_arbiter(arbiter: Arbiter, path: str | Path) -> Path:
+    """Write the arbiter as JSON (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(arbiter.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_arbiter(path: str | Path, labels: Sequence[str] | None = None) -> Arbiter:
+    """Read an arbiter JSON file.
+
+    Args:
+        path: the `arbiter.json`.
+        labels: if given, the label set it must have been fit on (same order).
+    Raises:
+        ValueError: a malformed file, or labels that differ from `labels`.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    arbiter = Arbiter.from_dict(data, str(path))
+    if labels is not None and tuple(labels) != arbiter.labels:
+        raise ValueError(f"{path} was fit on labels {list(arbiter.labels)}, the run uses {list(labels)}")
+    return arbiter
+
+
+def add_arbiter_path(
+    arbiter: Arbiter, probs: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Add the "arbiter" path: per sample, the probabilities of the arm the arbiter picks.
+
+    Args:
+        arbiter: a fitted arbiter.
+        probs: {path: (B, C) probabilities} with every arm in `ARMS`.
+    Returns:
+        ({**probs, "arbiter": (B, C)}, the B chosen arm names).
+    """
+    arms = arbiter.select(probs)
+    stacked = torch.stack([probs[a] for a in ARMS], dim=1)  # (B, K, C)
+    index = torch.tensor([ARMS.index(a) for a in arms], device=stacked.device)
+    chosen = stacked[torch.arange(len(arms), device=stacked.device), index]  # (B, C)
+    return {**probs, "arbiter": chosen}, arms
+
+
+def load_run_arbiter(run_dir: str | Path, labels: Sequence[str], dcr_enabled: bool) -> Arbiter | None:
+    """The run's `arbiter.json` if present (None otherwise).
+
+    Raises:
+        ValueError: the file exists but the run has no unimodal paths, or it was fit on other labels.
+    """
+    path = Path(run_dir) / ARBITER_FILE
+    if not path.is_file():
+        return None
+    if not dcr_enabled:
+        raise ValueError(f"{path} exists but the run was trained without dcr.enabled (no unimodal paths)")
+    return load_arbiter(path, labels)
+
+
+def arbiter_inputs(
+    rows: Sequence[Mapping[str, Any]], labels_by_id: Mapping[str, str], label_names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Turn prediction rows into `fit_arbiter`'s inputs: per-path probabilities and the label, nothing else.
+
+    Args:
+        rows: `predict_rows` output (`id`, `probs` {path: {label: p}}); other fields are not read.
+        labels_by_id: sample id -> ground-truth label.
+        label_names: the label set (column order).
+    Returns:
+        ({arm: (N, C) float64}, (N,) long class ids).
+    Raises:
+        ValueError: a row without probabilities of every arm, or a label outside `label_names`.
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    probs: dict[str, list[list[float]]] = {a: [] for a in ARMS}
+    ys = []
+    for row in rows:
+        dist = row.get("probs") or {}
+        missing = [a for a in ARMS if a not in dist]
+        if missing:
+            raise ValueError(f"prediction {row.get('id')!r} lacks probabilities of paths {missing}")
+        label = labels_by_id[row["id"]]
+        if label not in index:
+            raise ValueError(f"sample {row['id']!r}: label {label!r} is not in {list(label_names)}")
+        for a in ARMS:
+            probs[a].append([float(dist[a][name]) for name in label_names])
+        ys.append(index[label])
+    return {a: torch.tensor(v, dtype=torch.float64) for a, v in probs.items()}, torch.tensor(ys, dtype=torch.long)
+
+
+def check_held_out(
+    data_path: str | Path, data_ids: Sequence[str], train_path: str | Path, train_ids: Sequence[str]
+) -> None:
+    """Refuse fitting data that is the run's training data, by path or by shared sample ids.
+
+    Raises:
+        ValueError: `data_path` is the training file (same path or same file), or ids overlap.
+    """
+    data_path, train_path = Path(data_path), Path(train_path)
+    same = data_path.resolve() == train_path.resolve() or (
+        data_path.exists() and train_path.exists() and os.path.samefile(data_path, train_path)
+    )
+    if same:
+        raise ValueError(
+            f"{data_path} is the run's training data (data.train): the arbiter must be fit on held-out "
+            "predictions (the dev split, or a fold the run never trained on), never on in-sample ones"
+        )
+    overlap = sorted(set(data_ids) & set(train_ids))
+    if overlap:
+        raise ValueError(
+            f"{data_path}: {len(overlap)} of {len(data_ids)} sample ids are in the run's training data "
+            f"{train_path} (data.train), e.g. {overlap[:5]}; the arbiter must be fit on held-out predictions "
+            "(the dev split, or a fold the run never trained on)"
+        )

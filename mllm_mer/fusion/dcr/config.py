@@ -1,0 +1,65 @@
+"""DCR settings (`dcr.*` in the run YAML): unimodal paths, affective fusion distillation (AFD), the arbiter (ADA).
+
+"To Fuse or to Drop? Dual-Path Learning for Resolving Modality Conflicts in MER" (2026) is public as an
+abstract only: Path I (AFD) distils audio/visual teachers into a textual student with temporally weighted
+class evidence; Path II (ADA) is a contextual bandit that picks the fused prediction or a unimodal one per
+sample. Every formula and default behind these fields is therefore our choice; the README section "DCR"
+and the docstrings of `mllm_mer.fusion.dcr.afd` / `.ada` / `.paths` state them.
+
+This module imports nothing from `mllm_mer.config` (which imports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ArbiterConfig:
+    """The ADA arbiter: a disjoint LinUCB policy over arms {fused, text, audio, video}, fit after training by
+    `scripts/fit_arbiter.py` on held-out predictions (never the training set)."""
+
+    ridge: float = 1.0
+    """lambda: every arm starts from A_a = lambda * I (ridge prior of its linear reward model)."""
+    alpha: float = 0.5
+    """Exploration bonus of LinUCB while fitting: p_a = theta_a . x + alpha * sqrt(x^T A_a^-1 x)."""
+    calibration: Literal["brier", "nll"] = "brier"
+    """Calibration term of the reward: "brier" = sum_c (p_c - y_c)^2 / 2 (in [0, 1]); "nll" =
+    -log p_y / log C, clipped at 1e-6 (about 1 for a uniform prediction)."""
+    calibration_weight: float = 0.5
+    """lambda_cal in the reward r = 1[argmax p = y] - lambda_cal * calibration(p, y)."""
+    feedback: Literal["bandit", "full"] = "bandit"
+    """"bandit": each fitting sample updates only the arm LinUCB chose (the contextual-bandit protocol);
+    "full": every arm is updated with its own reward (full-information ridge regression per arm)."""
+    epochs: int = 3
+    """Passes over the fitting predictions (a fresh seeded order each pass)."""
+    seed: int = 0
+    """Seed of the pass order (the fit is deterministic given predictions, labels and this)."""
+
+
+@dataclass(frozen=True)
+class DCRConfig:
+    """Dual-path conflict resolution: unimodal paths with their own LoRA adapters and heads, AFD, ADA."""
+
+    enabled: bool = False
+    """Add the text-, audio- and video-only paths (own peft LoRA adapter `dcr_<path>` and head
+    `fusion_<path>` each) beside the fused path, with AFD; their probabilities join `cls_logits`."""
+    schedule: Literal["joint", "staged"] = "joint"
+    """"joint": every DCR loss and the student feed are on from step 0; "staged": the unimodal paths and
+    the fused path train from step 0, while AFD and the student feed into the fused head switch on at
+    optimizer step `stage1_steps` (once the audio/video teachers have learned something)."""
+    stage1_steps: int = 50
+    """Schedule "staged": the optimizer step (`batch["train_step"]`, set by the training loop) at which AFD
+    and the student feed start; batches without a step (evaluation, inference) count as stage 2."""
+    path_loss_weight: float = 1.0
+    """Weight of each unimodal path's cross-entropy (`aux_losses["dcr_text" | "dcr_audio" | "dcr_video"]`)."""
+    afd_weight: float = 0.5
+    """Weight of the AFD distillation loss (`aux_losses["dcr_afd"]`) in the total loss."""
+    afd_temperature: float = 2.0
+    """tau: teacher and student distributions are softened by tau; the KL is scaled by tau^2."""
+    afd_agreement_power: float = 1.0
+    """gamma: a sample's AFD term is weighted by (1 - JS(p_audio, p_video) / ln 2)^gamma; 0 = no gating."""
+    feed_student: bool = True
+    """Add g * log_softmax(text logits) (detached; g a learned scalar, 0 at start) to the fused logits."""
+    arbiter: ArbiterConfig = field(default_factory=ArbiterConfig)

@@ -1,0 +1,262 @@
+"""The DCR unimodal paths inside MerModel: their LoRA adapters, heads, forward and losses.
+
+Each unimodal path (text, audio, video) runs its sub-batch (`mllm_mer.fusion.dcr.collate`) through the same
+frozen backbone with its own peft LoRA adapter `dcr_<path>` (peft multi-adapter: `add_adapter`, and a scoped
+switch of the active adapter that leaves every `requires_grad` flag as `mllm_mer.trainable` set it; the fused
+path keeps "default") and its own head `fusion_<path>` on MerModel. With MoSE (no peft model) or without
+LoRA the paths share the backbone's adapter (MoSE's experts are already routed per modality) and differ in
+their inputs and heads; that is logged once.
+
+Head (`UnimodalHead`, ours): per token t, z_t = W_tok LN(h_t) + W_ctx LN(h_last) + b, where h_last is the last
+prompt position (it has attended to the whole prompt). The path's logits are the mean of z_t over the
+path's modality tokens, so the per-token logits that AFD turns into per-step evidence are exactly the ones
+whose average the path is trained on. A sample without tokens of the modality falls back to the
+context term.
+
+Losses (unweighted in `MerOutput.aux_losses`, weighted by `dcr.path_loss_weight` / `dcr.afd_weight`):
+`dcr_<path>`: cross-entropy of the path on labelled samples that have its modality; `dcr_afd`:
+`mllm_mer.fusion.dcr.afd.afd_loss` from the detached audio/video teachers to the text student.
+Student feed (ours): fused logits += g * log_softmax(text logits).detach(), g a learned scalar from 0
+(`fusion_dcr_feed`), so the fused head decides how far to trust the calibrated student.
+With `dcr.schedule=staged`, AFD and the feed are multiplied by 0 (kept in the graph for DDP) while
+`batch["train_step"]` (set by the training loop) is below `dcr.stage1_steps`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import peft
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_mer.data.schema import Modality
+from mllm_mer.fusion.dcr.afd import afd_loss, aggregate_evidence
+from mllm_mer.fusion.dcr.collate import PATHS
+from mllm_mer.fusion.dcr.config import DCRConfig
+
+log = logging.getLogger(__name__)
+
+PATH_MODALITY: dict[str, Modality] = {"text": Modality.TEXT, "audio": Modality.AUDIO, "video": Modality.VIDEO}
+TEACHERS: tuple[str, ...] = ("audio", "video")
+STUDENT = "text"
+ADAPTER_PREFIX = "dcr_"
+"""peft adapter name of a path: "dcr_text", "dcr_audio", "dcr_video" (saved in adapter/<name>/)."""
+
+
+def adapter_name(path: str) -> str:
+    return ADAPTER_PREFIX + path
+
+
+class UnimodalHead(nn.Module):
+    """Token-level classifier of one unimodal path (module docstring).
+
+    Args:
+        hidden_size: D of the backbone.
+        num_classes: C.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.token_norm = nn.LayerNorm(hidden_size)
+        self.token_proj = nn.Linear(hidden_size, num_classes, bias=False)
+        self.context_norm = nn.LayerNorm(hidden_size)
+        self.context_proj = nn.Linear(hidden_size, num_classes)
+
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Path logits and per-token logits.
+
+        Args:
+            hidden: (B, T, D) last hidden states of the path's sub-batch.
+            token_mask: (B, T) bool, True on the path's modality tokens (inside the prompt).
+            prompt_mask: (B, T) bool, True on prompt tokens (the last True is the context position).
+        Returns:
+            logits: (B, C) float32, the mean of the token logits over `token_mask`.
+            token_logits: (B, T, C) float32 (meaningful where `token_mask`).
+        """
+        B, T, _ = hidden.shape
+        x = hidden.float()
+        positions = torch.arange(T, device=x.device).expand(B, T)
+        last = torch.where(prompt_mask, positions, torch.full_like(positions, -1)).amax(dim=1).clamp_min(0)
+        context = self.context_proj(self.context_norm(x[torch.arange(B, device=x.device), last]))  # (B, C)
+        token_logits = self.token_proj(self.token_norm(x)) + context[:, None, :]  # (B, T, C)
+        w = token_mask.float()
+        mean = torch.einsum("bt,btc->bc", w, token_logits) / w.sum(1, keepdim=True).clamp_min(1.0)
+        logits = torch.where(token_mask.any(1, keepdim=True), mean, context)
+        return logits, token_logits
+
+
+class StudentFeed(nn.Module):
+    """g * log_softmax(student logits), g a learned scalar starting at 0 (the fused head starts unchanged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, student_logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) student logits (detached here) -> (B, C) float32 addition to the fused logits."""
+        return self.gate * torch.log_softmax(student_logits.detach().float(), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- adapters
+def _switch_adapter(model: peft.PeftModel, name: str) -> None:
+    """peft's `set_adapter`, with every `requires_grad` flag restored afterwards (peft toggles them)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Make peft adapter `name` the active one inside the block (no-op for None or a non-peft model)."""
+    if name is None or not isinstance(model, peft.PeftModel) or model.active_adapter == name:
+        yield
+        return
+    previous = model.active_adapter
+    _switch_adapter(model, name)
+    try:
+        yield
+    finally:
+        _switch_adapter(model, previous)
+
+
+def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    """A `context_fn` for torch's non-reentrant checkpoint: recompute under the adapter active at forward."""
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        name = model.active_adapter if isinstance(model, peft.PeftModel) else None
+        return nullcontext(), active_adapter(model, name)
+
+    return context_fn
+
+
+def attach_path_adapters(model: nn.Module, run_dir: str | Path | None = None) -> list[str]:
+    """Add (fresh, or loaded from `<run_dir>/adapter/dcr_<path>`) one LoRA adapter per unimodal path.
+
+    Fresh adapters copy the "default" adapter's settings (`lora.*`); B starts at zero, so every path starts
+    as the frozen backbone. The active adapter stays "default".
+
+    Args:
+        model: the peft-wrapped thinker (anything else: nothing is added, a warning is logged).
+        run_dir: a finished DCR run to load the adapters from; None = fresh adapters.
+    Returns:
+        The adapter names added.
+    Raises:
+        FileNotFoundError: `run_dir` lacks a path adapter (the run was not trained with dcr.enabled).
+    """
+    if not isinstance(model, peft.PeftModel):
+        log.warning(
+            "dcr: the backbone has no peft LoRA adapter (MoSE, or lora.enabled=false); the unimodal paths "
+            "share the backbone's adapter and differ only in their inputs and heads"
+        )
+        return []
+    names = []
+    for path in PATHS:
+        name = adapter_name(path)
+        if run_dir is None:
+            model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
+        else:
+            folder = Path(run_dir) / "adapter" / name
+            if not (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"{folder} is missing: {run_dir} was not trained with dcr.enabled=true (or is incomplete)"
+                )
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        names.append(name)
+    return names
+
+
+# -------------------------------------------------------------------------------------------- forward
+@dataclass
+class PathsOutput:
+    """What the unimodal paths add to one MerModel forward.
+
+    Attributes:
+        logits: {"text", "audio", "video"} -> (B, C) float32.
+        present: path -> (B,) bool, the sample has tokens of the path's modality.
+        losses: unweighted {"dcr_text", "dcr_audio", "dcr_video", "dcr_afd"} (empty without labels).
+        feed: (B, C) float32 addition to the fused logits (zeros when `dcr.feed_student` is off).
+    """
+
+    logits: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    feed: torch.Tensor | None = None
+
+
+def stage_two(cfg: DCRConfig, train_step: int | None) -> bool:
+    """Whether AFD and the student feed are on at optimizer step `train_step` (None: evaluation, inference)."""
+    return cfg.schedule == "joint" or train_step is None or train_step >= cfg.stage1_steps
+
+
+def loss_weights(cfg: DCRConfig) -> dict[str, float]:
+    """Weights of the DCR entries of `MerOutput.aux_losses` in the total loss."""
+    return {**{f"dcr_{p}": cfg.path_loss_weight for p in PATHS}, "dcr_afd": cfg.afd_weight}
+
+
+def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
+    """Run every unimodal path of `batch["paths"]` and compute the DCR losses.
+
+    Args:
+        mer: the MerModel (uses `backbone`, `routing`, `fusion_<path>`, `fusion_dcr_feed`, `dcr`).
+        batch: a collated batch with `paths` (see `mllm_mer.fusion.dcr.collate`), optional `class_id` (B,)
+            and `train_step` (int, set by the training loop).
+    Returns:
+        The `PathsOutput`.
+    Raises:
+        ValueError: the batch has no `paths` (the loader was not built with the DCR collator).
+    """
+    from mllm_mer.model import _MODEL_INPUTS  # model.py imports this module
+
+    cfg: DCRConfig = mer.dcr
+    if "paths" not in batch:
+        raise ValueError(
+            "dcr.enabled=true but the batch has no 'paths': build the loader's collator with "
+            "mllm_mer.fusion.dcr.collate.UnimodalPathCollator (training.build_collator does)"
+        )
+    logits: dict[str, torch.Tensor] = {}
+    token_logits: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for path in PATHS:
+        sub = batch["paths"][path]
+        if list(sub["sample_ids"]) != list(batch["sample_ids"]):
+            raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
+        inputs = {k: sub[k] for k in _MODEL_INPUTS if sub.get(k) is not None}
+        with active_adapter(mer.backbone, adapter_name(path)), mer.routing(sub["token_modality"]):
+            out = mer.backbone(
+                **inputs, use_audio_in_video=bool(sub.get("use_audio_in_video", False)),
+                output_hidden_states=True, use_cache=False,
+            )
+        token_mask = (sub["token_modality"] == int(PATH_MODALITY[path])) & sub["prompt_mask"]
+        head: UnimodalHead = getattr(mer, f"fusion_{path}")
+        logits[path], token_logits[path] = head(out.hidden_states[-1], token_mask, sub["prompt_mask"])
+        masks[path] = token_mask
+    present = {p: m.any(1) for p, m in masks.items()}
+    scale = 1.0 if stage_two(cfg, batch.get("train_step")) else 0.0
+    feed = None
+    if cfg.feed_student:
+        feed = scale * mer.fusion_dcr_feed(logits[STUDENT])
+    result = PathsOutput(logits=logits, present=present, feed=feed)
+    class_id = batch.get("class_id")
+    if class_id is None or not (class_id >= 0).any():
+        return result
+    for path in PATHS:
+        keep = present[path] & (class_id >= 0)
+        # a path without usable samples still joins the graph (x 0), so DDP sees every parameter used
+        result.losses[f"dcr_{path}"] = (
+            F.cross_entropy(logits[path][keep], class_id[keep]) if keep.any() else 0.0 * logits[path].sum()
+        )
+    teachers = [aggregate_evidence(token_logits[t].detach(), masks[t]) for t in TEACHERS]
+    result.losses["dcr_afd"] = scale * afd_loss(
+        logits[STUDENT], teachers, cfg.afd_temperature, cfg.afd_agreement_power
+    )
+    return result

@@ -1,0 +1,100 @@
+"""Fit DCR's ADA arbiter (LinUCB over fused/text/audio/video) on held-out predictions of a finished run.
+
+    python scripts/fit_arbiter.py --run runs/dcr --data .cache/mllm_mer/synthetic/dev.jsonl
+    python scripts/fit_arbiter.py --run runs/dcr --data dev.jsonl dcr.arbiter.alpha=1.0 dcr.arbiter.feedback=full
+
+The run must be trained with `dcr.enabled=true`. DATA must be held out: it is refused when it is the run's
+`data.train` file (same path or same file) or shares any sample id with it. The script predicts every path's
+class probabilities on DATA (`predict_rows`), fits the arbiter from those probabilities and the labels alone
+(`mllm_mer.fusion.dcr.ada.fit_arbiter`) and writes `<run>/arbiter.json`; from then on `predict_rows` /
+`scripts/generate.py` add the "arbiter" path and each row's chosen `arm`. It prints the arm choices and the
+always-fuse / best-single / oracle baselines on DATA (in-sample for the arbiter: evaluate on test).
+Trailing `key.path=value` arguments override the run's saved config (`dcr.arbiter.*`, `data.cache_dir`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mllm_mer.config import ConfigError, config_from_dict, parse_overrides
+from mllm_mer.data.jsonl import DataError
+from mllm_mer.data.media import MediaError
+from mllm_mer.data.sources import read_samples
+from mllm_mer.fusion.dcr.ada import (
+    ARBITER_FILE,
+    ARMS,
+    arbiter_inputs,
+    check_held_out,
+    fit_arbiter,
+    save_arbiter,
+)
+from mllm_mer.fusion.dcr.report import format_report, fuse_or_drop_report
+from mllm_mer.generation import load_for_inference, predict_rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path, help="finished run directory trained with dcr.enabled=true")
+    p.add_argument("--data", required=True, type=Path, help="held-out labelled samples (e.g. the dev split)")
+    p.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
+    p.add_argument("overrides", nargs="*", help="key.path=value applied to the run's config")
+    return p.parse_args(argv)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config_file = args.run / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{args.run} is not a finished run directory (no config.yaml)")
+        data = _deep_merge(yaml.safe_load(config_file.read_text()), parse_overrides(args.overrides))
+        cfg = config_from_dict(data, str(config_file))
+        if not cfg.dcr.enabled:
+            raise ValueError(f"{args.run} was trained without dcr.enabled=true: it has no unimodal paths to arbitrate")
+        labels = list(cfg.data.labels)
+        samples = read_samples(args.data, cfg.data.format, labels, label_field=cfg.data.label_field)
+        if not cfg.data.train or not Path(cfg.data.train).is_file():
+            raise FileNotFoundError(
+                f"the run's training data {cfg.data.train!r} (data.train) is not readable, so {args.data} cannot be "
+                "checked to be held out; pass data.train=PATH to point at it"
+            )
+        train = read_samples(cfg.data.train, cfg.data.format, labels, label_field=cfg.data.label_field)
+        check_held_out(args.data, [s.id for s in samples], cfg.data.train, [s.id for s in train])
+        model = load_for_inference(run_dir=args.run, cfg=cfg)
+        model.arbiter = None  # predictions of the paths themselves (a previous arbiter is replaced)
+        rows = list(predict_rows(model, samples, batch_size=args.batch_size, progress=True))
+        probs, y = arbiter_inputs(rows, {s.id: s.label for s in samples}, labels)
+        arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter)
+        sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
+        arbiter = dataclasses.replace(
+            arbiter, labels=tuple(labels), fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info}
+        )
+        out = save_arbiter(arbiter, args.run / ARBITER_FILE)
+    except (ConfigError, DataError, MediaError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    arms = arbiter.select(probs)
+    preds = {a: [labels[i] for i in probs[a].argmax(-1).tolist()] for a in ARMS}
+    report = fuse_or_drop_report([s.label for s in samples], preds, [s.subset for s in samples], arms)
+    print(f"fit on {len(samples)} held-out samples of {args.data} (in-sample for the arbiter):")
+    print(format_report(report))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

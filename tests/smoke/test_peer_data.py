@@ -1,0 +1,45 @@
+"""A run trained on LLaMA-Factory sharegpt / ms-swift data (converted from the synthetic set) trains and predicts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.smoke.conftest import REPO, base_args, check, run_finetune
+
+pytestmark = pytest.mark.smoke
+
+
+def to_sharegpt(rows: list[dict]) -> list[dict]:
+    return [{"id": r["id"], "messages": [
+        {"role": "user", "content": f"<video>Subtitle: {r['subtitle']} What is the emotion?"},
+        {"role": "assistant", "content": f"{r['explanation']} Emotion: {r['label']}"}],
+        "videos": [r["video"]]} for r in rows]
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "swift"])
+def test_train_and_generate_on_peer_format(fmt, tiny_dir, syn_dir, tmp_path):
+    files = {}
+    for split in ("train", "dev"):
+        rows = [json.loads(line) for line in (syn_dir / f"{split}.jsonl").read_text().splitlines()][:8]
+        records = to_sharegpt(rows)
+        path = syn_dir / f"{split}.{fmt}.{'json' if fmt == 'sharegpt' else 'jsonl'}"
+        if fmt == "sharegpt":
+            path.write_text(json.dumps(records))
+        else:
+            path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        files[split] = path
+    out = tmp_path / "run"
+    args = [*base_args(tiny_dir, syn_dir, out, tmp_path / "cache"), f"data.format={fmt}",
+            f"data.train={files['train']}", f"data.dev={files['dev']}", "train.max_steps=2"]
+    log = check(run_finetune(args))
+    assert "[dev step 2] accuracy=" in log
+    preds = tmp_path / "preds.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--run", str(out), "--data",
+                           str(files["dev"]), "--prompt", "label", "--output", str(preds), "--max-new-tokens", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(preds.read_text().splitlines()) == 8

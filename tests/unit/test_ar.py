@@ -1,0 +1,326 @@
+"""Attention reallocation (AR): exact no-op when neutral, full restore on exit (also on error), shares move
+toward the target at the targeted layers only, batch/padding invariance, KV-cache consistency, backend and
+settings checks, and `ar.enabled` honoured by generation.generate_rows / predict_rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm_mer.attention import realloc
+from mllm_mer.attention.realloc import attention_reallocation, default_layers
+from mllm_mer.attention.stats import attention_shares
+from mllm_mer.backbone import load_backbone
+from mllm_mer.config import ARConfig, ConfigError, load_config
+from mllm_mer.data.collate import MerCollator
+from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
+from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.schema import MER2023_LABELS
+from mllm_mer.generation import (
+    GenerationOptions,
+    InferenceModel,
+    generate_rows,
+    generation_record,
+    predict_rows,
+)
+from mllm_mer.model import build_mer_model
+from mllm_mer.prompts import load_prompt
+
+NOT_INPUTS = ("labels", "class_id", "token_modality", "prompt_mask")
+STRONG = ARConfig(enabled=True, strength=0.8, target_audio_share=0.95, layers=(0, 1))
+
+
+def model_inputs(batch: dict) -> dict:
+    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in NOT_INPUTS}
+    return inputs | {"use_audio_in_video": batch["use_audio_in_video"]}
+
+
+def forward(model, batch: dict, **kwargs):
+    with torch.no_grad():
+        return model(**model_inputs(batch), use_cache=False, **kwargs)
+
+
+def generate(model, batch: dict, new_tokens: int = 4, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**model_inputs(batch), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sdpa(tiny_dir: Path):
+    """A fresh backbone (sdpa) owned by this module: AR switches its attention back and forth."""
+    return load_backbone(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_dir: Path):
+    """A fresh eager backbone: AR then also returns the weights, so `attention_shares` reads them."""
+    return load_backbone(tiny_dir, attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def clips(sdpa, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Collator + decoded items of 3 test clips; batches: audio+video (left-padded), audio only."""
+    samples = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)[:3]
+    opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
+    mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("dec")), opts)
+    col = MerCollator(sdpa.processor, sdpa.token_ids, load_prompt("label"),
+                      load_prompt("system", kind="free").text, MER2023_LABELS, train=False)
+    items = [mds[i] for i in range(3)]
+    av = col(items)
+    assert not av["attention_mask"].bool().all(), "the tests want a batch with left padding"
+    return {"col": col, "items": items, "samples": samples, "av": av,
+            "audio": dataclasses.replace(col, use_video=False)(items)}
+
+
+def snapshot(model) -> dict:
+    return {
+        "params": {k: v.clone() for k, v in model.state_dict().items()},
+        "impl": {key: getattr(model.config, key)._attn_implementation for key in model.config.sub_configs
+                 if getattr(model.config, key, None) is not None} | {"": model.config._attn_implementation},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+# ------------------------------------------------------------------------------------------ neutral = no-op
+def test_strength_zero_is_bitwise_identical(sdpa, clips):
+    batch, model = clips["av"], sdpa.model
+    ref_logits, ref_tokens = forward(model, batch).logits, generate(model, batch)
+    with attention_reallocation(model, batch["token_modality"], dataclasses.replace(STRONG, strength=0.0)):
+        assert model.config.text_config._attn_implementation == "mllm_mer_ar_sdpa"
+        assert torch.equal(forward(model, batch).logits, ref_logits)
+        assert torch.equal(generate(model, batch), ref_tokens)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_clip_without_video_is_left_bitwise_unchanged(sdpa, eager, clips, backend):
+    batch, model = clips["audio"], {"sdpa": sdpa, "eager": eager}[backend].model
+    ref = forward(model, batch, output_attentions=backend == "eager")
+    with attention_reallocation(model, batch["token_modality"], STRONG):
+        out = forward(model, batch, output_attentions=backend == "eager")
+    assert torch.equal(out.logits, ref.logits)
+    if backend == "eager":
+        assert all(torch.equal(a, b) for a, b in zip(out.attentions, ref.attentions, strict=True))
+
+
+# ------------------------------------------------------------------------------------------ restore on exit
+@pytest.mark.parametrize("fail", [False, True], ids=["normal-exit", "exception"])
+def test_model_is_restored_exactly_after_the_block(sdpa, clips, fail):
+    batch, model = clips["av"], sdpa.model
+    before = snapshot(model)
+    ref_logits, ref_tokens = forward(model, batch).logits, generate(model, batch)
+    try:
+        with attention_reallocation(model, batch["token_modality"], STRONG):
+            changed = forward(model, batch).logits
+            generate(model, batch)
+            if fail:
+                raise KeyError("boom")
+    except KeyError:
+        assert fail
+    assert not torch.equal(changed, ref_logits)  # AR was really on inside
+    after = snapshot(model)
+    assert after["impl"] == before["impl"] and after["impl"]["text_config"] == "sdpa"
+    assert after["hooks"] == before["hooks"] == 0
+    assert after["params"].keys() == before["params"].keys()
+    assert all(torch.equal(after["params"][k], v) for k, v in before["params"].items())
+    assert not realloc._SCOPES
+    assert torch.equal(forward(model, batch).logits, ref_logits)
+    assert torch.equal(generate(model, batch), ref_tokens)
+
+
+def test_error_while_switching_on_leaves_nothing_behind(sdpa, clips, monkeypatch):
+    model = sdpa.model
+    calls = []
+
+    def failing(self, implementation):
+        calls.append(implementation)
+        if len(calls) == 1:
+            raise OSError("switch failed")
+        return original(self, implementation)
+
+    original = type(model).set_attn_implementation
+    monkeypatch.setattr(type(model), "set_attn_implementation", failing)
+    with pytest.raises(OSError), attention_reallocation(model, clips["av"]["token_modality"], STRONG):
+        pass
+    assert calls == [{"text_config": "mllm_mer_ar_sdpa"}, {"text_config": "sdpa"}]
+    assert model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
+
+
+# ------------------------------------------------------------------------------------------ the effect
+@pytest.mark.parametrize("mode", ["probs", "scores"])
+@pytest.mark.parametrize("target", [0.95, 0.05])
+def test_audio_share_moves_toward_the_target_at_targeted_layers_only(eager, clips, mode, target):
+    batch, model = clips["av"], eager.model
+    cfg = ARConfig(strength=0.5, target_audio_share=target, layers=(1,), mode=mode)
+    base = attention_shares(model, batch)["per_sample"]  # (B, L, 3) text / audio / video
+    ref = forward(model, batch, output_hidden_states=True)
+    with attention_reallocation(model, batch["token_modality"], cfg):
+        moved = attention_shares(model, batch)["per_sample"]
+        out = forward(model, batch, output_hidden_states=True)
+    torch.testing.assert_close(moved[:, 0], base[:, 0], rtol=0, atol=0)  # layer 0 is not targeted
+    av_share = lambda s: s[:, 1, 1] / (s[:, 1, 1] + s[:, 1, 2])  # noqa: E731  audio share of audio+video
+    assert ((av_share(moved) - target).abs() < (av_share(base) - target).abs() - 0.02).all()
+    if target > 0.5:
+        assert (moved[:, 1, 1] > base[:, 1, 1]).all()  # more attention on audio ...
+    else:
+        assert (moved[:, 1, 2] > base[:, 1, 2]).all()  # ... or on video
+    if mode == "probs":  # the text mass is kept; "scores" boosts the under-attended one at text's expense too
+        torch.testing.assert_close(moved[:, 1, 0], base[:, 1, 0])
+    # hidden states up to the first targeted layer are bitwise unchanged, the layer's output is not
+    assert torch.equal(out.hidden_states[0], ref.hidden_states[0])
+    assert torch.equal(out.hidden_states[1], ref.hidden_states[1])
+    assert not torch.equal(out.hidden_states[2][:, -1], ref.hidden_states[2][:, -1])
+    real = batch["attention_mask"].bool()
+    real[:, -1] = False  # "generated" rows only: every other real position is unchanged
+    assert torch.equal(out.hidden_states[2][real], ref.hidden_states[2][real])
+
+
+@pytest.mark.parametrize("mode", ["probs", "scores"])
+def test_each_row_follows_the_formula(sdpa, clips, mode):
+    """One head, one row per sample: s' = s + strength * (target - s) for the audio share of audio+video."""
+    batch, cfg = clips["av"], ARConfig(strength=0.3, target_audio_share=0.9, layers=(0,), heads=(2,), mode=mode)
+    with attention_reallocation(sdpa.model, batch["token_modality"], cfg, record=True) as monitor:
+        forward(sdpa.model, batch)
+    (before, after), = monitor.shares().values()
+    assert monitor.rows[0].tolist() == [1.0, 1.0, 1.0]
+    s, s_new = before[:, 1] / before[:, 1:].sum(-1), after[:, 1] / after[:, 1:].sum(-1)
+    torch.testing.assert_close(s_new, s + 0.3 * (0.9 - s))
+    torch.testing.assert_close(after.sum(-1), torch.ones(3))
+    if mode == "probs":
+        torch.testing.assert_close(after[:, 0], before[:, 0])
+    else:
+        assert (after[:, 0] < before[:, 0]).all()
+
+
+def test_query_all_also_changes_prompt_positions(sdpa, clips):
+    batch = clips["av"]
+    ref = forward(sdpa.model, batch, output_hidden_states=True).hidden_states[2]
+    cfg = dataclasses.replace(STRONG, layers=(0,), query="all")
+    with attention_reallocation(sdpa.model, batch["token_modality"], cfg):
+        out = forward(sdpa.model, batch, output_hidden_states=True).hidden_states[2]
+    real = batch["attention_mask"].bool()
+    changed = (out - ref).abs().amax(-1)[real]
+    assert (changed > 0).float().mean() > 0.5
+
+
+# ------------------------------------------------------------------------------------------ batching, cache
+def test_batch_with_left_padding_matches_each_sample_alone(sdpa, clips):
+    batch, model = clips["av"], sdpa.model
+    with attention_reallocation(model, batch["token_modality"], STRONG):
+        logits = forward(model, batch).logits[:, -1]
+        gen = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    moved = (logits - forward(model, batch).logits[:, -1]).abs().amax()
+    assert moved > 1e-3  # AR changes the result ...
+    for i, item in enumerate(clips["items"]):
+        alone = clips["col"]([item])
+        with attention_reallocation(model, alone["token_modality"], STRONG):
+            alone_logits = forward(model, alone).logits[0, -1]
+            alone_gen = generate(model, alone, output_logits=True, return_dict_in_generate=True)
+        torch.testing.assert_close(logits[i], alone_logits, rtol=0, atol=2e-5)  # ... the same way alone
+        prompt_len = batch["input_ids"].shape[1]
+        assert torch.equal(gen.sequences[i, prompt_len:], alone_gen.sequences[0, alone["input_ids"].shape[1]:])
+        for step, alone_step in zip(gen.logits, alone_gen.logits, strict=True):
+            torch.testing.assert_close(step[i], alone_step[0], rtol=0, atol=2e-5)
+
+
+def test_cached_generation_equals_a_cache_free_forward(sdpa, clips):
+    """With the KV cache, each new token's query is reallocated; a forward over prompt + generated tokens
+    without cache ("generated" rows) must predict the same tokens."""
+    batch, model = clips["av"], sdpa.model
+    n = 4
+    with attention_reallocation(model, batch["token_modality"], STRONG):
+        gen = generate(model, batch, new_tokens=n, output_logits=True, return_dict_in_generate=True)
+        full = dict(batch)
+        full["input_ids"] = gen.sequences[:, :-1]
+        full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(gen.sequences[:, -n:-1])], 1)
+        logits = forward(model, full).logits[:, -n:]  # rows T-1 .. T+n-2 predict the n new tokens
+    assert torch.equal(logits.argmax(-1), gen.sequences[:, -n:])
+    torch.testing.assert_close(logits, torch.stack(gen.logits, dim=1), rtol=0, atol=2e-5)
+
+
+def test_beam_search_expands_the_prompt_modality(sdpa, clips):
+    batch = clips["av"]
+    with attention_reallocation(sdpa.model, batch["token_modality"], STRONG):
+        out = generate(sdpa.model, batch, new_tokens=2, num_beams=2)
+    assert out.shape[0] == 3
+
+
+# ------------------------------------------------------------------------------------------ checks
+def test_flash_attention_backend_is_refused(sdpa, clips):
+    text_config = sdpa.model.config.text_config
+    text_config._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(RuntimeError, match="flash_attention_2.*never materialises"), \
+                attention_reallocation(sdpa.model, clips["av"]["token_modality"], STRONG):
+            pass
+        assert text_config._attn_implementation == "flash_attention_2"
+    finally:
+        text_config._attn_implementation_internal = "sdpa"
+    assert not realloc._SCOPES
+
+
+def test_nesting_training_mode_and_bad_settings_are_refused(sdpa, clips):
+    model, tm = sdpa.model, clips["av"]["token_modality"]
+    with attention_reallocation(model, tm, STRONG):
+        with pytest.raises(RuntimeError, match="already active"), attention_reallocation(model, tm, STRONG):
+            pass
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="eval"), attention_reallocation(model, tm, STRONG):
+            pass
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match=r"ar.layers=\[5\]"), \
+            attention_reallocation(model, tm, dataclasses.replace(STRONG, layers=(5,))):
+        pass
+    with pytest.raises(ValueError, match=r"ar.heads"), \
+            attention_reallocation(model, tm, dataclasses.replace(STRONG, heads=(4,))):
+        pass
+    with pytest.raises(ValueError, match="token_modality"), attention_reallocation(model, tm.float(), STRONG):
+        pass
+    assert model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
+    with attention_reallocation(model, tm[:2], STRONG), pytest.raises(RuntimeError, match="batch of 2 prompts"):
+        forward(model, clips["av"])
+
+
+def test_config_validation_and_defaults(tiny_dir):
+    cfg = load_config(None, ["data.train=x.jsonl", "ar.enabled=true", "ar.layers=[-1]", "ar.mode=scores"])
+    assert cfg.ar.enabled and cfg.ar.layers == (-1,) and cfg.ar.mode == "scores"
+    assert load_config(None, ["data.train=x.jsonl"]).ar == ARConfig()
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.train=x.jsonl", "ar.strength=1.5", "ar.target_audio_share=0", "ar.heads=[-1]"])
+    assert "ar.strength=1.5" in str(err.value) and "ar.target_audio_share" in str(err.value)
+    assert "ar.heads" in str(err.value)
+    with pytest.raises(ConfigError, match="ar.query='last'"):
+        load_config(None, ["data.train=x.jsonl", "ar.query=last"])
+    assert default_layers(2) == (0,) and default_layers(28) == tuple(range(7, 21))
+    assert ARConfig(layers=(1, -1)).problems(num_layers=2) == ["ar.layers=[1, -1] names the same index twice"]
+
+
+# ------------------------------------------------------------------------------------------ generation.py
+def test_generate_rows_and_predict_rows_honour_ar_enabled(tiny_dir, clips, tmp_path):
+    backbone = load_backbone(tiny_dir)
+    cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}"])
+    mer = build_mer_model(backbone, cfg)
+    mer.eval()
+    samples = clips["samples"]
+
+    def run(ar: ARConfig) -> tuple[list[dict], list[dict]]:
+        model = InferenceModel(backbone, dataclasses.replace(cfg, ar=ar), mer)
+        preds = list(predict_rows(model, samples, batch_size=3, prompt_name="label"))
+        rows = list(generate_rows(model, samples, "label", GenerationOptions(max_new_tokens=3, batch_size=3),
+                                  progress=False))
+        return preds, rows
+
+    off_preds, off_rows = run(ARConfig())
+    zero_preds, zero_rows = run(dataclasses.replace(STRONG, strength=0.0))
+    on_preds, on_rows = run(STRONG)
+    assert zero_preds == off_preds and zero_rows == off_rows
+    assert on_preds != off_preds and [r["probs"] for r in on_rows] != [r["probs"] for r in off_rows]
+    assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
+    record = generation_record(InferenceModel(backbone, dataclasses.replace(cfg, ar=STRONG), mer), "label",
+                               GenerationOptions())
+    assert record["ar"]["enabled"] is True and record["ar"]["strength"] == 0.8

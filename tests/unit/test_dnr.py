@@ -1,0 +1,326 @@
+"""DnR (`mllm_mer.fusion.dnr`): objectives on hand-made tensors, pooling, stage gating, the plug-in's
+no-op exactness (off, and on at initialisation), component ablation, and the evaluation report section."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval.report import report_paths, write_report
+from eval.tasks import EvalOptions, run_task
+from mllm_mer.backbone import load_backbone
+from mllm_mer.config import ConfigError, load_config
+from mllm_mer.data.collate import MerCollator
+from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
+from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.schema import MER2023_LABELS
+from mllm_mer.fusion.dnr import (
+    COMPONENTS,
+    DIVIDE_PREFIX,
+    DnRConfig,
+    DnRHead,
+    DnROutput,
+    ablation_rows,
+    component_ablation,
+    grad_reverse,
+    info_nce,
+    pool_modalities,
+    pull_loss,
+    push_loss,
+    synergy_loss,
+)
+from mllm_mer.model import build_mer_model
+from mllm_mer.prompts import load_prompt
+from mllm_mer.trainable import apply_trainable
+
+# Zero-mean, mutually orthogonal columns over a batch of 4: per-feature Pearson correlations are exactly 0.
+H = torch.tensor([[1.0, 1.0, -1.0, -1.0], [1.0, -1.0, 1.0, -1.0], [1.0, -1.0, -1.0, 1.0]])  # (3, B=4)
+
+
+def cfg_for(tiny_dir, *overrides):
+    return load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", *overrides])
+
+
+def hand_parts(u: torch.Tensor, r: torch.Tensor, s: torch.Tensor, modalities: int = 3) -> torch.Tensor:
+    """(B,) vectors -> (B, M, 3, P=2) parts, the same in every modality, feature 1 = 2 x feature 0."""
+    one = torch.stack([u, r, s], dim=1)[..., None] * torch.tensor([1.0, 2.0])  # (B, 3, 2)
+    return one[:, None].expand(-1, modalities, -1, -1).clone()
+
+
+def hidden_batch(B: int = 4, T: int = 6, D: int = 8, seed: int = 0):
+    """Hand-made hidden states: tokens text, video, audio, text, text, text (prompt = all but the last)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(B, T, D, generator=g),) * 2
+    tm = torch.tensor([[0, 2, 1, 0, 0, 0]]).expand(B, -1)
+    pm = torch.ones(B, T, dtype=torch.bool)
+    pm[:, -1] = False
+    return hidden, tm, pm
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_config_defaults_overrides_and_errors(tiny_dir):
+    assert DnRConfig().problems() == [] and not cfg_for(tiny_dir).dnr.enabled
+    cfg = cfg_for(tiny_dir, "dnr.enabled=true", "dnr.part_dim=16", "dnr.noise_sigmas=[0.3]")
+    assert cfg.dnr.enabled and cfg.dnr.part_dim == 16 and cfg.dnr.noise_sigmas == (0.3,)
+    assert cfg.dnr.loss_weights == {"dnr_push": 5.0, "dnr_pull": 0.5, "dnr_synergy": 0.5, "dnr_refine": 0.1}
+    with pytest.raises(ConfigError, match="did you mean 'dnr.temperature'"):
+        cfg_for(tiny_dir, "dnr.temprature=1")
+    with pytest.raises(ConfigError) as err:
+        cfg_for(tiny_dir, "dnr.part_dim=1", "dnr.noise_sigmas=[]", "dnr.stage=divide", "dnr.refine_start_step=3")
+    text = str(err.value)
+    assert "dnr.part_dim=1" in text and "dnr.noise_sigmas" in text and "only used with dnr.stage=joint" in text
+    assert DnRConfig(enabled=True, stage="refine").frozen_prefixes() == (DIVIDE_PREFIX,)
+    assert DnRConfig(enabled=True, stage="joint").frozen_prefixes() == ()
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+def test_pool_modalities_hand_computed():
+    hidden = torch.arange(2 * 6 * 2, dtype=torch.float32).view(2, 6, 2)
+    tm = torch.tensor([[0, 2, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    pm = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    pooled, present = pool_modalities(hidden, tm, pm, "after_media")
+    assert pooled.shape == (2, 3, 2) and present.tolist() == [[True, True, True], [True, False, False]]
+    torch.testing.assert_close(pooled[0, 0], hidden[0, 3:5].mean(0))  # text after the last media token only
+    torch.testing.assert_close(pooled[0, 1], hidden[0, 2])  # audio
+    torch.testing.assert_close(pooled[0, 2], hidden[0, 1])  # video
+    torch.testing.assert_close(pooled[1, 0], hidden[1, :4].mean(0))  # no media: all prompt text
+    assert pooled[1, 1:].abs().sum() == 0  # absent modalities pool to zeros
+    pooled_all, _ = pool_modalities(hidden, tm, pm, "all")
+    torch.testing.assert_close(pooled_all[0, 0], hidden[0, [0, 3, 4]].mean(0))
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_push_is_zero_for_decorrelated_and_one_for_identical_parts():
+    present = torch.ones(4, 3, dtype=torch.bool)
+    assert push_loss(hand_parts(H[0], H[1], H[2]), present).item() == pytest.approx(0.0, abs=1e-6)
+    assert push_loss(hand_parts(H[0], H[0], H[0]), present).item() == pytest.approx(1.0, abs=1e-6)
+    # anti-correlated counts as correlated (|corr|); one identical pair of three -> 1/3
+    assert push_loss(hand_parts(H[0], -H[0], -H[0]), present).item() == pytest.approx(1.0, abs=1e-6)
+    assert push_loss(hand_parts(H[0], H[0], H[2]), present).item() == pytest.approx(1 / 3, abs=1e-6)
+    # an absent modality does not count: its (zeroed) rows are left out
+    parts = hand_parts(H[0], H[1], H[2])
+    parts[:, 1] = hand_parts(H[0], H[0], H[0])[:, 1]  # audio: identical parts
+    assert push_loss(parts, present).item() == pytest.approx(1 / 3, abs=1e-6)
+    present[:, 1] = False  # ... but audio is absent: its rows are left out
+    assert push_loss(parts, present).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pull_is_zero_for_identical_redundant_parts_and_one_for_decorrelated():
+    present = torch.ones(4, 3, dtype=torch.bool)
+    same = hand_parts(H[0], H[0], H[0])[:, :, 1]  # (B, 3, P): identical r in every modality
+    assert pull_loss(same, present).item() == pytest.approx(0.0, abs=1e-6)
+    decorrelated = torch.stack([H[0], H[1], H[2]], dim=1)[..., None].expand(-1, -1, 2)
+    assert pull_loss(decorrelated, present).item() == pytest.approx(1.0, abs=1e-6)
+    # a pair without 2 shared samples is skipped; with no pair left the loss is 0 but keeps its graph
+    present[:, 1:] = False
+    x = decorrelated.clone().requires_grad_(True)
+    loss = pull_loss(x, present)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_synergy_margin_zero_when_joint_beats_singles_and_positive_otherwise():
+    target = torch.tensor([0, 1, 2, 3])
+    joint = F.one_hot(target, 6).float() * 30.0  # confident and right: CE ~ 0
+    uniform = torch.zeros(3, 4, 6)  # CE = log 6 = 1.79 > margin
+    assert synergy_loss(joint, uniform, target, margin=0.3).item() == pytest.approx(0.0, abs=1e-6)
+    # the unimodal probes as good as the joint one: gap 0 -> loss = J + margin
+    joint_soft = F.one_hot(target, 6).float() * 2.0
+    ce = F.cross_entropy(joint_soft, target).item()
+    singles = joint_soft.expand(3, -1, -1).clone().requires_grad_(True)
+    loss = synergy_loss(joint_soft, singles, target, margin=0.3)
+    assert loss.item() == pytest.approx(ce + 0.3, abs=1e-5)
+    # the probes' own term has zero value but trains them toward the label (gradient of their CE)
+    loss.backward()
+    assert (singles.grad.gather(2, target.expand(3, -1)[..., None]) < 0).all()  # raise the target logit
+
+
+def test_gradient_reversal():
+    x = torch.ones(3, requires_grad=True)
+    grad_reverse(x, 0.5).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), -0.5))
+
+
+def test_info_nce_aligned_views_lower_than_shuffled():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 16, generator=g)
+    noisy = z + 0.05 * torch.randn(8, 16, generator=g)
+    shuffled = noisy[torch.roll(torch.arange(8), 1)]
+    aligned, wrong = info_nce(z, noisy, 0.7).item(), info_nce(z, shuffled, 0.7).item()
+    assert aligned < math.log(8) < wrong
+    assert info_nce(z, shuffled, 0.7).item() == pytest.approx(info_nce(shuffled, z, 0.7).item())  # symmetric
+
+
+# ----------------------------------------------------------------------------------------------- module
+def test_head_adds_exact_zero_at_init_and_zeroes_absent_modalities():
+    torch.manual_seed(0)
+    head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))
+    hidden, tm, pm = hidden_batch()
+    tm = tm.clone()
+    tm[2:, 2] = 0  # samples 2, 3 have no audio
+    base = torch.randn(4, 6)
+    out = head(hidden, tm, pm, base)
+    assert torch.equal(out.fused_logits, base) and torch.equal(out.dnr_logits, torch.zeros(4, 6))
+    assert out.parts.shape == (4, 3, 3, 4) and out.losses == {}  # no targets, no objectives
+    assert out.present[:, 1].tolist() == [True, True, False, False]
+    assert out.parts[2:, 1].abs().sum() == 0 and out.parts[:2, 1].abs().sum() > 0
+
+
+def test_stage_gating_and_refine_never_reaches_the_divide_heads():
+    hidden, tm, pm = hidden_batch()
+    cid = torch.tensor([0, 1, 2, -100])
+    torch.manual_seed(0)
+    joint = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, refine_start_step=3)).train()
+    assert set(joint(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=2).losses) == {
+        "dnr_push", "dnr_pull", "dnr_synergy"}
+    out = joint(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=3)
+    assert set(out.losses) == {"dnr_push", "dnr_pull", "dnr_synergy", "dnr_refine"}
+    out.losses["dnr_refine"].backward()
+    for name, p in joint.named_parameters():
+        reached = p.grad is not None and p.grad.abs().sum() > 0
+        assert reached == name.startswith("recombine."), name  # Divide heads and classifier: no gradient
+    joint.eval()  # Refine views are random: training only
+    assert "dnr_refine" not in joint(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=5).losses
+    refine = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="refine")).train()
+    assert set(refine(hidden, tm, pm, torch.zeros(4, 6), cid).losses) == {"dnr_refine"}
+    divide = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="divide")).train()
+    assert "dnr_refine" not in divide(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=10).losses
+    unlabelled = torch.full((4,), -100)
+    assert divide(hidden, tm, pm, torch.zeros(4, 6), unlabelled).losses == {}
+
+
+def test_views_mask_and_noise_the_right_parts():
+    torch.manual_seed(0)
+    parts = torch.randn(4, 3, 3, 2)
+    present = torch.ones(4, 3, dtype=torch.bool)
+    present[:, 1] = False  # no audio in this batch: no audio view
+    parts[:, 1] = 0.0
+    head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=2, noise_sigmas=(0.2, 0.1)))
+    masked, noised = head.views(parts, present)
+    assert len(masked) == 2 and len(noised) == 2
+    assert torch.equal(masked[0][:, 0], parts[:, 0]) and masked[0][:, 1:].abs().sum() == 0  # text kept
+    for view in noised:
+        assert torch.equal(view[:, :, [0, 2]], parts[:, :, [0, 2]])  # u and s untouched
+        assert not torch.equal(view[:, 0, 1], parts[:, 0, 1]) and view[:, 1].abs().sum() == 0
+    drop = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=2, view_mask="drop_one"))
+    masked, _ = drop.views(parts, present)
+    assert masked[0][:, 0].abs().sum() == 0 and torch.equal(masked[0][:, 2], parts[:, 2])
+
+
+def test_component_ablation_hand_made():
+    """Only text.unique feeds the classifier: ablating it changes the prediction, every other part is inert."""
+    head = DnRHead(4, 2, DnRConfig(enabled=True, part_dim=2))
+    with torch.no_grad():
+        head.recombine.weight.zero_()
+        head.recombine.bias.zero_()
+        head.recombine.weight[0, 0] = 1.0  # z_0 = gelu(text.unique[0])
+        head.classifier.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 0.0]]))
+        head.classifier.bias.zero_()
+    parts = torch.zeros(2, 3, 3, 2)
+    parts[:, 0, 0, 0] = torch.tensor([2.0, -2.0])
+    parts[:, 1:] = 1.0  # other parts present but unused
+    base = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    dnr_logits = head.classify(parts)
+    out = DnROutput(parts, torch.ones(2, 3, dtype=torch.bool), base, dnr_logits, base + dnr_logits)
+    table = component_ablation(head, out)
+    assert table["kl"].shape == table["delta_p"].shape == (2, 9) and table["pred"].tolist() == [0, 1]
+    # sample 0: full logits [3 gelu(2), 1] -> ablated [0, 1]; KL and the drop of p(class 0) by hand
+    g = 2.0 * 0.5 * (1 + math.erf(2.0 / math.sqrt(2)))
+    p = torch.softmax(torch.tensor([3 * g, 1.0]), 0)
+    q = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    assert table["kl"][0, 0].item() == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
+    assert table["delta_p"][0, 0].item() == pytest.approx(float(p[0] - q[0]), rel=1e-5)
+    assert table["kl"][0, 1:].abs().max() == 0 and table["delta_p"][:, 1:].abs().max() == 0
+    rows = ablation_rows(table)
+    assert len(rows) == 2 and list(rows[0]) == list(COMPONENTS) and set(rows[0]["text.unique"]) == {"kl", "delta_p"}
+    assert rows[1]["text.unique"]["delta_p"] < 0  # sample 1: gelu(-2) pushes class 0 down; removing it helps
+
+
+# ------------------------------------------------------------------------------------------- MerModel
+@pytest.fixture(scope="module")
+def batch(tiny_dir, syn_dir, tmp_path_factory):
+    bb = load_backbone(tiny_dir)
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:3]
+    opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
+    mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("c")), opts)
+    col = MerCollator(bb.processor, bb.token_ids, load_prompt("explain"), load_prompt("system", kind="free").text,
+                      MER2023_LABELS)
+    return col([mds[i] for i in range(3)])
+
+
+def build(tiny_dir, *overrides):
+    cfg = cfg_for(tiny_dir, *overrides)
+    torch.manual_seed(0)
+    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    apply_trainable(model, cfg)
+    return model, cfg
+
+
+def test_plugin_off_and_on_at_init_leave_the_fused_logits_bitwise_unchanged(tiny_dir, batch):
+    off, _ = build(tiny_dir)
+    on, _ = build(tiny_dir, "dnr.enabled=true", "dnr.part_dim=8")
+    assert off.fusion_dnr is None and not any(k.startswith("fusion_dnr") for k in off.state_dict())
+    assert set(off.head_state_dict()) < set(on.head_state_dict())
+    off.eval(), on.eval()
+    with torch.no_grad():
+        a, b = off(batch), on(batch)
+    assert torch.equal(a.cls_logits["fused"], b.cls_logits["fused"])
+    assert torch.equal(a.cls_loss, b.cls_loss) and torch.equal(a.lm_loss, b.lm_loss)
+    assert a.dnr is None and not any(k.startswith("dnr_") for k in a.aux_losses)
+    assert off.explain(a) is None and len(on.explain(b)) == 3
+    assert set(b.aux_losses) == {"dnr_push", "dnr_pull", "dnr_synergy"}  # eval mode: no Refine
+    # the weighted DnR objectives are in the total loss
+    w = on.aux_loss_weights
+    expected = b.lm_loss + b.cls_loss + sum(w[k] * v for k, v in b.aux_losses.items())
+    torch.testing.assert_close(b.loss, expected)
+
+
+def test_training_forward_backward_and_refine_stage_freezes_divide(tiny_dir, batch):
+    model, _ = build(tiny_dir, "dnr.enabled=true", "dnr.part_dim=8")
+    model.train()
+    out = model({**batch, "train_step": 0})
+    assert set(out.aux_losses) == {"dnr_push", "dnr_pull", "dnr_synergy", "dnr_refine"}
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+    model, _ = build(tiny_dir, "dnr.enabled=true", "dnr.part_dim=8", "dnr.stage=refine")
+    frozen = {n for n, p in model.named_parameters() if n.startswith("fusion_dnr") and not p.requires_grad}
+    assert frozen and all(n.startswith(DIVIDE_PREFIX) for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters()
+               if n.startswith("fusion_") and not n.startswith(DIVIDE_PREFIX))
+    model.train()
+    out = model(batch)
+    assert set(out.aux_losses) == {"dnr_refine"}
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def test_evaluation_report_renders_dnr_ablation(tmp_path: Path):
+    refs = [{"id": f"s{i}", "video": f"media/s{i}.mp4", "audio": None, "subtitle": "", "label": label,
+             "explanation": "", "subset": "consistent", "cues": {}} for i, label in enumerate(["happy", "sad"])]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+    table = {c: {"kl": 0.0, "delta_p": 0.0} for c in COMPONENTS}
+    preds = [
+        {"id": "s0", "label": "happy", "dnr_ablation": {**table, "audio.unique": {"kl": 0.2, "delta_p": 0.1}}},
+        {"id": "s1", "label": "happy", "dnr_ablation": {**table, "audio.unique": {"kl": 0.4, "delta_p": -0.1}}},
+    ]
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+    opts = EvalOptions(predictions=tmp_path / "pred.jsonl", references=tmp_path / "test.jsonl")
+    result = run_task("synthetic", opts)
+    assert result["dnr_ablation"]["n"] == 2 and list(result["dnr_ablation"]["components"]) == list(COMPONENTS)
+    assert result["dnr_ablation"]["components"]["audio.unique"] == pytest.approx({"kl": 0.3, "delta_p": 0.0})
+    write_report(result, tmp_path / "out.json")
+    md = report_paths(tmp_path / "out.json")["markdown"].read_text()
+    assert "## DnR component ablation (mean over 2 predictions)" in md and "| audio.unique | 0.3000 |" in md
+    # rows without the field: no section; a malformed field is an error naming the line
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps({"id": r["id"], "label": "sad"}) + "\n" for r in refs))
+    assert "dnr_ablation" not in run_task("synthetic", opts)
+    (tmp_path / "pred.jsonl").write_text(json.dumps({"id": "s0", "label": "sad", "dnr_ablation": {"x": 1}}) + "\n")
+    with pytest.raises(ValueError, match="line 1: 'dnr_ablation'"):
+        run_task("synthetic", opts)

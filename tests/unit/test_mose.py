@@ -1,0 +1,332 @@
+"""MoSE: routing by modality, LoRA parity, regularizers, scoped hooks, checkpointing, save/load, generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from mllm_mer.adapters.mose import (
+    MOSE_WEIGHTS,
+    GateStatsMean,
+    MoSEConfig,
+    MoSELinear,
+    RoutingRecord,
+    apply_mose,
+    bound_modalities,
+    flatten_gate_stats,
+    load_balance_loss,
+    modality_balance_loss,
+    mose_aux_losses,
+    mose_layers,
+    route,
+)
+from mllm_mer.backbone import load_backbone
+from mllm_mer.config import LM_TARGETS, ConfigError, load_config, save_config
+from mllm_mer.data.collate import MerCollator
+from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
+from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.schema import MER2023_LABELS, Modality
+from mllm_mer.model import build_mer_model
+from mllm_mer.prompts import load_prompt
+from mllm_mer.trainable import apply_trainable, part_of
+from mllm_mer.training import save_final
+
+TEXT, AUDIO, VIDEO = int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VIDEO)
+ROUTINGS = ("soft", "top_k", "top1_st")
+
+
+def cfg_for(tiny_dir, *overrides):
+    base = [f"model.path={tiny_dir}", "data.train=x.jsonl", "mose.enabled=true"]
+    return load_config(None, [*base, *overrides])
+
+
+def randomize(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
+    """Give every MoSE parameter random values (a 'trained' adapter whose effect is visible)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".mose_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_dir, syn_dir, tmp_path_factory):
+    """A training batch (right padding, answers) and an inference batch (left padding) of 2 clips."""
+    bb = load_backbone(tiny_dir)
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
+    opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
+    mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("c")), opts)
+    args = (bb.processor, bb.token_ids, load_prompt("explain"), load_prompt("system", kind="free").text,
+            MER2023_LABELS)
+    train = MerCollator(*args)([mds[0], mds[1]])
+    infer = MerCollator(*args, train=False)([mds[0], mds[1]])
+    return train, infer
+
+
+def layer(routing: str = "soft", experts: int = 3, **kw) -> MoSELinear:
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).requires_grad_(False)
+    cfg = MoSEConfig(enabled=True, r=4, experts=experts, routing=routing, dropout=0.0, gate_init_scale=2.0,
+                     **kw)
+    mose = MoSELinear(base, cfg)
+    randomize(mose)
+    return mose
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_defaults_and_errors():
+    assert MoSEConfig().target_modules == LM_TARGETS  # written out in mose/config.py (import cycle)
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["data.train=x", "mose.routing=top_k", "mose.top_k=5", "mose.r=0",
+                           "mose.routing2=1"])
+    msg = str(exc.value)
+    assert "mose.top_k=5" in msg and "mose.r=0" in msg and "'mose.routing2'" in msg
+    with pytest.raises(ConfigError, match=r"mose.routing='hard' is not allowed"):
+        load_config(None, ["data.train=x", "mose.routing=hard"])
+
+
+# ---------------------------------------------------------------------------------------------- layer
+def test_fresh_layer_is_a_noop_and_refuses_to_run_unbound():
+    base = nn.Linear(16, 12)
+    mose = MoSELinear(base, MoSEConfig(enabled=True, experts=2))
+    x = torch.randn(2, 5, 16)
+    tm = torch.tensor([[0, 1, 1, 2, 0], [2, 2, 0, 1, 0]])
+    torch.testing.assert_close(mose(x, token_modality=tm), base(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="bound_modalities"):
+        mose(x)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        MoSELinear(nn.Conv1d(2, 2, 1), MoSEConfig())
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_token_uses_only_its_modality_experts(routing):
+    mose = layer(routing, top_k=2)
+    x = torch.randn(2, 6, 16)
+    tm = torch.tensor([[0, 1, 2, 1, 0, 2], [2, 2, 1, 0, 0, 1]])
+    ref = mose(x, token_modality=tm).detach()
+    for m in (TEXT, AUDIO, VIDEO):  # changing modality m's experts moves only m's tokens
+        with torch.no_grad():
+            mose.mose_B[m].add_(1.0)
+            if mose.mose_gate is not None:
+                mose.mose_gate[m].mul_(-1.0)
+            mose.mose_modality_logit[m].add_(0.5)
+        out = mose(x, token_modality=tm).detach()
+        torch.testing.assert_close(out[tm != m], ref[tm != m], rtol=0, atol=0)
+        assert (out[tm == m] - ref[tm == m]).abs().max() > 1e-3
+        ref = out
+    # gradients from audio tokens reach the shared A and audio's parameters only
+    mose.zero_grad()
+    out = mose(x, token_modality=tm)
+    out[tm == AUDIO].pow(2).sum().backward()
+    assert mose.mose_A.grad.abs().sum() > 0
+    for name in ("mose_B", "mose_gate", "mose_modality_logit"):
+        grad = getattr(mose, name).grad
+        assert grad[AUDIO].abs().sum() > 0, name
+        assert grad[TEXT].abs().sum() == 0 and grad[VIDEO].abs().sum() == 0, name
+    assert mose.base_layer.weight.grad is None
+
+
+def test_routing_weights():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], requires_grad=True)
+    torch.testing.assert_close(route(probs, "top_k", 2), torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.2, 0.7]]))
+    hard = route(probs, "top1_st")
+    torch.testing.assert_close(hard, torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), rtol=0, atol=0)
+    (hard * torch.tensor([1.0, 2.0, 3.0])).sum().backward()  # straight-through: gradient of the softmax
+    torch.testing.assert_close(probs.grad, torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    with pytest.raises(ValueError, match="mose.routing"):
+        route(probs, "noisy")
+
+
+def test_one_expert_per_modality_equals_plain_lora(tiny_dir, batches):
+    """experts=1 (the gate is fixed at 1) and w_m = 1: MoSE is LoRA with the same A and B (peft reference)."""
+    train, _ = batches
+    lora_cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", "lora.dropout=0"])
+    lora = build_mer_model(load_backbone(tiny_dir), lora_cfg)
+    mose = build_mer_model(load_backbone(tiny_dir), cfg_for(tiny_dir, "mose.experts=1", "mose.dropout=0"))
+    mose.fusion_head.load_state_dict(lora.fusion_head.state_dict())
+    lora.eval()
+    mose.eval()
+    zero_b = lora(train).cls_logits["fused"].detach()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in mose.backbone.named_modules():
+            if isinstance(module, MoSELinear):
+                peft_layer = lora.backbone.base_model.model.get_submodule(name)
+                b = torch.randn(module.out_features, module.r, generator=g)
+                peft_layer.lora_B["default"].weight.copy_(b)
+                module.mose_A.copy_(peft_layer.lora_A["default"].weight)
+                module.mose_B.copy_(peft_layer.lora_B["default"].weight.expand_as(module.mose_B))
+    a, b = lora(train), mose(train)
+    torch.testing.assert_close(b.cls_logits["fused"], a.cls_logits["fused"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.lm_loss, a.lm_loss, rtol=0, atol=1e-6)
+    assert (a.cls_logits["fused"] - zero_b).abs().max() > 1e-3  # the B's mattered
+
+
+# --------------------------------------------------------------------------------------- regularizers
+def test_regularizers_zero_exactly_at_balance_and_positive_away():
+    E = 4
+    u = torch.full((E,), 1.0 / E)
+    assert load_balance_loss(u, u) == 0
+    # balanced load from confident tokens: rotate (0.7, 0.1, 0.1, 0.1) over the experts
+    probs = torch.stack([torch.roll(torch.tensor([0.7, 0.1, 0.1, 0.1]), i) for i in range(E)])
+    usage = torch.nn.functional.one_hot(probs.argmax(-1), E).float().mean(0)
+    assert load_balance_loss(usage, probs.mean(0)).abs() < 1e-7
+    g = torch.Generator().manual_seed(0)
+    f = torch.distributions.Dirichlet(torch.ones(E)).sample((500,))
+    p = torch.distributions.Dirichlet(torch.ones(E)).sample((500,))
+    assert (load_balance_loss(f, p) > 0).all() and (load_balance_loss(u.expand(500, E), p) > 0).all()
+    # where the Switch loss alone goes negative, ours stays positive
+    f_bad, p_bad = torch.tensor([0.9, 0.1]), torch.tensor([0.46, 0.54])
+    assert 2 * (f_bad * p_bad).sum() - 1 < 0 < load_balance_loss(f_bad, p_bad)
+
+    assert modality_balance_loss(torch.tensor(0.3), torch.tensor(0.3)) == 0
+    assert modality_balance_loss(torch.tensor(0.0), torch.tensor(0.0)) == 0
+    c = torch.rand(200, 2, generator=g) + 1e-3
+    assert (modality_balance_loss(c[:, 0], c[:, 0] * 1.01) > 0).all()
+    assert modality_balance_loss(torch.tensor(1.0), torch.tensor(0.0)) == pytest.approx(1.0)
+
+    def record(contribution, tokens=(5.0, 3.0, 3.0)):
+        return RoutingRecord(torch.tensor(tokens), u.expand(3, E), u.expand(3, E), torch.tensor(contribution),
+                             torch.ones(3))
+
+    aux = mose_aux_losses([record([0.1, 0.2, 0.2]), record([9.0, 0.5, 0.5])])
+    assert aux["mose_load_balance"] == 0 and aux["mose_modality_balance"] == 0
+    aux = mose_aux_losses([record([0.1, 0.4, 0.2])])
+    assert aux["mose_modality_balance"] == pytest.approx((0.2 / 0.6) ** 2)
+    assert mose_aux_losses([record([0.1, 0.4, 0.2], tokens=(5.0, 3.0, 0.0))])["mose_modality_balance"] == 0
+
+
+# ---------------------------------------------------------------------------------- model integration
+def test_apply_mose_targets_exactly_the_language_model_attention(tiny_dir):
+    bb = load_backbone(tiny_dir)
+    names = apply_mose(bb.model, MoSEConfig(enabled=True))
+    expected = sorted(f"model.language_model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
+    assert names == expected and len(mose_layers(bb.model)) == 8
+    with pytest.raises(ValueError, match="already applied"):
+        apply_mose(bb.model, MoSEConfig(enabled=True))
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_mose(load_backbone(tiny_dir).model, MoSEConfig(target_modules=r".*nothing_here"))
+    with pytest.raises(ValueError, match="outside the language model"):
+        apply_mose(load_backbone(tiny_dir).model, MoSEConfig(target_modules=r".*self_attn\.(q_proj|v_proj)"))
+
+
+def test_only_mose_and_heads_train(tiny_dir):
+    cfg = cfg_for(tiny_dir)  # lora.enabled stays true: MoSE replaces it
+    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    counts = apply_trainable(model, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".mose_" in n or n.startswith("fusion_") for n in trainable)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    assert "lora" not in counts and counts["mose"][0] == counts["mose"][1] > 0
+    base_weight = "backbone.model.language_model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert part_of(base_weight) == "language_model"
+    for part in ("language_model", "audio_tower", "audio_projector", "vision_tower", "vision_projector"):
+        assert counts[part][0] == 0
+
+
+def test_forward_reports_regularizers_gate_stats_and_loss(tiny_dir, batches):
+    train, _ = batches
+    cfg = cfg_for(tiny_dir, "mose.modality_balance_weight=0.5")
+    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    apply_trainable(model, cfg)
+    randomize(model, scale=0.05)
+    out = model(train)
+    lb, mb = out.aux_losses["mose_load_balance"], out.aux_losses["mose_modality_balance"]
+    assert lb > 0 and mb > 0  # random experts: neither balanced
+    torch.testing.assert_close(out.loss, out.lm_loss + out.cls_loss + 0.01 * lb + 0.5 * mb)
+    stats = out.gate_stats
+    assert stats["expert_usage"].shape == (3, 4) and stats["modality_weights"].shape == (3,)
+    tokens = train["token_modality"].flatten().bincount(minlength=3).float()
+    torch.testing.assert_close(stats["tokens"], tokens)
+    torch.testing.assert_close(stats["expert_usage"].sum(-1), torch.ones(3))
+    torch.testing.assert_close(stats["delta_share"].sum(), torch.tensor(1.0))
+    flat = flatten_gate_stats(stats)
+    assert "audio/expert_usage/e3" in flat and "video/modality_weights" in flat
+    mean = GateStatsMean()
+    mean.add(stats)
+    mean.add(stats)
+    assert mean.summary()["steps"] == 2
+    assert mean.summary()["audio"]["expert_usage"] == pytest.approx(stats["expert_usage"][AUDIO].tolist())
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n  # every expert gets a (maybe zero) grad: DDP-safe
+
+
+def test_hooks_exist_only_inside_the_block(tiny_dir, batches):
+    train, _ = batches
+    model = build_mer_model(load_backbone(tiny_dir), cfg_for(tiny_dir))
+    layers = mose_layers(model)
+    with pytest.raises(RuntimeError, match="boom"), bound_modalities(model.backbone, train["token_modality"]):
+        assert all(len(m._forward_pre_hooks) == 1 for m in layers)
+        raise RuntimeError("boom")
+    assert all(len(m._forward_pre_hooks) == 0 for m in layers)
+    assert model.backbone._mose_binding is None
+    model(train)
+    assert all(len(m._forward_pre_hooks) == 0 for m in layers)
+    with pytest.raises(RuntimeError, match="without token_modality"):
+        model.backbone(input_ids=train["input_ids"][:, :8])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_dir, batches):
+    """Checkpointed layers recompute after the binding has exited; the context_fn re-binds them."""
+    train, _ = batches
+    results = []
+    for gc in ("false", "true"):
+        cfg = cfg_for(tiny_dir, f"train.gradient_checkpointing={gc}", "mose.dropout=0")
+        torch.manual_seed(0)  # same heads in both models
+        model = build_mer_model(load_backbone(tiny_dir), cfg)
+        apply_trainable(model, cfg)
+        randomize(model, scale=0.05)
+        model.train()
+        out = model(train)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if ".mose_" in n}
+        results.append((out.loss.detach(), grads))
+        assert all(len(m._forward_pre_hooks) == 0 for m in mose_layers(model))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_save_load_through_run_dir_gives_identical_outputs(tiny_dir, batches, tmp_path):
+    train, infer = batches
+    cfg = cfg_for(tiny_dir, f"train.output_dir={tmp_path}")
+    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    apply_trainable(model, cfg)
+    randomize(model)
+    model.eval()
+    save_config(cfg, tmp_path / "config.yaml")
+    save_final(Accelerator(cpu=True), model, cfg)
+    assert (tmp_path / MOSE_WEIGHTS).is_file() and not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "trainable_base.safetensors").exists()
+    loaded = build_mer_model(load_backbone(tiny_dir), cfg, run_dir=tmp_path)
+    loaded.eval()
+    for batch in (train, infer):
+        a, b = loaded(batch).cls_logits["fused"], model(batch).cls_logits["fused"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    bad = cfg_for(tiny_dir, "mose.experts=2")
+    with pytest.raises(ValueError, match="shapes differ"):
+        build_mer_model(load_backbone(tiny_dir), bad, run_dir=tmp_path)
+
+
+def test_generate_with_kv_cache_matches_uncached(tiny_dir, batches):
+    """Generated tokens are text: cached steps (1 new token) and uncached steps (whole sequence) agree."""
+    _, infer = batches
+    model = build_mer_model(load_backbone(tiny_dir), cfg_for(tiny_dir))
+    randomize(model, scale=0.5)
+    model.eval()
+    inputs = {k: infer[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask",
+                                    "pixel_values_videos", "video_grid_thw", "video_second_per_grid")}
+    kw = {"max_new_tokens": 6, "do_sample": False, "use_audio_in_video": infer["use_audio_in_video"],
+          "pad_token_id": 0}
+    with torch.no_grad(), model.routing(infer["token_modality"]):
+        cached = model.backbone.generate(**inputs, use_cache=True, **kw)
+        uncached = model.backbone.generate(**inputs, use_cache=False, **kw)
+        beams = model.backbone.generate(**inputs, use_cache=True, num_beams=2, **kw)
+    assert cached.shape[1] > infer["input_ids"].shape[1]
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+    assert beams.shape[0] == 2
+    assert all(len(m._forward_pre_hooks) == 0 for m in mose_layers(model))
