@@ -96,6 +96,12 @@ class DataConfig:
     """Longest accepted audio; None = the feature extractor's window. Longer clips raise (never cut)."""
     modality_dropout: float = 0.0
     """Training only: probability that a batch keeps just its audio or just its video (half each)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad samples (rows or media): stop with the full list, or skip them and count them in data_report.json."""
+    allow_silent_audio: bool = False
+    """Accept audio tracks whose peak stays below 1e-4 (refused by default: usually a broken extraction)."""
+    max_subtitle_chars: int = 4000
+    """Longer subtitles are refused (a runaway transcript would blow up the prompt)."""
     num_workers: int = 0
     cache_dir: str = ".cache/mllm_mer/decoded"
     """Where the `datasets` cache of decoded media lives."""
@@ -128,6 +134,12 @@ class TrainConfig:
     """None, "latest" or a checkpoint directory."""
     log_every: int = 10
     eval_batch_size: int = 16
+    max_minutes: float = 0.0
+    """Stop cleanly (checkpoint + final files) after this many minutes of training; 0 = no limit."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss stops the run (naming step, samples and last checkpoint) or skips the batch."""
+    max_nonfinite_skips: int = 10
+    """With nan_policy=skip: stop anyway after this many skipped batches."""
     torch_threads: int = 0
     """torch intra-op threads per process; 0 = torch's default (1 is fastest for tiny models on shared CPUs)."""
 
@@ -234,6 +246,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.max_audio_seconds": (1e-3, None),
     "data.num_workers": (0, None),
     "data.modality_dropout": (0, 1),
+    "data.max_subtitle_chars": (1, None),
     "train.epochs": (1, None),
     "train.max_steps": (-1, None),
     "train.batch_size": (1, None),
@@ -251,6 +264,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.log_every": (1, None),
     "train.eval_batch_size": (1, None),
     "train.torch_threads": (0, None),
+    "train.max_minutes": (0, None),
+    "train.max_nonfinite_skips": (0, None),
     "mose.r": (1, None),
     "mose.alpha": (0, None),
     "mose.dropout": (0, 0.999),

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from mllm_mer.adapters.mose import MOSE_WEIGHTS, save_mose_weights
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig, config_to_dict, save_config
 from mllm_mer.data.collate import MerCollator
-from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset, check_media
-from mllm_mer.data.jsonl import DataError
+from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset, check_media, split_errors
+from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.schema import Sample
 from mllm_mer.data.sources import read_samples
 from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
@@ -57,18 +58,32 @@ def ensure_inputs(cfg: RunConfig) -> None:
         ensure_synthetic_set(cfg.data.synthetic_dir, SyntheticConfig(seed=cfg.data.synthetic_seed), workers=workers)
 
 
-def read_splits(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev")) -> dict[str, list[Sample]]:
-    """Read and validate the JSONL files of `splits` (all problems of all files raised together)."""
+def read_splits(
+    cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev"), report: dict[str, list[str]] | None = None
+) -> dict[str, list[Sample]]:
+    """Read and validate the data files of `splits` (all problems of all files raised together).
+
+    With `data.on_error=skip` (our JSONL format), bad rows are dropped and their problems appended to
+    `report[split]` instead.
+    """
     out: dict[str, list[Sample]] = {}
     errors: list[str] = []
+    skip = cfg.data.on_error == "skip" and cfg.data.format == "mer_jsonl"
     for split in splits:
         path = getattr(cfg.data, split)
         if not path:
             continue
+        skipped: list[str] = []
         try:
-            out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field)
+            if cfg.data.format == "mer_jsonl":
+                out[split] = read_jsonl(path, cfg.data.labels, max_subtitle_chars=cfg.data.max_subtitle_chars,
+                                        skipped=skipped if skip else None)
+            else:
+                out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field)
         except (ValueError, FileNotFoundError) as exc:
             errors.append(f"data.{split}: {exc}")
+        if skipped and report is not None:
+            report.setdefault(split, []).extend(skipped)
     if errors:
         raise DataError("the configured data", errors)
     return out
@@ -82,6 +97,7 @@ def decode_options(cfg: RunConfig, processor) -> DecodeOptions:
         max_frames=cfg.data.max_frames,
         sample_rate=int(fe.sampling_rate),
         max_audio_seconds=min(window, cfg.data.max_audio_seconds or window),
+        allow_silent_audio=cfg.data.allow_silent_audio,
     )
 
 
@@ -110,14 +126,24 @@ def build_collator(
 
 
 def build_loader(
-    cfg: RunConfig, backbone: Backbone, samples: list[Sample], *, train: bool, accelerator: Accelerator
-) -> DataLoader:
-    """A DataLoader over decoded samples (decoding cached once; the main process decodes first)."""
+    cfg: RunConfig, backbone: Backbone, samples: list[Sample], *, train: bool, accelerator: Accelerator,
+    report: dict[str, list[str]] | None = None, split: str = "train",
+) -> tuple[DataLoader, list[Sample]]:
+    """A DataLoader over decoded samples and the samples it serves (bad ones dropped under on_error=skip).
+
+    Decoding is cached once per sample; the main process decodes first, the others read the cache.
+    """
     options = decode_options(cfg, backbone.processor)
+    skip = cfg.data.on_error == "skip"
     with accelerator.main_process_first():
-        media = build_media_dataset(samples, options, cfg.data.cache_dir)
+        media = build_media_dataset(samples, options, cfg.data.cache_dir, skip_bad=skip)
+    samples, media, problems = split_errors(samples, media)
+    if problems and report is not None:
+        report.setdefault(split, []).extend(problems)
+    if not samples:
+        raise DataError(f"data.{split}", ["no usable samples left after skipping bad ones", *problems])
     dataset = MerDataset(samples, media, options)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
         shuffle=train,
@@ -125,6 +151,7 @@ def build_loader(
         num_workers=cfg.data.num_workers,
         drop_last=False,
     )
+    return loader, samples
 
 
 # ------------------------------------------------------------------------------------------- optimizer
@@ -187,6 +214,31 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+
+
+def any_rank(flag: bool, accelerator: Accelerator) -> bool:
+    """True on every rank when `flag` is True on any rank (so all ranks take the same branch)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf under `train.nan_policy=stop` (or too many batches were skipped)."""
+
+
+def handle_nonfinite(cfg: RunConfig, state: TrainState, sample_ids: list[str], skipped: int, value: float) -> None:
+    """Apply `train.nan_policy` to a non-finite loss: log and skip the batch, or stop with the details."""
+    latest = find_latest_checkpoint(cfg.train.output_dir)
+    where = (f"loss={value} at step {state.step + 1} (epoch {state.epoch}, batch {state.batch_in_epoch}) on samples "
+             f"{sample_ids[:8]}; last good checkpoint: {latest or 'none'}")
+    if cfg.train.nan_policy == "stop":
+        raise NonFiniteLossError(f"non-finite {where}. Set train.nan_policy=skip to skip such batches.")
+    if skipped > cfg.train.max_nonfinite_skips:
+        raise NonFiniteLossError(f"more than train.max_nonfinite_skips={cfg.train.max_nonfinite_skips} "
+                                 f"non-finite batches; the last: {where}")
+    log.warning("skipping batch with non-finite %s (%d skipped so far)", where, skipped)
 
 
 def batch_seed(seed: int, rank: int, state: TrainState) -> int:
@@ -260,7 +312,18 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
-    accelerator.load_state(str(path))
+    """Restore model/optimizer/scheduler/sampler/RNG state; only weights-only (no code) files are accepted.
+
+    Raises:
+        ValueError: a checkpoint file holds arbitrary pickled objects (refused, never executed).
+    """
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"refusing to load {path}: a file there is not a weights-only checkpoint (it contains pickled "
+            f"objects that could run code). Delete that checkpoint or resume from another. ({exc})"
+        ) from None
     return TrainState(**json.loads((path / CKPT_DONE).read_text()))
 
 
@@ -317,6 +380,15 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig)
             if k in trainable and ".lora_" not in k and ".mose_" not in k and not k.startswith("fusion_")}
     if base:
         save_file(base, str(out / "trainable_base.safetensors"))
+
+
+def write_data_report(cfg: RunConfig, samples: dict[str, list[Sample]], skipped: dict[str, list[str]]) -> None:
+    """`data_report.json`: samples used per split and, under data.on_error=skip, every skipped problem."""
+    report = {split: {"used": len(ss), "skipped": len(skipped.get(split, [])), "problems": skipped.get(split, [])}
+              for split, ss in samples.items()}
+    write_json(Path(cfg.train.output_dir) / "data_report.json", report)
+    for split, lines in skipped.items():
+        log.warning("data.on_error=skip: skipped %d bad sample(s) in %s (see data_report.json)", len(lines), split)
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -15,6 +15,7 @@ final_metrics.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,8 +32,6 @@ from mllm_mer import training as T
 from mllm_mer.adapters.mose import GateStatsMean, flatten_gate_stats
 from mllm_mer.backbone import load_backbone
 from mllm_mer.config import ConfigError, RunConfig, load_config
-from mllm_mer.data.jsonl import DataError
-from mllm_mer.data.media import MediaError
 from mllm_mer.model import build_mer_model
 from mllm_mer.trainable import apply_trainable, format_trainable_table
 
@@ -49,15 +48,19 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
 
 
 def check_data_only(cfg: RunConfig) -> int:
+    """Check every row and every sample's media of train/dev/test; print one line per problem."""
     from transformers import AutoProcessor
 
     T.ensure_inputs(cfg)
-    samples = T.read_splits(cfg, ("train", "dev", "test"))
+    row_problems: dict[str, list[str]] = {}
+    lenient = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="skip"))
+    samples = T.read_splits(lenient, ("train", "dev", "test"), report=row_problems)
     processor = AutoProcessor.from_pretrained(cfg.model.path, local_files_only=True)
-    problems = T.check_data(samples, T.decode_options(cfg, processor))
+    problems = [f"{split}: {p}" for split, lines in row_problems.items() for p in lines]
+    problems += T.check_data(samples, T.decode_options(cfg, processor))
     for line in problems:
         print(line)
-    n = sum(len(s) for s in samples.values())
+    n = sum(len(s) for s in samples.values()) + sum(len(v) for v in row_problems.values())
     print(f"checked {n} samples in {len(samples)} split(s): {len(problems)} problem(s)")
     return 1 if problems else 0
 
@@ -78,11 +81,16 @@ def train(cfg: RunConfig) -> dict:
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():
         T.ensure_inputs(cfg)
-    samples = T.read_splits(cfg)  # every row checked before the model loads
+    data_report: dict[str, list[str]] = {}  # problems of samples skipped under data.on_error=skip
+    samples = T.read_splits(cfg, report=data_report)  # every row checked before the model loads
     resume = T.resolve_resume(cfg)
     backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
-    train_dl = T.build_loader(cfg, backbone, samples["train"], train=True, accelerator=accelerator)
-    dev_dl = T.build_loader(cfg, backbone, samples["dev"], train=False, accelerator=accelerator) if "dev" in samples else None
+    train_dl, samples["train"] = T.build_loader(cfg, backbone, samples["train"], train=True, accelerator=accelerator,
+                                                report=data_report, split="train")
+    dev_dl = None
+    if "dev" in samples:
+        dev_dl, samples["dev"] = T.build_loader(cfg, backbone, samples["dev"], train=False, accelerator=accelerator,
+                                                report=data_report, split="dev")
     model = build_mer_model(backbone, cfg)
     counts = apply_trainable(model, cfg)
     steps_per_epoch = -(-len(train_dl) // (cfg.train.grad_accum * accelerator.num_processes))
@@ -94,6 +102,7 @@ def train(cfg: RunConfig) -> dict:
     if main:
         print(format_trainable_table(counts))
         T.write_run_info(cfg, backbone.path, {"num_processes": accelerator.num_processes, "total_steps": total})
+        T.write_data_report(cfg, samples, data_report)
     state = T.load_checkpoint(accelerator, resume) if resume else T.TrainState()
     if resume and main:
         print(f"resumed from {resume} at step {state.step}")
@@ -108,7 +117,8 @@ def train(cfg: RunConfig) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     gate_mean = GateStatsMean()  # MoSE gate statistics over the run (rank 0's batches)
     model.train()
-    while state.step < total:
+    started, stopped_early, nan_skips = time.time(), False, 0
+    while state.step < total and not stopped_early:
         train_dl.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
         for batch in loader:
@@ -117,6 +127,12 @@ def train(cfg: RunConfig) -> dict:
             batch["train_step"] = state.step  # gates DnR's Refine stage (dnr.refine_start_step)
             with accelerator.accumulate(model):
                 out = model(batch)
+                if T.any_rank(not torch.isfinite(out.loss).item(), accelerator):
+                    nan_skips += 1  # raises under train.nan_policy=stop, naming step, batch and checkpoint
+                    T.handle_nonfinite(cfg, state, batch["sample_ids"], nan_skips, out.loss.item())
+                    optimizer.zero_grad()
+                    state.batch_in_epoch += 1
+                    continue
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -152,6 +168,12 @@ def train(cfg: RunConfig) -> dict:
                 dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total:
                 T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+            if cfg.train.max_minutes and T.any_rank(time.time() - started > 60 * cfg.train.max_minutes, accelerator):
+                stopped_early = True
+                if main:
+                    print(f"train.max_minutes={cfg.train.max_minutes} reached at step {state.step}: saving and "
+                          "stopping; continue with train.resume_from=latest")
+                break
             if state.step >= total:
                 break
         else:
@@ -164,7 +186,7 @@ def train(cfg: RunConfig) -> dict:
     if dev_dl is not None:
         dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     T.save_final(accelerator, model, cfg)
-    final = {"dev": dev_metrics, "step": state.step}
+    final = {"dev": dev_metrics, "step": state.step, "stopped_early": stopped_early, "nonfinite_skipped": nan_skips}
     if main:
         T.write_json(Path(cfg.train.output_dir) / "final_metrics.json", final)
         if gate_mean.steps:
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if check_only:
             return check_data_only(cfg)
         train(cfg)
-    except (ConfigError, DataError, MediaError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, T.NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

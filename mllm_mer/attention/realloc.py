@@ -22,24 +22,30 @@ The formula, for one sample, targeted layer, head h in `ar.heads` and selected q
         modality (audio when s < tau, else video), then softmax. The audio share of the audio + video
         mass is again exactly s'; the boosted modality also takes mass from text (PAI-style boost).
 
-A row is left exactly as the wrapped implementation computed it when m_A or m_V is <= `ar.min_mass` (a
-clip without audio, say), for heads outside `ar.heads`, and at query rows outside `ar.query`:
-"generated" (default) = the rows at absolute positions >= T - 1 (T: prompt length), i.e. the last prompt
-position in a plain forward (what the classification heads and the first generated token read) and each
-new token's query during KV-cached decoding (a cache-free forward over prompt + generated tokens selects
-the same rows, so both give the same tokens); "all" = every query row. `ar.layers` (None = the middle
-half of the language model, layers L//4 .. 3L//4-1) picks the layers. `ar.strength=0` is an exact
-(bitwise) no-op.
+    Both are one additive bias per modality on the scores: "probs" is z + log(s'/s) on audio and
+    z + log((1-s')/(1-s)) on video keys (its softmax normaliser is exactly 1), "scores" shifts the pair so
+    the over-attended modality keeps its scores. Computed as m_A' - m_A = strength * (tau * m_V -
+    (1 - tau) * m_A) and the relative gains (m_A' - m_A) / m_A, -(m_A' - m_A) / m_V.
+
+Where: rows with m_A or m_V <= `ar.min_mass` (a clip without audio, say) and heads outside `ar.heads`
+keep their probabilities. Query rows (`ar.query`): "generated" (default) = the rows at absolute positions
+>= T - 1 (T: prompt length), i.e. the last prompt position in a plain forward (what the classification
+heads and the first generated token read) and each new token's query during KV-cached decoding (a
+cache-free forward over prompt + generated tokens selects the same rows, so both give the same tokens);
+"all" = every query row. `ar.layers` (None = the middle half of the language model, layers
+L//4 .. 3L//4-1) picks the layers.
 
 How it is wired (no class patching): `attention_reallocation(model, token_modality, cfg)` registers an
-attention function through transformers' `AttentionInterface` (plus the matching mask function through
-`AttentionMaskInterface`) under "mllm_mer_ar_sdpa" / "mllm_mer_ar_eager", selects it for the language
-model only (`set_attn_implementation({"text_config": ...})`; the audio and vision towers keep theirs) and
-restores the exact previous implementation in `finally`. The function first runs the wrapped
-implementation (sdpa or eager) unchanged, so every untargeted layer, row and head is bitwise identical;
-it then recomputes only the targeted rows in float32 (one (B, H, Q_sel, T_k) score block per targeted
-layer, Q_sel = 1 while decoding) and writes them back where the row changes. Flash-attention and flex
-backends never materialise the weights, so the context raises `RuntimeError` for them.
+attention function through transformers' `AttentionInterface` (plus the wrapped backend's own mask
+function through `AttentionMaskInterface`) under "mllm_mer_ar_sdpa" / "mllm_mer_ar_eager", selects it for
+the language model only (`set_attn_implementation({"text_config": ...})`; the audio and vision towers
+keep theirs) and restores the exact previous implementation in `finally`. Untargeted layers, and the rows
+before the first selected one, go through the wrapped implementation (sdpa or eager) untouched, so they
+are bitwise identical, and `ar.strength=0` is an exact (bitwise) no-op. The selected rows of a targeted
+layer are computed here in float32 eager math (one (B, H, Q_sel, T_k) score block, Q_sel = 1 while
+decoding; where nothing is reallocated they equal the backend's rows up to float rounding); during a
+decoding step the wrapped implementation is not called at all for a targeted layer. Flash-attention and
+flex backends never materialise the weights, so the context raises `RuntimeError` for them.
 """
 
 from __future__ import annotations
@@ -126,6 +132,10 @@ class _Scope:
     _prompt: dict[int, Tensor] = field(default_factory=dict)  # batch size -> (B, T, 2) indicators
     _last: tuple[int, int, Tensor] | None = None  # (batch, keys, (B, K, 2)) of the latest call
 
+    def eager_weights(self, module: nn.Module) -> bool:
+        """Whether the wrapped implementation returns attention weights (eager does, sdpa does not)."""
+        return module.config._attn_implementation == AR_PREFIX + "eager"
+
     def key_indicators(self, batch: int, keys: int) -> Tensor:
         """Audio / video indicators of the keys of a call with `batch` rows and `keys` keys.
 
@@ -165,7 +175,11 @@ _SCOPES: dict[int, _Scope] = {}
 def _ar_attention_forward(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
 ) -> tuple[Tensor, Tensor | None]:
-    """The registered attention function: the wrapped implementation, then AR on the targeted rows.
+    """The registered attention function: the wrapped implementation, with AR on the targeted rows.
+
+    Untargeted layers, and the rows before the first selected one, come from the wrapped implementation
+    unchanged. The selected rows of a targeted layer are computed here (float32, eager math); when every
+    row is selected (a decoding step, or `ar.query="all"`) the wrapped implementation is not called.
 
     Args:
         module: the language model's attention module (`layer_idx`, `num_key_value_groups`, `scaling`).
@@ -182,30 +196,42 @@ def _ar_attention_forward(
             f"attention implementation {module.config._attn_implementation!r} is only valid inside "
             "mllm_mer.attention.realloc.attention_reallocation(); it was selected outside of it"
         )
-    out, weights = _base_function(module)(module, query, key, value, attention_mask, **kwargs)
+    base = _base_function(module)
     if module.layer_idx not in scope.layers:
-        return out, weights
+        return base(module, query, key, value, attention_mask, **kwargs)
+    Q, K = query.shape[2], key.shape[2]
+    first = 0 if scope.cfg.query == "all" else max(0, scope.modality.shape[1] - 1 - (K - Q))  # first row
+    if first >= Q:
+        return base(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling")
-    return _reallocate(scope, module, query, key, value, attention_mask, out, weights,
-                       module.scaling if scaling is None else scaling)
+    rows, weights = _reallocate(scope, module, query, key, value, attention_mask, first,
+                                module.scaling if scaling is None else scaling)
+    if first == 0:
+        return rows.to(query.dtype), (weights.to(query.dtype) if scope.eager_weights(module) else None)
+    out, base_weights = base(module, query, key, value, attention_mask, **kwargs)
+    out = torch.cat([out[:, :first], rows.to(out.dtype)], dim=1)
+    if base_weights is not None:  # eager returns its weights: keep them consistent with the output
+        base_weights = torch.cat([base_weights[:, :, :first], weights.to(base_weights.dtype)], dim=2)
+    return out, base_weights
 
 
 def _reallocate(
     scope: _Scope, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-    out: Tensor, weights: Tensor | None, scaling: float,
-) -> tuple[Tensor, Tensor | None]:
-    """Recompute the selected query rows with reallocated attention and write back the changed ones.
+    first: int, scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention of the query rows `first:` with reallocated probabilities (see the module docstring).
 
     Rows are handled flat, (B, H * Q_sel, T_k), with few tensor ops: while decoding this runs once per
     targeted layer and generated token.
+
+    Returns:
+        (B, Q_sel, H, D) float32 output rows (the layout of attention outputs) and their (B, H, Q_sel, T_k)
+        float32 attention probabilities.
     """
     cfg = scope.cfg
     B, H, Q, D = query.shape
     H_kv, K = key.shape[1], key.shape[2]
     av = scope.key_indicators(B, K)  # (B, K, 2)
-    first = 0 if cfg.query == "all" else max(0, scope.modality.shape[1] - 1 - (K - Q))  # first selected row
-    if first >= Q:
-        return out, weights
     Qs, g = Q - first, H // H_kv
     q = (query[:, :, first:].float() * scaling).reshape(B, H_kv, g * Qs, D)  # head h = kv * g + j
     scores = torch.matmul(q, key.float().transpose(2, 3)).view(B, H, Qs, K)
@@ -238,16 +264,7 @@ def _reallocate(
         scope.monitor.add(module.layer_idx, _with_text(mass).view(B, H, Qs, 3),
                           _with_text(torch.bmm(new, av)).view(B, H, Qs, 3), sel.view(B, H, Qs))
     rows_out = torch.matmul(new.view(B, H_kv, g * Qs, K), value.float()).view(B, H, Qs, D)
-    rows_out = rows_out.transpose(1, 2).to(out.dtype)  # (B, Qs, H, D), the layout of `out`
-    keep = active.view(B, H, Qs).transpose(1, 2)[..., None]  # (B, Qs, H, 1)
-    if first == 0:
-        out = torch.where(keep, rows_out, out)
-    else:
-        out = torch.cat([out[:, :first], torch.where(keep, rows_out, out[:, first:])], dim=1)
-    if weights is not None:  # eager returns its weights: keep them consistent with the output
-        new_w = torch.where(active.view(B, H, Qs, 1), new.view(B, H, Qs, K).to(weights.dtype), weights[:, :, first:])
-        weights = new_w if first == 0 else torch.cat([weights[:, :, :first], new_w], dim=2)
-    return out, weights
+    return rows_out.transpose(1, 2), new.view(B, H, Qs, K)
 
 
 def _with_text(audio_video_mass: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ _FEATURES = datasets.Features(
         "frames": datasets.Value("binary"),
         "frames_shape": datasets.Sequence(datasets.Value("int32")),
         "audio": datasets.Value("binary"),
+        "error": datasets.Value("string"),
     }
 )
 
@@ -38,6 +39,7 @@ class DecodeOptions:
     sample_rate: int
     max_audio_seconds: float
     need_audio: bool = True
+    allow_silent_audio: bool = False
 
 
 def _file_key(path: Path | None) -> list:
@@ -47,7 +49,7 @@ def _file_key(path: Path | None) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _generate(rows: tuple[dict, ...], options: dict) -> Iterator[dict]:
+def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator[dict]:
     opts = DecodeOptions(**options)
     problems: list[str] = []
     for row in rows:
@@ -61,9 +63,12 @@ def _generate(rows: tuple[dict, ...], options: dict) -> Iterator[dict]:
                 sample_rate=opts.sample_rate,
                 max_audio_seconds=opts.max_audio_seconds,
                 need_audio=opts.need_audio,
+                allow_silent_audio=opts.allow_silent_audio,
             )
         except MediaError as exc:
             problems.append(str(exc))
+            if skip_bad:  # kept as an error row: the cache remembers which samples are bad
+                yield {"id": row["id"], "frames": b"", "frames_shape": [], "audio": b"", "error": str(exc)}
             continue
         frames = media.frames
         yield {
@@ -71,8 +76,9 @@ def _generate(rows: tuple[dict, ...], options: dict) -> Iterator[dict]:
             "frames": b"" if frames is None else np.ascontiguousarray(frames).tobytes(),
             "frames_shape": [] if frames is None else list(frames.shape),
             "audio": b"" if media.audio is None else media.audio.tobytes(),
+            "error": "",
         }
-    if problems:  # nothing is cached: the generation fails as a whole
+    if problems and not skip_bad:  # nothing is cached: the generation fails as a whole
         raise MediaError(f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
@@ -84,7 +90,7 @@ def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
             decode_sample_media(
                 s.id, s.video, s.audio, fps=options.fps, max_frames=options.max_frames,
                 sample_rate=options.sample_rate, max_audio_seconds=options.max_audio_seconds,
-                need_audio=options.need_audio,
+                need_audio=options.need_audio, allow_silent_audio=options.allow_silent_audio,
             )
         except MediaError as exc:
             problems.append(str(exc))
@@ -92,12 +98,17 @@ def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
 
 
 def build_media_dataset(
-    samples: Sequence[Sample], options: DecodeOptions, cache_dir: str | Path
+    samples: Sequence[Sample], options: DecodeOptions, cache_dir: str | Path, skip_bad: bool = False
 ) -> datasets.Dataset:
     """Decode all samples (or load them from the cache) into an Arrow dataset, in sample order.
 
+    Args:
+        samples: the samples to decode.
+        options: decoding options (part of the cache key).
+        cache_dir: `datasets` cache folder.
+        skip_bad: keep going past bad media; their rows carry the problem in `error` (see `split_errors`).
     Raises:
-        MediaError: listing every sample whose media cannot be used (nothing is cached then).
+        MediaError: (skip_bad=False) listing every sample whose media cannot be used (nothing is cached).
     """
     rows = [
         {
@@ -112,7 +123,7 @@ def build_media_dataset(
     try:
         ds = datasets.Dataset.from_generator(
             _generate,
-            gen_kwargs={"rows": tuple(rows), "options": options.__dict__},  # a list would be sharded
+            gen_kwargs={"rows": tuple(rows), "options": options.__dict__, "skip_bad": skip_bad},  # no list: sharded
             features=_FEATURES,
             cache_dir=str(cache_dir),
         )
@@ -124,6 +135,17 @@ def build_media_dataset(
             raise cause from None
         raise
     return ds
+
+
+def split_errors(
+    samples: Sequence[Sample], media: datasets.Dataset
+) -> tuple[list[Sample], datasets.Dataset, list[str]]:
+    """Drop the error rows of a `skip_bad` media dataset: (good samples, their media rows, problems)."""
+    errors = media["error"]
+    keep = [i for i, e in enumerate(errors) if not e]
+    if len(keep) == len(errors):
+        return list(samples), media, []
+    return [samples[i] for i in keep], media.select(keep), [e for e in errors if e]
 
 
 class MerDataset(torch.utils.data.Dataset):

@@ -45,7 +45,13 @@ def _str_field(row: dict, key: str, where: str, problems: list[str], required: b
 
 
 def read_jsonl(
-    path: str | Path, labels: Sequence[str], *, check_files: bool = True, require_label: bool = True
+    path: str | Path,
+    labels: Sequence[str],
+    *,
+    check_files: bool = True,
+    require_label: bool = True,
+    max_subtitle_chars: int = 4000,
+    skipped: list[str] | None = None,
 ) -> list[Sample]:
     """Read and validate a sample JSONL file.
 
@@ -54,8 +60,10 @@ def read_jsonl(
         labels: the label set; a row's label must be one of them.
         check_files: also check that every media file exists.
         require_label: rows must carry a label (False for unlabelled inference data).
+        max_subtitle_chars: longer subtitles are a problem.
+        skipped: when given, bad rows are skipped and their problems appended here instead of raising.
     Returns:
-        The samples in file order.
+        The (good) samples in file order.
     Raises:
         DataError: every problem found, one per line, naming the line number, the sample id and the file.
         FileNotFoundError: `path` itself does not exist.
@@ -97,6 +105,11 @@ def read_jsonl(
             subtitle = _str_field(row, "subtitle", where, problems)
             if any(ord(ch) < 32 and ch not in "\t\n" for ch in subtitle):
                 problems.append(f"{where}: subtitle contains control characters")
+            if len(subtitle) > max_subtitle_chars:
+                problems.append(
+                    f"{where}: subtitle has {len(subtitle)} characters, more than data.max_subtitle_chars="
+                    f"{max_subtitle_chars}"
+                )
             subset = row.get("subset")
             if subset is not None and subset not in SUBSETS:
                 problems.append(f"{where}: subset '{subset}' unknown; valid: {list(SUBSETS)} or null")
@@ -135,8 +148,11 @@ def read_jsonl(
                     cues={k: str(v) for k, v in cues.items()},
                 )
             )
+    if skipped is not None:
+        skipped.extend(f"{path}: {p}" for p in problems)
+        problems = []
     if not samples and not problems:
-        problems.append("file holds no samples")
+        problems.append("file holds no usable samples")
     if problems:
         raise DataError(path, problems)
     return samples

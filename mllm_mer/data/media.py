@@ -13,6 +13,9 @@ from pathlib import Path
 import av
 import numpy as np
 
+SILENCE_PEAK = 1e-4
+"""An audio track whose peak amplitude stays below this (full scale 1.0) counts as silent."""
+
 
 class MediaError(ValueError):
     """A sample's media cannot be used; the message names the sample id, the file and the problem."""
@@ -93,6 +96,7 @@ def decode_sample_media(
     sample_rate: int,
     max_audio_seconds: float,
     need_audio: bool = True,
+    allow_silent_audio: bool = False,
 ) -> DecodedMedia:
     """Decode a sample's frames and audio (from `audio`, else from the video's own track).
 
@@ -105,6 +109,8 @@ def decode_sample_media(
     def read(path: Path, want_video: bool, want_audio: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
         if not Path(path).is_file():
             raise MediaError(f"sample '{sample_id}': {path}: file not found")
+        if Path(path).stat().st_size == 0:
+            raise MediaError(f"sample '{sample_id}': {path}: file is empty (0 bytes)")
         try:
             return _read_container(
                 Path(path), want_video=want_video, want_audio=want_audio, fps=fps,
@@ -127,6 +133,11 @@ def decode_sample_media(
             f"sample '{sample_id}': {audio or video}: audio is {len(wav) / sample_rate:.2f} s, longer than the "
             f"{max_audio_seconds:g} s window the processor takes; cut the clip into segments (or raise "
             "data.max_audio_seconds for a processor with a longer window). It is never truncated silently."
+        )
+    if wav is not None and not allow_silent_audio and float(np.abs(wav).max(initial=0.0)) < SILENCE_PEAK:
+        raise MediaError(
+            f"sample '{sample_id}': {audio or video}: audio track is silent (peak amplitude < {SILENCE_PEAK:g}); "
+            "a broken extraction is likely. Fix the file, or set data.allow_silent_audio=true."
         )
     if frames is None and wav is None:
         raise MediaError(f"sample '{sample_id}': has neither video nor audio")

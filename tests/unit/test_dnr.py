@@ -71,9 +71,11 @@ def test_config_defaults_overrides_and_errors(tiny_dir):
     with pytest.raises(ConfigError, match="did you mean 'dnr.temperature'"):
         cfg_for(tiny_dir, "dnr.temprature=1")
     with pytest.raises(ConfigError) as err:
-        cfg_for(tiny_dir, "dnr.part_dim=1", "dnr.noise_sigmas=[]", "dnr.stage=divide", "dnr.refine_start_step=3")
+        bad = ("dnr.part_dim=1", "dnr.noise_sigmas=[]", "dnr.stage=divide", "dnr.refine_start_step=3")
+        cfg_for(tiny_dir, *bad)
     text = str(err.value)
-    assert "dnr.part_dim=1" in text and "dnr.noise_sigmas" in text and "only used with dnr.stage=joint" in text
+    assert "dnr.part_dim=1" in text and "dnr.noise_sigmas" in text
+    assert "only used with dnr.stage=joint" in text
     assert DnRConfig(enabled=True, stage="refine").frozen_prefixes() == (DIVIDE_PREFIX,)
     assert DnRConfig(enabled=True, stage="joint").frozen_prefixes() == ()
 
@@ -212,7 +214,7 @@ def test_views_mask_and_noise_the_right_parts():
 
 
 def test_component_ablation_hand_made():
-    """Only text.unique feeds the classifier: ablating it changes the prediction, every other part is inert."""
+    """Only text.unique feeds the classifier: ablating it moves the probabilities, other parts are inert."""
     head = DnRHead(4, 2, DnRConfig(enabled=True, part_dim=2))
     with torch.no_grad():
         head.recombine.weight.zero_()
@@ -236,8 +238,12 @@ def test_component_ablation_hand_made():
     assert table["delta_p"][0, 0].item() == pytest.approx(float(p[0] - q[0]), rel=1e-5)
     assert table["kl"][0, 1:].abs().max() == 0 and table["delta_p"][:, 1:].abs().max() == 0
     rows = ablation_rows(table)
-    assert len(rows) == 2 and list(rows[0]) == list(COMPONENTS) and set(rows[0]["text.unique"]) == {"kl", "delta_p"}
-    assert rows[1]["text.unique"]["delta_p"] < 0  # sample 1: gelu(-2) pushes class 0 down; removing it helps
+    assert len(rows) == 2 and list(rows[0]) == list(COMPONENTS)
+    kl00, dp00 = table["kl"][0, 0].item(), table["delta_p"][0, 0].item()
+    assert rows[0]["text.unique"] == {"kl": kl00, "delta_p": dp00}
+    # sample 1 predicts class 1; gelu(-2) < 0 lowers class 0, so the part supports the prediction too
+    p1 = torch.softmax(torch.tensor([3 * (g - 2.0), 1.0]), 0)  # gelu(-2) = gelu(2) - 2 < 0
+    assert rows[1]["text.unique"]["delta_p"] == pytest.approx(float(p1[1] - q[1]), rel=1e-4) and p1[1] > q[1]
 
 
 # ------------------------------------------------------------------------------------------- MerModel
@@ -247,8 +253,8 @@ def batch(tiny_dir, syn_dir, tmp_path_factory):
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:3]
     opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("c")), opts)
-    col = MerCollator(bb.processor, bb.token_ids, load_prompt("explain"), load_prompt("system", kind="free").text,
-                      MER2023_LABELS)
+    system = load_prompt("system", kind="free").text
+    col = MerCollator(bb.processor, bb.token_ids, load_prompt("explain"), system, MER2023_LABELS)
     return col([mds[i] for i in range(3)])
 
 
@@ -302,15 +308,22 @@ def test_training_forward_backward_and_refine_stage_freezes_divide(tiny_dir, bat
 
 # ------------------------------------------------------------------------------------------ reporting
 def test_evaluation_report_renders_dnr_ablation(tmp_path: Path):
-    refs = [{"id": f"s{i}", "video": f"media/s{i}.mp4", "audio": None, "subtitle": "", "label": label,
-             "explanation": "", "subset": "consistent", "cues": {}} for i, label in enumerate(["happy", "sad"])]
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
-    table = {c: {"kl": 0.0, "delta_p": 0.0} for c in COMPONENTS}
-    preds = [
-        {"id": "s0", "label": "happy", "dnr_ablation": {**table, "audio.unique": {"kl": 0.2, "delta_p": 0.1}}},
-        {"id": "s1", "label": "happy", "dnr_ablation": {**table, "audio.unique": {"kl": 0.4, "delta_p": -0.1}}},
+    def write(name: str, rows: list[dict]) -> Path:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    refs = [
+        {"id": f"s{i}", "video": f"media/s{i}.mp4", "audio": None, "subtitle": "", "label": label,
+         "explanation": "", "subset": "consistent", "cues": {}}
+        for i, label in enumerate(["happy", "sad"])
     ]
-    (tmp_path / "pred.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+    write("test.jsonl", refs)
+    zero = {c: {"kl": 0.0, "delta_p": 0.0} for c in COMPONENTS}
+    audio = [{"kl": 0.2, "delta_p": 0.1}, {"kl": 0.4, "delta_p": -0.1}]
+    write("pred.jsonl", [
+        {"id": f"s{i}", "label": "happy", "dnr_ablation": {**zero, "audio.unique": a}}
+        for i, a in enumerate(audio)
+    ])
     opts = EvalOptions(predictions=tmp_path / "pred.jsonl", references=tmp_path / "test.jsonl")
     result = run_task("synthetic", opts)
     assert result["dnr_ablation"]["n"] == 2 and list(result["dnr_ablation"]["components"]) == list(COMPONENTS)
@@ -319,8 +332,8 @@ def test_evaluation_report_renders_dnr_ablation(tmp_path: Path):
     md = report_paths(tmp_path / "out.json")["markdown"].read_text()
     assert "## DnR component ablation (mean over 2 predictions)" in md and "| audio.unique | 0.3000 |" in md
     # rows without the field: no section; a malformed field is an error naming the line
-    (tmp_path / "pred.jsonl").write_text("".join(json.dumps({"id": r["id"], "label": "sad"}) + "\n" for r in refs))
+    write("pred.jsonl", [{"id": r["id"], "label": "sad"} for r in refs])
     assert "dnr_ablation" not in run_task("synthetic", opts)
-    (tmp_path / "pred.jsonl").write_text(json.dumps({"id": "s0", "label": "sad", "dnr_ablation": {"x": 1}}) + "\n")
+    write("pred.jsonl", [{"id": "s0", "label": "sad", "dnr_ablation": {"x": 1}}])
     with pytest.raises(ValueError, match="line 1: 'dnr_ablation'"):
         run_task("synthetic", opts)
