@@ -18,8 +18,9 @@ arguments are added to every run). Test predictions come from the fused head (`p
 
 Columns: per-subset accuracy, weighted F1, the audio-dominance index (on audio/video conflict clips, the
 share of cue-following predictions that follow the audio cue; from the designed cues), the exact number
-of trained parameters (the sum of numel of every tensor the run saved: adapter, heads and any unfrozen
-base weights), and step_time_ratio = median seconds per optimizer step of the row's training run / the
+of trained parameters (the sum of numel of every tensor the run saved: adapters, including peft's extra
+adapters in adapter/<name>/, MoSE weights, heads and any unfrozen base weights; checked against the
+`mllm_mer.trainable` table with a printed WARNING on mismatch), and step_time_ratio = median seconds per optimizer step of the row's training run / the
 same for plain_lora (from train_log.jsonl, first step excluded). The runs are sequential, so on a shared
 machine the ratio carries load noise; every run pins one torch thread.
 
@@ -170,10 +171,11 @@ def train_run(config: Path, overrides: list[str], out_dir: Path) -> None:
 
 
 def trained_parameters(run_dir: Path) -> int:
-    """Sum of numel over every tensor the run saved (top-level *.safetensors and adapter/), read lazily."""
+    """Sum of numel over every tensor the run saved (top-level *.safetensors and adapter/, including the
+    per-adapter subfolders peft writes for extra adapters such as DCR's adapter/dcr_<path>/), read lazily."""
     from safetensors import safe_open
 
-    files = sorted(run_dir.glob("*.safetensors")) + sorted((run_dir / "adapter").glob("*.safetensors"))
+    files = sorted(run_dir.glob("*.safetensors")) + sorted((run_dir / "adapter").rglob("*.safetensors"))
     total = 0
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
@@ -201,6 +203,7 @@ def evaluate_row(row: Row, run_dir: Path, test_file: Path, batch_size: int) -> d
     from mllm_mer.data.jsonl import read_jsonl
     from mllm_mer.generation import load_for_inference, load_run_config, predict_rows
     from mllm_mer.metrics import audio_dominance, classification_metrics
+    from mllm_mer.trainable import apply_trainable
 
     cfg = load_run_config(run_dir, parse_overrides(list(row.infer)))
     model = load_for_inference(run_dir=run_dir, cfg=cfg)
@@ -212,12 +215,20 @@ def evaluate_row(row: Row, run_dir: Path, test_file: Path, batch_size: int) -> d
     dom = audio_dominance(
         preds, [s.cues.get("audio") for s in samples], [s.cues.get("video") for s in samples]
     )
+    saved = trained_parameters(run_dir)
+    declared = sum(t for t, _ in apply_trainable(model.mer, cfg).values())  # the start-up table's "all"
+    if saved != declared:
+        print(
+            f"WARNING {row.name}: the run saved {saved:,} trained values but its trainable table counts "
+            f"{declared:,}; reporting the saved count",
+            flush=True,
+        )
     return {
         "config": row.name,
         "per_subset": {k: {"accuracy": v["accuracy"]} for k, v in m["per_subset"].items()},
         "weighted_f1": m["weighted_f1"],
         "audio_dominance": dom["index"],
-        "trainable_params": trained_parameters(run_dir),
+        "trainable_params": saved,
     }
 
 

@@ -31,6 +31,8 @@ Prediction files (`read_predictions`):
   `labels_ov` (list of words); optional `probs` ``{path: {label: prob}}``. A row without `label` has
   its `text` parsed with `parse_label` in `EvalOptions.labels_mode`; `EvalOptions.reparse` parses
   `text` even when `label` is present (e.g. to score the same generations the Emotion-LLaMA way).
+  With `probs` of every DCR path (fused, text, audio, video) a classification result gains
+  `fuse_or_drop` (`mllm_mer.fusion.dcr.report`), with the arbiter's choices when rows carry `arm`.
 - CSV with a header: id column `name` (or `names`), and `label` (or `discrete`), `openset` and/or
   `text`. Predicted labels are compared after `.strip().lower()`.
 

@@ -166,11 +166,11 @@ class ARConfig:
     heads: tuple[int, ...] | None = None
     """Query-head indices to act on; None = every head."""
     query: Literal["generated", "all"] = "generated"
-    """"generated": the last prompt position and every generated position (the rows that predict a token);
-    "all": every query position, prompt included."""
+    """Query rows acted on: "generated" = the last prompt position and every generated position (the rows
+    that predict a token); "all" = every query position, prompt included."""
     mode: Literal["probs", "scores"] = "probs"
-    """"probs": rescale the probabilities after softmax (text mass kept); "scores": add a log-odds bias to the
-    under-attended modality's scores before softmax (text mass shrinks as that modality grows)."""
+    """Where AR acts: "probs" = rescale the probabilities after softmax (text mass kept); "scores" = add a
+    log-odds bias to the under-attended modality's scores before softmax (text mass shrinks as it grows)."""
     min_mass: float = 1e-6
     """A row is left unchanged unless both its audio and its video mass exceed this (e.g. a clip without audio)."""
 

@@ -142,17 +142,18 @@ class MerModel(nn.Module):
         hidden = out.hidden_states[-1]  # (B, T, D), after the final norm
         pooled = pool_by_modality(hidden, batch["token_modality"], batch["prompt_mask"])
         logits = self.fusion_head(pooled)
-        dnr = None
-        if self.fusion_dnr is not None:  # adds its logits to the fused head's (exactly 0 at initialisation)
-            dnr = self.fusion_dnr(out.hidden_states, batch["token_modality"], batch["prompt_mask"], logits,
-                                  batch.get("class_id"), batch.get("train_step"))
-            logits = dnr.fused_logits
-            aux_losses = {**aux_losses, **dnr.losses}
         dcr = run_unimodal_paths(self, batch) if self.dcr is not None else None
         if dcr is not None:  # unimodal paths (own adapters and heads) + AFD; the text student feeds "fused"
             if dcr.feed is not None:
                 logits = logits + dcr.feed
             aux_losses = {**aux_losses, **dcr.losses}
+        dnr = None
+        if self.fusion_dnr is not None:  # adds its logits to "fused" (exactly 0 at initialisation); last, so
+            # that its ablation (`explain`) sees every other contribution to "fused" as its base
+            dnr = self.fusion_dnr(out.hidden_states, batch["token_modality"], batch["prompt_mask"], logits,
+                                  batch.get("class_id"), batch.get("train_step"))
+            logits = dnr.fused_logits
+            aux_losses = {**aux_losses, **dnr.losses}
         cls_loss = None
         class_id = batch.get("class_id")
         if class_id is not None and (class_id >= 0).any():
@@ -246,8 +247,13 @@ def build_mer_model(backbone: Backbone, cfg: RunConfig, run_dir: str | Path | No
         load_run_weights(mer, run_dir)
     elif cfg.dnr.enabled and cfg.dnr.init_from:
         load_divide_weights(mer.fusion_dnr, cfg.dnr.init_from)
-    if cfg.dnr.enabled and cfg.dnr.stage == "refine" and not cfg.dnr.init_from and run_dir is None:
-        log.warning("dnr.stage=refine without dnr.init_from: the frozen Divide heads keep their random init")
+    if cfg.dnr.enabled and run_dir is None:
+        if cfg.dnr.stage == "refine" and not cfg.dnr.init_from:
+            log.warning("dnr.stage=refine without dnr.init_from: the frozen Divide heads stay random")
+        if cfg.dnr.stage != "refine" and cfg.train.batch_size < 8:
+            log.warning("dnr: train.batch_size=%d; the push/pull correlations are per-batch statistics and "
+                        "degenerate for small batches (|corr| = 1 at 2 samples); use 8 or more",
+                        cfg.train.batch_size)
     return mer
 
 

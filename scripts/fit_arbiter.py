@@ -1,7 +1,8 @@
 """Fit DCR's ADA arbiter (LinUCB over fused/text/audio/video) on held-out predictions of a finished run.
 
     python scripts/fit_arbiter.py --run runs/dcr --data .cache/mllm_mer/synthetic/dev.jsonl
-    python scripts/fit_arbiter.py --run runs/dcr --data dev.jsonl dcr.arbiter.alpha=1.0 dcr.arbiter.feedback=full
+    python scripts/fit_arbiter.py --run runs/dcr --data dev.jsonl dcr.arbiter.alpha=1.0 \\
+        dcr.arbiter.feedback=full
 
 The run must be trained with `dcr.enabled=true`. DATA must be held out: it is refused when it is the run's
 `data.train` file (same path or same file) or shares any sample id with it. The script predicts every path's
@@ -41,7 +42,9 @@ from mllm_mer.generation import load_for_inference, predict_rows
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, type=Path, help="finished run directory trained with dcr.enabled=true")
+    p.add_argument(
+        "--run", required=True, type=Path, help="finished run directory trained with dcr.enabled=true"
+    )
     p.add_argument("--data", required=True, type=Path, help="held-out labelled samples (e.g. the dev split)")
     p.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
     p.add_argument("overrides", nargs="*", help="key.path=value applied to the run's config")
@@ -64,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         data = _deep_merge(yaml.safe_load(config_file.read_text()), parse_overrides(args.overrides))
         cfg = config_from_dict(data, str(config_file))
         if not cfg.dcr.enabled:
-            raise ValueError(f"{args.run} was trained without dcr.enabled=true: it has no unimodal paths to arbitrate")
+            raise ValueError(
+                f"{args.run} was trained without dcr.enabled=true: it has no unimodal paths to arbitrate"
+            )
         labels = list(cfg.data.labels)
         samples = read_samples(args.data, cfg.data.format, labels, label_field=cfg.data.label_field)
         if not cfg.data.train or not Path(cfg.data.train).is_file():
             raise FileNotFoundError(
-                f"the run's training data {cfg.data.train!r} (data.train) is not readable, so {args.data} cannot be "
-                "checked to be held out; pass data.train=PATH to point at it"
+                f"the run's training data {cfg.data.train!r} (data.train) is not readable, so {args.data} "
+                "cannot be checked to be held out; pass data.train=PATH to point at it"
             )
         train = read_samples(cfg.data.train, cfg.data.format, labels, label_field=cfg.data.label_field)
         check_held_out(args.data, [s.id for s in samples], cfg.data.train, [s.id for s in train])
@@ -81,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter)
         sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
         arbiter = dataclasses.replace(
-            arbiter, labels=tuple(labels), fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info}
+            arbiter,
+            labels=tuple(labels),
+            fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info},
         )
         out = save_arbiter(arbiter, args.run / ARBITER_FILE)
     except (ConfigError, DataError, MediaError, FileNotFoundError, ValueError) as exc:

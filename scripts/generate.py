@@ -4,10 +4,12 @@
         --prompt explain --output runs/tiny_cpu/preds_test.jsonl
     python scripts/generate.py --model PATH_TO_QWEN_OMNI --data test.jsonl --prompt label --output zs.jsonl
     python scripts/generate.py --run RUN --data D --prompt ov --output ov.jsonl data.fps=2
+    python scripts/generate.py --run RUN --data D --prompt label --output ar.jsonl ar.enabled=true ar.strength=0.5
 
 Each output row: id, prompt, prompt_sha256, text, label (parsed), labels_ov (ov prompt), probs (runs with
 heads). `<output>.meta.json` records the backbone, prompt hash and decoding settings. Trailing
-`key.path=value` arguments override the run's saved config (e.g. data.cache_dir=...).
+`key.path=value` arguments override the run's saved config (e.g. data.cache_dir=..., or `ar.*` to apply
+attention reallocation while generating; see README "AR").
 """
 
 from __future__ import annotations

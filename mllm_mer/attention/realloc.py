@@ -129,12 +129,7 @@ class _Scope:
     sign: Tensor  # (2,) float32 [1, -1]
     zero: Tensor  # () float32 0
     low: Tensor  # () float32, the most negative float32 (masked scores)
-    _prompt: dict[int, Tensor] = field(default_factory=dict)  # batch size -> (B, T, 2) indicators
-    _last: tuple[int, int, Tensor] | None = None  # (batch, keys, (B, K, 2)) of the latest call
-
-    def eager_weights(self, module: nn.Module) -> bool:
-        """Whether the wrapped implementation returns attention weights (eager does, sdpa does not)."""
-        return module.config._attn_implementation == AR_PREFIX + "eager"
+    _buffers: dict[int, Tensor] = field(default_factory=dict)  # batch size -> (B, >= K, 2) indicators
 
     def key_indicators(self, batch: int, keys: int) -> Tensor:
         """Audio / video indicators of the keys of a call with `batch` rows and `keys` keys.
@@ -144,9 +139,14 @@ class _Scope:
             prompt (generated tokens) are text (zero). A batch that is a multiple of the prompt batch (beam
             search, several sequences per prompt) repeats each sample in place.
         """
-        if self._last is not None and self._last[0] == batch and self._last[1] == keys:
-            return self._last[2]
-        if batch not in self._prompt:
+        T = self.modality.shape[1]
+        if keys < T:
+            raise RuntimeError(
+                f"the language model attends over {keys} keys but the prompt given to attention_reallocation "
+                f"has {T} tokens; enter the context with the token_modality of the batch being run"
+            )
+        buffer = self._buffers.get(batch)
+        if buffer is None or buffer.shape[1] < keys:  # rebuilt rarely: room for K more keys each time
             B = self.modality.shape[0]
             if batch % B:
                 raise RuntimeError(
@@ -154,18 +154,10 @@ class _Scope:
                     f"ran a batch of {batch}; enter attention_reallocation with that batch's token_modality"
                 )
             modality = self.modality.repeat_interleave(batch // B, dim=0)
-            self._prompt[batch] = torch.stack(
-                [modality == int(Modality.AUDIO), modality == int(Modality.VIDEO)], dim=-1).float()
-        prompt = self._prompt[batch]
-        T = prompt.shape[1]
-        if keys < T:
-            raise RuntimeError(
-                f"the language model attends over {keys} keys but the prompt given to attention_reallocation "
-                f"has {T} tokens; enter the context with the token_modality of the batch being run"
-            )
-        padded = torch.nn.functional.pad(prompt, (0, 0, 0, keys - T)) if keys > T else prompt
-        self._last = (batch, keys, padded)
-        return padded
+            prompt = torch.stack([modality == int(Modality.AUDIO), modality == int(Modality.VIDEO)], dim=-1)
+            buffer = torch.nn.functional.pad(prompt.float(), (0, 0, 0, keys))  # (B, T + K, 2), zeros past T
+            self._buffers[batch] = buffer
+        return buffer[:, :keys]
 
 
 _SCOPES: dict[int, _Scope] = {}
@@ -206,8 +198,11 @@ def _ar_attention_forward(
     scaling = kwargs.get("scaling")
     rows, weights = _reallocate(scope, module, query, key, value, attention_mask, first,
                                 module.scaling if scaling is None else scaling)
-    if first == 0:
-        return rows.to(query.dtype), (weights.to(query.dtype) if scope.eager_weights(module) else None)
+    if first == 0:  # every row is ours; eager returns weights, sdpa does not
+        returns_weights = module.config._attn_implementation == AR_PREFIX + "eager"
+        if query.dtype != torch.float32:
+            rows, weights = rows.to(query.dtype), weights.to(query.dtype)
+        return rows, (weights if returns_weights else None)
     out, base_weights = base(module, query, key, value, attention_mask, **kwargs)
     out = torch.cat([out[:, :first], rows.to(out.dtype)], dim=1)
     if base_weights is not None:  # eager returns its weights: keep them consistent with the output
@@ -233,11 +228,11 @@ def _reallocate(
     H_kv, K = key.shape[1], key.shape[2]
     av = scope.key_indicators(B, K)  # (B, K, 2)
     Qs, g = Q - first, H // H_kv
-    q = (query[:, :, first:].float() * scaling).reshape(B, H_kv, g * Qs, D)  # head h = kv * g + j
-    scores = torch.matmul(q, key.float().transpose(2, 3)).view(B, H, Qs, K)
+    q = (_f32(query[:, :, first:] if first else query) * scaling).reshape(B * H_kv, g * Qs, D)  # h = kv*g + j
+    scores = torch.bmm(q, _f32(key).reshape(B * H_kv, K, D).transpose(1, 2)).view(B, H, Qs, K)
     if mask is not None:
-        m = mask[:, :, first:, :K]
-        scores = torch.where(m, scores, scope.low) if m.dtype == torch.bool else scores + m.float()
+        m = mask[:, :, first:, :K] if first or mask.shape[-1] != K else mask
+        scores = torch.where(m, scores, scope.low) if m.dtype == torch.bool else scores + _f32(m)
     elif Q > 1:  # sdpa passed no mask: plain causal attention, the query rows are the last Q positions
         rows = torch.arange(K - Qs, K, device=scores.device)
         scores = scores.masked_fill(torch.arange(K, device=scores.device) > rows[:, None], scope.low)
@@ -263,8 +258,13 @@ def _reallocate(
         sel = valid if scope.heads is None else (valid.view(B, H, Qs) & scope.heads).view(B, H * Qs)
         scope.monitor.add(module.layer_idx, _with_text(mass).view(B, H, Qs, 3),
                           _with_text(torch.bmm(new, av)).view(B, H, Qs, 3), sel.view(B, H, Qs))
-    rows_out = torch.matmul(new.view(B, H_kv, g * Qs, K), value.float()).view(B, H, Qs, D)
+    rows_out = torch.bmm(new.view(B * H_kv, g * Qs, K), _f32(value).reshape(B * H_kv, K, D)).view(B, H, Qs, D)
     return rows_out.transpose(1, 2), new.view(B, H, Qs, K)
+
+
+def _f32(x: Tensor) -> Tensor:
+    """`x` as float32 (no dispatch when it already is: this runs per generated token)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _with_text(audio_video_mass: Tensor) -> Tensor:

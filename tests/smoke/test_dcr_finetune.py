@@ -19,7 +19,15 @@ pytestmark = pytest.mark.smoke
 
 
 def fit_arbiter(run: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "scripts" / "fit_arbiter.py"), "--run", str(run), "--data", str(data), *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "fit_arbiter.py"),
+        "--run",
+        str(run),
+        "--data",
+        str(data),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
@@ -27,8 +35,16 @@ def fit_arbiter(run: Path, data: Path, *extra: str) -> subprocess.CompletedProce
 def dcr_run(tiny_dir: Path, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A 3-step `accelerate launch scripts/finetune.py dcr.enabled=true` run."""
     root = tmp_path_factory.mktemp("dcr")
-    out = check(run_finetune([*base_args(tiny_dir, syn_dir, root / "run", root / "cache"), "dcr.enabled=true",
-                              "train.max_steps=3", "train.save_every=0"]))
+    out = check(
+        run_finetune(
+            [
+                *base_args(tiny_dir, syn_dir, root / "run", root / "cache"),
+                "dcr.enabled=true",
+                "train.max_steps=3",
+                "train.save_every=0",
+            ]
+        )
+    )
     return root / "run", out
 
 
@@ -50,7 +66,9 @@ def test_fit_arbiter_refuses_training_data(dcr_run, syn_dir, tmp_path):
     proc = fit_arbiter(run, syn_dir / "train.jsonl")
     assert proc.returncode == 2 and "is the run's training data" in proc.stderr
     mixed = tmp_path / "mixed.jsonl"  # another file, but holding training samples
-    lines = (syn_dir / "dev.jsonl").read_text().splitlines() + (syn_dir / "train.jsonl").read_text().splitlines()[:2]
+    lines = (syn_dir / "dev.jsonl").read_text().splitlines() + (
+        syn_dir / "train.jsonl"
+    ).read_text().splitlines()[:2]
     mixed.write_text("\n".join(lines) + "\n")
     shutil.copytree(syn_dir / "media", tmp_path / "media")
     proc = fit_arbiter(run, mixed)
@@ -64,7 +82,11 @@ def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "always_fuse" in proc.stdout and "oracle" in proc.stdout
     saved = json.loads((run / ARBITER_FILE).read_text())
-    assert saved["fit"]["n"] == 12 and saved["fit"]["data"].endswith("dev.jsonl") and saved["config"]["epochs"] == 2
+    assert (
+        saved["fit"]["n"] == 12
+        and saved["fit"]["data"].endswith("dev.jsonl")
+        and saved["config"]["epochs"] == 2
+    )
 
     model = load_for_inference(run_dir=run)
     assert model.arbiter is not None
@@ -79,9 +101,21 @@ def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
     preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "synthetic", "--predictions", str(preds),
-         "--references", str(syn_dir / "test.jsonl"), "--output", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate.py"),
+            "synthetic",
+            "--predictions",
+            str(preds),
+            "--references",
+            str(syn_dir / "test.jsonl"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())

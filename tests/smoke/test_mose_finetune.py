@@ -22,7 +22,8 @@ def test_mose_finetune_then_generate(tiny_dir, syn_dir, tmp_path):
     assert "mose " in out and "MoSE on 8 modules" in out
     weights = load_file(run / MOSE_WEIGHTS)
     assert weights and all(".mose_" in k and ".language_model." in k for k in weights)
-    assert not (run / "adapter").exists() and (run / "heads.safetensors").is_file() and any((run / "tb").iterdir())
+    assert not (run / "adapter").exists() and (run / "heads.safetensors").is_file()
+    assert any((run / "tb").iterdir())
     gates = json.loads((run / "gate_stats.json").read_text())
     assert gates["step"] == 3 and gates["train"]["steps"] == 3
     for modality in ("text", "audio", "video"):

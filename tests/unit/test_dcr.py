@@ -31,7 +31,7 @@ from mllm_mer.fusion.dcr.ada import (
     load_arbiter,
     save_arbiter,
 )
-from mllm_mer.fusion.dcr.afd import aggregate_evidence, afd_loss, teacher_distribution
+from mllm_mer.fusion.dcr.afd import afd_loss, aggregate_evidence, teacher_distribution
 from mllm_mer.fusion.dcr.collate import PATHS, UnimodalPathCollator
 from mllm_mer.fusion.dcr.config import ArbiterConfig
 from mllm_mer.fusion.dcr.paths import adapter_name
@@ -56,8 +56,14 @@ def items(syn_dir, tmp_path):
 
 
 def path_collator(backbone, train: bool = True) -> UnimodalPathCollator:
-    base = MerCollator(backbone.processor, backbone.token_ids, load_prompt("label"),
-                       load_prompt("system", kind="free").text, MER2023_LABELS, train=train)
+    base = MerCollator(
+        backbone.processor,
+        backbone.token_ids,
+        load_prompt("label"),
+        load_prompt("system", kind="free").text,
+        MER2023_LABELS,
+        train=train,
+    )
     return UnimodalPathCollator(base)
 
 
@@ -67,8 +73,11 @@ def test_unimodal_sub_batches_hold_only_their_modality(backbone, items):
     batch = collate(items)
     plain = collate.base(items)
     torch.testing.assert_close(batch["input_ids"], plain["input_ids"])  # the fused batch is unchanged
-    expected = {"text": {Modality.TEXT}, "audio": {Modality.TEXT, Modality.AUDIO},
-                "video": {Modality.TEXT, Modality.VIDEO}}
+    expected = {
+        "text": {Modality.TEXT},
+        "audio": {Modality.TEXT, Modality.AUDIO},
+        "video": {Modality.TEXT, Modality.VIDEO},
+    }
     for path in PATHS:
         sub = batch["paths"][path]
         assert sub["sample_ids"] == batch["sample_ids"]
@@ -113,8 +122,9 @@ def test_paths_forward_backward_and_adapters(tiny_dir, backbone, items):
     assert {"dcr_text", "dcr_audio", "dcr_video", "dcr_afd"} <= set(out.aux_losses)
     # the student feed starts at exactly 0: "fused" is the fused head's own output at initialisation
     torch.testing.assert_close(out.dcr.feed, torch.zeros(3, 6))
-    expected = out.lm_loss + out.cls_loss + sum(
-        model.aux_loss_weights[k] * v for k, v in out.aux_losses.items())
+    expected = (
+        out.lm_loss + out.cls_loss + sum(model.aux_loss_weights[k] * v for k, v in out.aux_losses.items())
+    )
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert model.backbone.active_adapter == "default"
@@ -123,8 +133,11 @@ def test_paths_forward_backward_and_adapters(tiny_dir, backbone, items):
         grads = [p.grad for n, p in model.named_parameters() if f".lora_B.{name}." in n]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
     for head in ("fusion_text", "fusion_audio", "fusion_video", "fusion_dcr_feed"):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-                   if n.startswith(head)), head
+        assert any(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for n, p in model.named_parameters()
+            if n.startswith(head)
+        ), head
 
 
 def test_staged_schedule_holds_afd_and_feed_until_stage_two(tiny_dir, backbone, items):
@@ -228,12 +241,37 @@ def test_afd_gating_down_weights_disagreeing_teachers():
     _, agreement, valid = teacher_distribution(teachers, 1.0)
     assert valid.all() and float(agreement[0]) > 0.999 and float(agreement[1]) < 0.3
     student = torch.zeros(2, C)
-    per_sample = [afd_loss(student[i:i + 1], [
-        dataclasses.replace(t, alpha=t.alpha[i:i + 1], confidence=t.confidence[i:i + 1], present=t.present[i:i + 1])
-        for t in teachers]) for i in range(2)]
-    ungated = [afd_loss(student[i:i + 1], [
-        dataclasses.replace(t, alpha=t.alpha[i:i + 1], confidence=t.confidence[i:i + 1], present=t.present[i:i + 1])
-        for t in teachers], agreement_power=0.0) for i in range(2)]
+    per_sample = [
+        afd_loss(
+            student[i : i + 1],
+            [
+                dataclasses.replace(
+                    t,
+                    alpha=t.alpha[i : i + 1],
+                    confidence=t.confidence[i : i + 1],
+                    present=t.present[i : i + 1],
+                )
+                for t in teachers
+            ],
+        )
+        for i in range(2)
+    ]
+    ungated = [
+        afd_loss(
+            student[i : i + 1],
+            [
+                dataclasses.replace(
+                    t,
+                    alpha=t.alpha[i : i + 1],
+                    confidence=t.confidence[i : i + 1],
+                    present=t.present[i : i + 1],
+                )
+                for t in teachers
+            ],
+            agreement_power=0.0,
+        )
+        for i in range(2)
+    ]
     torch.testing.assert_close(per_sample[1], ungated[1] * agreement[1])
     torch.testing.assert_close(per_sample[0], ungated[0] * agreement[0])
     # a sample with only one teacher present is not gated
@@ -288,7 +326,9 @@ def test_state_and_rewards_hand_checked():
     assert dict(zip(names, x[1].tolist(), strict=True))["entropy_video"] == pytest.approx(1.0)
     r = arm_rewards(probs, torch.tensor([0, 1]), ArbiterConfig(calibration_weight=0.5))
     # sample 0: fused correct, Brier/2 = 0 -> 1; audio wrong, Brier/2 = 1 -> -0.5
-    assert r[0, ARMS.index("fused")] == pytest.approx(1.0) and r[0, ARMS.index("audio")] == pytest.approx(-0.5)
+    assert r[0, ARMS.index("fused")] == pytest.approx(1.0) and r[0, ARMS.index("audio")] == pytest.approx(
+        -0.5
+    )
     # sample 1: a tie argmax picks class 0 (wrong), Brier/2 = 0.25 -> -0.125
     assert r[1, 0] == pytest.approx(-0.125)
 
@@ -312,9 +352,16 @@ def test_arbiter_fits_from_probabilities_and_labels_only():
     names = list(MER2023_LABELS)
 
     def rows(cues: str) -> list[dict]:
-        return [{"id": f"s{i}", "label": "neutral", "subset": cues, "cues": {"audio": cues, "video": cues},
-                 "probs": {a: dict(zip(names, probs[a][i].tolist(), strict=True)) for a in ARMS}}
-                for i in range(30)]
+        return [
+            {
+                "id": f"s{i}",
+                "label": "neutral",
+                "subset": cues,
+                "cues": {"audio": cues, "video": cues},
+                "probs": {a: dict(zip(names, probs[a][i].tolist(), strict=True)) for a in ARMS},
+            }
+            for i in range(30)
+        ]
 
     by_id = {f"s{i}": names[int(y)] for i, y in enumerate(labels)}
     fits = []
@@ -340,10 +387,15 @@ def test_arbiter_learns_which_path_to_trust_and_round_trips_as_json(tmp_path):
     def onehot_soft(c: torch.Tensor) -> torch.Tensor:
         return torch.softmax(4.0 * torch.nn.functional.one_hot(c, C).double(), -1)
 
-    probs = {"fused": onehot_soft(torch.where(conflict, wrong, y)), "audio": onehot_soft(y),
-             "text": onehot_soft(wrong), "video": onehot_soft(torch.where(conflict, wrong, y))}
-    arbiter = dataclasses.replace(fit_arbiter(probs, y, ArbiterConfig(feedback="bandit", epochs=5)),
-                                  labels=tuple(MER2023_LABELS))
+    probs = {
+        "fused": onehot_soft(torch.where(conflict, wrong, y)),
+        "audio": onehot_soft(y),
+        "text": onehot_soft(wrong),
+        "video": onehot_soft(torch.where(conflict, wrong, y)),
+    }
+    arbiter = dataclasses.replace(
+        fit_arbiter(probs, y, ArbiterConfig(feedback="bandit", epochs=5)), labels=tuple(MER2023_LABELS)
+    )
     arms = arbiter.select(probs)
     acc = sum(probs[a][i].argmax() == y[i] for i, a in enumerate(arms)) / n
     assert acc > 0.95 and "audio" in arms
@@ -376,8 +428,12 @@ def test_held_out_check_refuses_training_data(tmp_path):
 # ---------------------------------------------------------------------------------------------- report
 def test_fuse_or_drop_report_hand_computed():
     y = ["happy", "sad", "angry", "happy"]
-    preds = {"fused": ["happy", "happy", "angry", "sad"], "text": ["sad", "sad", "sad", "sad"],
-             "audio": ["happy", "sad", "happy", "sad"], "video": ["sad", "happy", "happy", "happy"]}
+    preds = {
+        "fused": ["happy", "happy", "angry", "sad"],
+        "text": ["sad", "sad", "sad", "sad"],
+        "audio": ["happy", "sad", "happy", "sad"],
+        "video": ["sad", "happy", "happy", "happy"],
+    }
     subsets = ["consistent", "audio_aligned", "consistent", "video_aligned"]
     arms = ["fused", "audio", "text", "video"]
     rep = fuse_or_drop_report(y, preds, subsets, arms)
@@ -388,9 +444,13 @@ def test_fuse_or_drop_report_hand_computed():
     assert overall["arbiter"] == 0.75  # fused ok, audio ok, text wrong, video ok
     assert overall["arm_share"] == {"fused": 0.25, "text": 0.25, "audio": 0.25, "video": 0.25}
     assert rep["subsets"]["audio_aligned"] == {
-        "n": 1, "always_fuse": 0.0, "best_single": 1.0, "oracle": 1.0,
+        "n": 1,
+        "always_fuse": 0.0,
+        "best_single": 1.0,
+        "oracle": 1.0,
         "per_path": {"fused": 0.0, "text": 1.0, "audio": 1.0, "video": 0.0},
-        "arbiter": 1.0, "arm_share": {"fused": 0.0, "text": 0.0, "audio": 1.0, "video": 0.0},
+        "arbiter": 1.0,
+        "arm_share": {"fused": 0.0, "text": 0.0, "audio": 1.0, "video": 0.0},
     }
     with pytest.raises(ValueError, match="missing"):
         fuse_or_drop_report(y, {"fused": y}, subsets)
@@ -400,8 +460,18 @@ def test_fuse_or_drop_report_hand_computed():
 
 def test_dcr_config_errors_are_reported_together(tiny_dir):
     with pytest.raises(ConfigError) as err:
-        cfg_for(tiny_dir, "dcr.schedule=later", "dcr.afd_temperature=0", "dcr.arbiter.feedback=partial",
-                "dcr.arbiter.alpah=1")
+        cfg_for(
+            tiny_dir,
+            "dcr.schedule=later",
+            "dcr.afd_temperature=0",
+            "dcr.arbiter.feedback=partial",
+            "dcr.arbiter.alpah=1",
+        )
     text = str(err.value)
-    for part in ("dcr.schedule", "dcr.afd_temperature", "dcr.arbiter.feedback", "did you mean 'dcr.arbiter.alpha'"):
+    for part in (
+        "dcr.schedule",
+        "dcr.afd_temperature",
+        "dcr.arbiter.feedback",
+        "did you mean 'dcr.arbiter.alpha'",
+    ):
         assert part in text, part

@@ -337,3 +337,24 @@ def test_evaluation_report_renders_dnr_ablation(tmp_path: Path):
     write("pred.jsonl", [{"id": "s0", "label": "sad", "dnr_ablation": {"x": 1}}])
     with pytest.raises(ValueError, match="line 1: 'dnr_ablation'"):
         run_task("synthetic", opts)
+
+
+def test_init_from_loads_divide_weights_and_refuses_mismatches(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from mllm_mer.fusion.dnr import load_divide_weights
+
+    torch.manual_seed(0)
+    source = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))
+    save_file({f"fusion_dnr.{k}": v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "heads.safetensors"))
+    target = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))
+    recombine = target.recombine.weight.clone()
+    assert load_divide_weights(target, tmp_path) == len(source.divide.state_dict())
+    for k, v in source.divide.state_dict().items():
+        assert torch.equal(target.divide.state_dict()[k], v)
+    assert torch.equal(target.recombine.weight, recombine)  # only the Divide side is copied
+    with pytest.raises(ValueError, match="dnr.part_dim"):
+        load_divide_weights(DnRHead(8, 6, DnRConfig(enabled=True, part_dim=6)), tmp_path)
+    with pytest.raises(FileNotFoundError, match="dnr.init_from"):
+        load_divide_weights(target, tmp_path / "nowhere")

@@ -149,6 +149,7 @@ def test_one_expert_per_modality_equals_plain_lora(tiny_dir, batches):
     lora.eval()
     mose.eval()
     zero_b = lora(train).cls_logits["fused"].detach()
+    torch.testing.assert_close(mose(train).cls_logits["fused"], zero_b, rtol=0, atol=0)  # fresh: both no-ops
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, module in mose.backbone.named_modules():

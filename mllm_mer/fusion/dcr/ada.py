@@ -1,4 +1,4 @@
-"""The ADA arbiter (DCR Path II): a contextual bandit that keeps the fused prediction or drops to one modality.
+"""The ADA arbiter (DCR Path II): a contextual bandit that keeps the fused prediction or drops to a modality.
 
 Arms (`ARMS`): fused, text, audio, video. The paper ("To Fuse or to Drop?", 2026) is public as an abstract
 only; the state, reward and policy below are ours.
@@ -6,7 +6,8 @@ only; the state, reward and policy below are ours.
 State ("dual view": the fused view and the unimodal views of one sample), from the four paths' class
 probabilities p_a (C each) alone:
 
-    x = [p_a for a in ARMS] + [H(p_a) / ln C] + [top1(p_a) - top2(p_a)] + [JS(p_a, p_b) / ln 2 for a < b] + [1]
+    x = [p_a for a in ARMS] + [H(p_a) / ln C] + [top1(p_a) - top2(p_a)]
+        + [JS(p_a, p_b) / ln 2 for a < b] + [1]
 
 (4C + 4 + 4 + 6 + 1 features; pooled hidden features are not used). Reward of arm a for a sample with label y:
 
@@ -77,11 +78,19 @@ def build_state(probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     top2 = [p.topk(min(2, C), dim=-1).values for p in ps]
     margin = [t[:, 0] - t[:, -1] for t in top2]
     js = [js_divergence(ps[i], ps[j]) / math.log(2.0) for i, j in itertools.combinations(range(len(ARMS)), 2)]
-    columns = [*ps, torch.stack(entropy, 1), torch.stack(margin, 1), torch.stack(js, 1), torch.ones(len(ps[0]), 1)]
+    columns = [
+        *ps,
+        torch.stack(entropy, 1),
+        torch.stack(margin, 1),
+        torch.stack(js, 1),
+        torch.ones(len(ps[0]), 1),
+    ]
     return torch.cat(columns, dim=1)
 
 
-def arm_rewards(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig) -> torch.Tensor:
+def arm_rewards(
+    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig
+) -> torch.Tensor:
     """Calibration-aware reward of every arm for every sample (module docstring).
 
     Args:
@@ -197,7 +206,9 @@ class Arbiter:
         dim = len(feature_names(labels))
         A, b = np.asarray(data["A"], dtype=np.float64), np.asarray(data["b"], dtype=np.float64)
         if A.shape != (len(ARMS), dim, dim) or b.shape != (len(ARMS), dim):
-            raise ValueError(f"{where}: A {A.shape} / b {b.shape} do not fit {len(ARMS)} arms x {dim} features")
+            raise ValueError(
+                f"{where}: A {A.shape} / b {b.shape} do not fit {len(ARMS)} arms x {dim} features"
+            )
         policy = LinUCB(len(ARMS), dim, config.ridge, config.alpha)
         policy.A, policy.b = A, b
         return cls(labels=labels, policy=policy, config=config, fit_info=dict(data.get("fit", {})))
@@ -330,7 +341,9 @@ def arbiter_inputs(
         for a in ARMS:
             probs[a].append([float(dist[a][name]) for name in label_names])
         ys.append(index[label])
-    return {a: torch.tensor(v, dtype=torch.float64) for a, v in probs.items()}, torch.tensor(ys, dtype=torch.long)
+    return {a: torch.tensor(v, dtype=torch.float64) for a, v in probs.items()}, torch.tensor(
+        ys, dtype=torch.long
+    )
 
 
 def check_held_out(

@@ -15,8 +15,8 @@ a_t = w_t / sum_t' w_t', and aggregated into the teacher's Dirichlet parameters
 
 The teacher distribution at temperature tau is p_m = softmax(log(alpha_m) / tau) (tau = 1 gives the Dirichlet
 mean alpha_m / sum alpha_m); the teachers present in a sample are mixed by confidence,
-p_T = sum_m c_m p_m / sum_m c_m. Teacher agreement g = 1 - JS(mean_a, mean_v) / ln 2 in [0, 1] is computed on the
-Dirichlet means (tau = 1); g = 1 when only one teacher is present. The loss is
+p_T = sum_m c_m p_m / sum_m c_m. Teacher agreement g = 1 - JS(mean_a, mean_v) / ln 2 in [0, 1] is computed on
+the Dirichlet means (tau = 1); g = 1 when only one teacher is present. The loss is
 
     L_AFD = tau^2 * sum_b g_b^gamma KL(p_T,b || softmax(s_b / tau)) / #{b with a teacher}
 

@@ -26,7 +26,11 @@ from mllm_mer.data.schema import Sample
 
 PATHS: tuple[str, ...] = ("text", "audio", "video")
 """The unimodal paths, in order."""
-PATH_INPUTS: dict[str, tuple[bool, bool]] = {"text": (False, False), "audio": (False, True), "video": (True, False)}
+PATH_INPUTS: dict[str, tuple[bool, bool]] = {
+    "text": (False, False),
+    "audio": (False, True),
+    "video": (True, False),
+}
 """Path -> (use_video, use_audio) of its sub-batch collator."""
 
 

@@ -1,4 +1,4 @@
-"""DCR settings (`dcr.*` in the run YAML): unimodal paths, affective fusion distillation (AFD), the arbiter (ADA).
+"""DCR settings (`dcr.*` in the run YAML): unimodal paths, affective fusion distillation (AFD), arbiter (ADA).
 
 "To Fuse or to Drop? Dual-Path Learning for Resolving Modality Conflicts in MER" (2026) is public as an
 abstract only: Path I (AFD) distils audio/visual teachers into a textual student with temporally weighted

@@ -129,7 +129,9 @@ def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
         _switch_adapter(model, previous)
 
 
-def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+def checkpoint_context_fn(
+    model: nn.Module,
+) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
     """A `context_fn` for torch's non-reentrant checkpoint: recompute under the adapter active at forward."""
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
@@ -194,7 +196,7 @@ class PathsOutput:
 
 
 def stage_two(cfg: DCRConfig, train_step: int | None) -> bool:
-    """Whether AFD and the student feed are on at optimizer step `train_step` (None: evaluation, inference)."""
+    """Whether AFD and the student feed are on at optimizer step `train_step` (None: evaluation/inference)."""
     return cfg.schedule == "joint" or train_step is None or train_step >= cfg.stage1_steps
 
 
@@ -233,8 +235,10 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         inputs = {k: sub[k] for k in _MODEL_INPUTS if sub.get(k) is not None}
         with active_adapter(mer.backbone, adapter_name(path)), mer.routing(sub["token_modality"]):
             out = mer.backbone(
-                **inputs, use_audio_in_video=bool(sub.get("use_audio_in_video", False)),
-                output_hidden_states=True, use_cache=False,
+                **inputs,
+                use_audio_in_video=bool(sub.get("use_audio_in_video", False)),
+                output_hidden_states=True,
+                use_cache=False,
             )
         token_mask = (sub["token_modality"] == int(PATH_MODALITY[path])) & sub["prompt_mask"]
         head: UnimodalHead = getattr(mer, f"fusion_{path}")

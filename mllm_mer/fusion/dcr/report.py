@@ -52,10 +52,14 @@ def fuse_or_drop_report(
     n = len(y_true)
     missing = [a for a in ARMS if a not in path_preds]
     if missing:
-        raise ValueError(f"fuse_or_drop_report needs predictions of every path {list(ARMS)}; missing {missing}")
+        raise ValueError(
+            f"fuse_or_drop_report needs predictions of every path {list(ARMS)}; missing {missing}"
+        )
     lengths = {a: len(path_preds[a]) for a in ARMS}
-    if any(v != n for v in lengths.values()) or (subsets is not None and len(subsets) != n) or (
-        arms is not None and len(arms) != n
+    if (
+        any(v != n for v in lengths.values())
+        or (subsets is not None and len(subsets) != n)
+        or (arms is not None and len(arms) != n)
     ):
         raise ValueError(f"lengths differ: y_true {n}, paths {lengths}, subsets / arms must match too")
     if arms is not None:
@@ -97,7 +101,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     for name, r in report["subsets"].items():
-        line = f"{name:<15}{r['n']:>5}{fmt(r['always_fuse']):>13}{fmt(r['best_single']):>13}{fmt(r['oracle']):>8}"
+        line = f"{name:<15}{r['n']:>5}{fmt(r['always_fuse']):>13}{fmt(r['best_single']):>13}"
+        line += f"{fmt(r['oracle']):>8}"
         if has_arbiter:
             share = "/".join(f"{r['arm_share'][a]:.2f}" for a in report["arms"])
             line += f"{fmt(r['arbiter']):>9}  {share}"
