@@ -11,9 +11,9 @@ attention matrix (`output_attentions=True` under sdpa returns an empty tuple and
 `eager` attention function returns it from every `Qwen2_5OmniAttention` call. So, for one call, the
 language model is switched to `eager` with `set_attn_implementation({"text_config": "eager"})` (only the
 language model: the towers keep their kernels) and the previous implementation is restored in `finally`.
-Any other implementation (e.g. the attention-reallocation wrapper) is kept and must return its weights:
-to measure shares under AR, enter `weights_returning_attention(model)` first and
-`attention_reallocation(...)` inside it (AR then wraps eager and returns its reallocated weights).
+Attention reallocation on sdpa ("mllm_mer_ar_sdpa") is swapped the same way for its eager twin
+(`WEIGHT_RETURNING_TWIN`), which keeps AR and returns the reallocated weights, so shares can be measured
+inside `attention_reallocation(...)`. Any other implementation is kept and must return its weights.
 
 Instead of `output_attentions=True`, which keeps every layer's (B, H, T, T) matrix alive until the end of
 the forward (gigabytes on a 7B model), a forward hook on each language-model attention module reduces
@@ -43,6 +43,10 @@ NO_WEIGHT_IMPLEMENTATIONS: frozenset[str] = frozenset(
     {"sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
 )
 """Attention backends that never return weights; switched to "eager" for the duration of one call."""
+
+WEIGHT_RETURNING_TWIN: dict[str, str] = {"mllm_mer_ar_sdpa": "mllm_mer_ar_eager"}
+"""Registered functions without weights and their weight-returning twin (AR on sdpa -> AR on eager), so
+shares can be measured while attention reallocation is active."""
 
 _NOT_MODEL_INPUTS = ("labels", "class_id", "token_modality", "prompt_mask")
 
@@ -86,8 +90,9 @@ def text_attention_modules(thinker: Qwen2_5OmniThinkerForConditionalGeneration) 
 def weights_returning_attention(model: nn.Module) -> Iterator[str]:
     """Make the language model's attention return its weights for the duration of the block.
 
-    A backend in `NO_WEIGHT_IMPLEMENTATIONS` is replaced by "eager" for the language model only and
-    restored in `finally` (also on error); any other backend is left untouched.
+    A backend in `NO_WEIGHT_IMPLEMENTATIONS` is replaced by "eager", one in `WEIGHT_RETURNING_TWIN` by its
+    twin, for the language model only, and restored in `finally` (also on error); any other backend is
+    left untouched.
 
     Args:
         model: the thinker, a peft wrapper around it, or a `MerModel`.
@@ -96,12 +101,13 @@ def weights_returning_attention(model: nn.Module) -> Iterator[str]:
     """
     thinker = find_thinker(model)
     previous = thinker.config.text_config._attn_implementation
-    if previous not in NO_WEIGHT_IMPLEMENTATIONS:
+    replacement = WEIGHT_RETURNING_TWIN.get(previous, "eager")
+    if previous not in NO_WEIGHT_IMPLEMENTATIONS and previous not in WEIGHT_RETURNING_TWIN:
         yield previous
         return
-    thinker.set_attn_implementation({"text_config": "eager"})
+    thinker.set_attn_implementation({"text_config": replacement})
     try:
-        yield "eager"
+        yield replacement
     finally:
         thinker.set_attn_implementation({"text_config": previous})
 
@@ -206,8 +212,8 @@ def attention_shares(model: nn.Module, batch: Mapping, query: str | Tensor = "la
             raise RuntimeError(
                 f"language-model layer {index} returned no attention weights under attn_implementation="
                 f"{find_thinker(model).config.text_config._attn_implementation!r}; a function that wraps "
-                "sdpa (e.g. attention reallocation) must be entered inside weights_returning_attention(model) "
-                "so that it wraps eager"
+                "sdpa must have an eager twin in WEIGHT_RETURNING_TWIN, or be entered inside "
+                "weights_returning_attention(model) so that it wraps eager"
             )
         per_layer[index] = shares_from_weights(
             weights, key_onehot.to(weights.device), query_mask.to(weights.device)
