@@ -209,9 +209,8 @@ def test_shares_under_attention_reallocation(backbone, batches):
             shares = attention_shares(backbone.model, batch)["per_sample"]  # (B, L, 3)
     torch.testing.assert_close(shares[..., 1] / shares[..., 1:].sum(-1), torch.full(shares.shape[:2], 0.3))
     assert backbone.model.config.text_config._attn_implementation == "sdpa"
-    with attention_reallocation(
-        backbone.model, batch["token_modality"], cfg
-    ):  # AR on sdpa: measured on its twin
+    # AR on sdpa: attention_shares swaps in its eager twin for the call, then restores AR on sdpa
+    with attention_reallocation(backbone.model, batch["token_modality"], cfg):
         again = attention_shares(backbone.model, batch)["per_sample"]
         assert backbone.model.config.text_config._attn_implementation == "mllm_mer_ar_sdpa"
     torch.testing.assert_close(again, shares)
