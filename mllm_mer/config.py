@@ -43,21 +43,29 @@ class FreezeConfig:
     audio_tower: bool = True
     """Audio encoder layers (Whisper-style), without its output projector."""
     audio_projector: bool = True
-    """The audio encoder's output projection into the language model (`audio_tower.proj`, `ln_post`)."""
+    """The audio encoder's output projection into the language model (`audio_tower.ln_post` and `proj`;
+    Qwen3-Omni: `proj1`, `proj2`)."""
     vision_tower: bool = True
     """Vision encoder blocks and patch embedding, without the merger."""
     vision_projector: bool = True
-    """The vision patch merger that projects into the language model (`visual.merger`)."""
+    """The vision patch merger that projects into the language model (`visual.merger`; Qwen3-Omni also the
+    deepstack mergers `visual.merger_list`)."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ".cache/mllm_mer/tiny-qwen2_5-omni"
-    """Local directory (or hub id already in the local HF cache) of a Qwen2.5-Omni checkpoint."""
+    """Local directory (or hub id already in the local HF cache) of a Qwen2.5-Omni or Qwen3-Omni checkpoint
+    (thinker or full model; the family follows from its config)."""
     build_tiny: bool = False
     """Build the tiny random thinker at `path` first if it does not exist (tests, CI, the demo)."""
+    tiny_arch: Literal["qwen2_5_omni", "qwen3_omni"] = "qwen2_5_omni"
+    """Family of the tiny twin that `build_tiny` builds (ignored when `build_tiny` is false)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    quantization: Literal["none", "nf4"] = "none"
+    """"nf4": load the language model in 4-bit NF4 (bitsandbytes, QLoRA); the audio/vision towers and lm_head
+    stay unquantized. Needs `freeze.language_model=true`."""
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
 
@@ -105,6 +113,11 @@ class DataConfig:
     num_workers: int = 0
     cache_dir: str = ".cache/mllm_mer/decoded"
     """Where the `datasets` cache of decoded media lives."""
+    feature_cache: bool = False
+    """Cache the frozen towers' outputs per sample (`mllm_mer.cache`): computed once before the first epoch,
+    then no decoding, feature extraction or tower runs. Needs every tower and projector frozen."""
+    feature_cache_dir: str = ".cache/mllm_mer/features"
+    """Where the frozen-encoder cache (safetensors shards + one JSON index per rank) lives."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +313,13 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append("model.dtype and train.mixed_precision are both set: choose one (keep dtype float32)")
     if not cfg.model.path:
         errors.append("model.path is empty: give a Qwen2.5-Omni checkpoint directory")
+    if cfg.model.quantization != "none" and not cfg.model.freeze.language_model:
+        errors.append(f"model.quantization={cfg.model.quantization} keeps the language model in 4 bits, "
+                      "which cannot train: set model.freeze.language_model=true (adapters still train)")
+    if cfg.data.feature_cache:
+        from mllm_mer.cache import frozen_encoder_problems
+
+        errors.extend(frozen_encoder_problems(cfg.model.freeze))
     errors.extend(cfg.ar.problems())
     errors.extend(cfg.dnr.problems())
     return errors

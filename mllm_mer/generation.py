@@ -83,7 +83,8 @@ def load_for_inference(
         raise ValueError("give exactly one of run_dir (a trained run) or model_path (zero-shot base model)")
     if run_dir is not None:
         cfg = cfg or load_run_config(run_dir)
-        backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+        backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
+                                 cfg.model.quantization)  # a QLoRA run's adapter belongs to the 4-bit base
         mer = build_mer_model(backbone, cfg, run_dir=run_dir)
         mer.eval()
         arbiter = load_run_arbiter(run_dir, cfg.data.labels, cfg.dcr.enabled)

@@ -9,6 +9,7 @@ loss, logits per path and, with MoSE, the regularizers and gate statistics.
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,10 @@ from mllm_mer.adapters.mose import (
     mose_aux_losses,
     summarize_gates,
 )
+from mllm_mer.backbone.families import family_of
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig
+from mllm_mer.encoders import backbone_inputs
 from mllm_mer.fusion.dcr.paths import (
     PathsOutput,
     StudentFeed,
@@ -125,7 +128,7 @@ class MerModel(nn.Module):
             batch: collator output; `labels` (B, T) and `class_id` (B,) are optional targets.
             compute_lm_loss: default: when the batch has `labels` and the LM loss weight is > 0.
         """
-        inputs = {k: batch[k] for k in _MODEL_INPUTS if batch.get(k) is not None}
+        inputs = backbone_inputs(self.backbone, batch, _MODEL_INPUTS)  # cached features / ZeRO-3: inputs_embeds
         labels = batch.get("labels")
         if compute_lm_loss is None:
             compute_lm_loss = labels is not None and self.lm_loss_weight > 0
@@ -191,20 +194,31 @@ class MerModel(nn.Module):
 def apply_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Wrap the thinker with a peft LoRA adapter on the language model only; returns the PeftModel.
 
+    The regex is checked against the thinker's module names first (a match outside the language model is
+    refused). peft is also given the family's `exclude_modules` (the towers): on MoE language models
+    (Qwen3-Omni) peft 0.21 turns a regex into leaf names, which would silently reach the audio tower's
+    `q_proj/k_proj/v_proj`. The result is checked once more: no adapter weight outside the language model.
+
     Raises:
         ValueError: the target regex matches no module, or matches a module outside the language model.
     """
     lcfg = cfg.lora
+    family = family_of(model.config)
+    pattern = re.compile(lcfg.target_modules)
+    lm_prefix = family.language_model + "."
+    outside = [n for n, _ in model.named_modules() if pattern.fullmatch(n) and not n.startswith(lm_prefix)]
+    if outside:
+        raise ValueError(f"lora.target_modules reaches modules outside the language model: {outside[:5]}")
     peft_cfg = peft.LoraConfig(
         r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
-        bias="none",
+        exclude_modules=family.adapter_exclude, bias="none",
     )
     try:
         wrapped = peft.get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ValueError(f"lora.target_modules={lcfg.target_modules!r} matched nothing: {exc}") from None
     outside = sorted({n.rsplit(".lora_", 1)[0] for n, _ in wrapped.named_parameters() if ".lora_" in n
-                      and ".language_model." not in n})
+                      and f".{lm_prefix}" not in n})
     if outside:
         raise ValueError(f"lora.target_modules reaches modules outside the language model: {outside[:5]}")
     return wrapped

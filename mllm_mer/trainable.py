@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 from torch import nn
 
+from mllm_mer.backbone.families import backbone_part
 from mllm_mer.config import RunConfig
 
 PARTS = (
@@ -27,12 +28,9 @@ def part_of(name: str) -> str:
         return "mose"
     if name.startswith("fusion_"):
         return "heads"
-    if ".audio_tower." in name:
-        return "audio_projector" if (".audio_tower.proj." in name or ".audio_tower.ln_post." in name) else "audio_tower"
-    if ".visual." in name:
-        return "vision_projector" if ".visual.merger." in name else "vision_tower"
-    if ".language_model." in name or name.endswith("lm_head.weight") or ".lm_head." in name:
-        return "language_model"
+    part = backbone_part(name)  # towers, projectors, language model: per family (mllm_mer.backbone.families)
+    if part is not None:
+        return part
     raise ValueError(f"parameter {name!r} belongs to no known part; update mllm_mer.trainable.part_of")
 
 

@@ -50,7 +50,7 @@ def ensure_inputs(cfg: RunConfig) -> None:
     if cfg.model.build_tiny:
         from mllm_mer.backbone.tiny import ensure_tiny_thinker
 
-        ensure_tiny_thinker(cfg.model.path)
+        ensure_tiny_thinker(cfg.model.path, arch=cfg.model.tiny_arch)
     if cfg.data.synthetic_dir is not None:
         from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
 
@@ -131,8 +131,15 @@ def build_loader(
 ) -> tuple[DataLoader, list[Sample]]:
     """A DataLoader over decoded samples and the samples it serves (bad ones dropped under on_error=skip).
 
-    Decoding is cached once per sample; the main process decodes first, the others read the cache.
+    Decoding is cached once per sample; the main process decodes first, the others read the cache. With
+    `data.feature_cache` the loader serves the frozen towers' cached outputs instead (`mllm_mer.cache`).
     """
+    if cfg.data.feature_cache:
+        from mllm_mer.cache import build_cached_loader
+
+        collator = build_collator(cfg, backbone, train=train)
+        return build_cached_loader(cfg, backbone, samples, collator, train=train, accelerator=accelerator,
+                                   report=report, split=split)
     options = decode_options(cfg, backbone.processor)
     skip = cfg.data.on_error == "skip"
     with accelerator.main_process_first():

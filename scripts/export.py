@@ -2,8 +2,9 @@
 
     python scripts/export.py --run runs/tiny_cpu --out exports/tiny_cpu
 
-The merged directory loads with plain transformers (`Qwen2_5OmniThinkerForConditionalGeneration`,
-`AutoProcessor`) and therefore with vLLM; `mllm_mer/` inside it keeps the parts that need mllm_mer
+The merged directory loads with plain transformers (`Qwen2_5OmniThinkerForConditionalGeneration`, or
+`Qwen3OmniMoeThinkerForConditionalGeneration` for a Qwen3-Omni run, and `AutoProcessor`) and therefore
+with vLLM; `mllm_mer/` inside it keeps the parts that need mllm_mer
 (heads, MoSE, arbiter, ...), listed in README.md (the model card) and mllm_mer/export.json.
 """
 

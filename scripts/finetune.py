@@ -84,7 +84,7 @@ def train(cfg: RunConfig) -> dict:
     data_report: dict[str, list[str]] = {}  # problems of samples skipped under data.on_error=skip
     samples = T.read_splits(cfg, report=data_report)  # every row checked before the model loads
     resume = T.resolve_resume(cfg)
-    backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+    backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.quantization)
     train_dl, samples["train"] = T.build_loader(cfg, backbone, samples["train"], train=True, accelerator=accelerator,
                                                 report=data_report, split="train")
     dev_dl = None
@@ -101,7 +101,8 @@ def train(cfg: RunConfig) -> dict:
         dev_dl = accelerator.prepare(dev_dl)
     if main:
         print(format_trainable_table(counts))
-        T.write_run_info(cfg, backbone.path, {"num_processes": accelerator.num_processes, "total_steps": total})
+        T.write_run_info(cfg, backbone.path, {"backbone_family": backbone.family.name,
+                                              "num_processes": accelerator.num_processes, "total_steps": total})
         T.write_data_report(cfg, samples, data_report)
     state = T.load_checkpoint(accelerator, resume) if resume else T.TrainState()
     if resume and main:

@@ -8,7 +8,8 @@ position, i.e. the position that generates the answer.
 
 How the weights are read (transformers 5.23): `sdpa` and the flash/flex kernels never materialise the
 attention matrix (`output_attentions=True` under sdpa returns an empty tuple and warns), while the
-`eager` attention function returns it from every `Qwen2_5OmniAttention` call. So, for one call, the
+`eager` attention function returns it from every language-model attention call (`Qwen2_5OmniAttention`,
+`Qwen3OmniMoeThinkerTextAttention`). So, for one call, the
 language model is switched to `eager` with `set_attn_implementation({"text_config": "eager"})` (only the
 language model: the towers keep their kernels) and the previous implementation is restored in `finally`.
 Attention reallocation on sdpa ("mllm_mer_ar_sdpa") is swapped the same way for its eager twin
@@ -32,8 +33,9 @@ from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
-from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import PreTrainedModel
 
+from mllm_mer.backbone.families import family_of, thinker_classes
 from mllm_mer.data.schema import Modality
 
 MODALITIES: tuple[str, ...] = tuple(m.key for m in Modality)
@@ -66,24 +68,27 @@ class AttentionShares(TypedDict):
     modalities: tuple[str, ...]
 
 
-def find_thinker(model: nn.Module) -> Qwen2_5OmniThinkerForConditionalGeneration:
-    """The thinker inside `model` (the model itself, a peft wrapper around it, or a `MerModel`).
+def find_thinker(model: nn.Module) -> PreTrainedModel:
+    """The thinker inside `model` (the model itself, a peft wrapper around it, or a `MerModel`), any family.
 
     Raises:
-        TypeError: `model` contains no `Qwen2_5OmniThinkerForConditionalGeneration`.
+        TypeError: `model` contains no thinker of a supported family (`mllm_mer.backbone.families`).
     """
+    classes = thinker_classes()
     for module in model.modules():
-        if isinstance(module, Qwen2_5OmniThinkerForConditionalGeneration):
+        if isinstance(module, classes):
             return module
+    names = ", ".join(c.__name__ for c in classes)
     raise TypeError(
-        f"{type(model).__name__} contains no Qwen2_5OmniThinkerForConditionalGeneration; attention_shares "
-        "supports the thinker, a peft-wrapped thinker or a MerModel"
+        f"{type(model).__name__} contains no thinker ({names}); attention_shares supports the thinker, a "
+        "peft-wrapped thinker or a MerModel"
     )
 
 
-def text_attention_modules(thinker: Qwen2_5OmniThinkerForConditionalGeneration) -> list[nn.Module]:
+def text_attention_modules(thinker: PreTrainedModel) -> list[nn.Module]:
     """The self-attention module of every language-model layer, in layer order (L entries)."""
-    return [layer.self_attn for layer in thinker.model.language_model.layers]
+    layers = thinker.get_submodule(family_of(thinker.config).language_model_layers)
+    return [layer.self_attn for layer in layers]
 
 
 @contextmanager

@@ -13,7 +13,8 @@ Differences that matter to mllm_mer (transformers 5.23):
 | thinker | `Qwen2_5OmniThinkerForConditionalGeneration` | `Qwen3OmniMoeThinkerForConditionalGeneration` |
 | language model | dense MLP | MoE MLP (`mlp.experts` are 3-D parameters, `mlp.gate` the router) |
 | media tokens | `<|AUDIO|> <|VIDEO|> <|IMAGE|>` | `<|audio_pad|> <|video_pad|> <|image_pad|>` |
-| markers | `<|audio_bos|> <|audio_eos|> <|vision_bos|> <|vision_eos|>` | `<|audio_start|> <|audio_end|> <|vision_start|> <|vision_end|>` |
+| markers | `<|audio_bos|> <|audio_eos|>` | `<|audio_start|> <|audio_end|>` |
+| | `<|vision_bos|> <|vision_eos|>` | `<|vision_start|> <|vision_end|>` |
 | config ids | `audio_token_index`, ... | `audio_token_id`, ... |
 | audio projector | `audio_tower.{ln_post, proj}` | `audio_tower.{ln_post, proj1, proj2}` |
 | vision projector | `visual.merger` | `visual.merger` + `visual.merger_list` (deepstack) |
@@ -35,7 +36,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-TOKEN_ROLES: tuple[str, ...] = ("audio", "video", "image", "audio_bos", "audio_eos", "vision_bos", "vision_eos")
+TOKEN_ROLES: tuple[str, ...] = (
+    "audio", "video", "image", "audio_bos", "audio_eos", "vision_bos", "vision_eos",
+)
 """The special tokens `SpecialTokenIds` reads (besides pad and eos), by role."""
 
 
@@ -199,24 +202,27 @@ def thinker_classes() -> tuple[type, ...]:
 def backbone_part(name: str) -> str | None:
     """Which backbone part a parameter belongs to, from its full name (any family, any wrapper prefix).
 
+    The tower and language-model paths are the same in every family; a tower's projector children are
+    matched against the union of the families' names (they do not collide: Qwen2.5-Omni's audio tower has
+    no `proj1`/`proj2`, Qwen3-Omni's no `proj`).
+
     Returns:
         "audio_projector", "audio_tower", "vision_projector", "vision_tower", "language_model", or None
         when the name lies in none of them.
     """
     dotted = f".{name}"
-    for family in FAMILIES.values():
-        audio = "." + family.audio_tower.rsplit(".", 1)[-1] + "."
-        if audio in dotted:
-            projector = any(f"{audio}{child}." in dotted for child in family.audio_projector)
-            return "audio_projector" if projector else "audio_tower"
-        vision = "." + family.vision_tower.rsplit(".", 1)[-1] + "."
-        if vision in dotted:
-            projector = any(f"{vision}{child}." in dotted for child in family.vision_projector)
-            return "vision_projector" if projector else "vision_tower"
-    lm = "." + QWEN2_5_OMNI.language_model.rsplit(".", 1)[-1] + "."
-    if any("." + f.language_model.rsplit(".", 1)[-1] + "." in dotted for f in FAMILIES.values()):
+    families = FAMILIES.values()
+    for part, towers, children in (
+        ("audio", {f.audio_tower for f in families}, {c for f in families for c in f.audio_projector}),
+        ("vision", {f.vision_tower for f in families}, {c for f in families for c in f.vision_projector}),
+    ):
+        for tower in towers:
+            if f".{tower}." in dotted:
+                projector = any(f".{tower}.{child}." in dotted for child in children)
+                return f"{part}_projector" if projector else f"{part}_tower"
+    if any(f".{f.language_model}." in dotted for f in families):
         return "language_model"
-    if name.endswith("lm_head.weight") or ".lm_head." in dotted or lm in dotted:
+    if name.endswith("lm_head.weight") or ".lm_head." in dotted:
         return "language_model"
     return None
 

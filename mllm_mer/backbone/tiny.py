@@ -1,4 +1,4 @@
-"""Build a tiny, random, fully offline Qwen2.5-Omni thinker checkpoint.
+"""Build a tiny, random, fully offline Qwen2.5-Omni (or Qwen3-Omni) thinker checkpoint.
 
 The result is an ordinary checkpoint directory (config, safetensors weights, tokenizer, processor, all
 written with `save_pretrained`) that `mllm_mer.backbone.load_backbone` loads through the very same code
@@ -15,6 +15,9 @@ Two choices are ours:
 - the audio tower's two input convolutions are re-initialised with std `audio_conv_std` (0.2): at default
   init their output (rms ~0.008) is swamped by the fixed positional signal (rms ~0.7), so every clip
   would look alike (a "deaf" tower). The vision tower needs no such fix.
+
+The Qwen3-Omni twin (`TinyQwen3Spec`, `arch="qwen3_omni"`) is described in `mllm_mer.backbone.tiny_qwen3`;
+`build_tiny_thinker` / `ensure_tiny_thinker` write either (`scripts/build_tiny.py --arch ...`).
 """
 
 from __future__ import annotations
@@ -37,39 +40,13 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from mllm_mer.backbone.families import QWEN2_5_OMNI, BackboneFamily, chat_template, family_named
 from mllm_mer.data.schema import MER2023_LABELS
 
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|AUDIO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_bos|>",
-    "<|vision_eos|>",
-    "<|vision_pad|>",
-    "<|IMAGE|>",
-    "<|VIDEO|>",
-)
+SPECIAL_TOKENS: tuple[str, ...] = QWEN2_5_OMNI.special_tokens
+"""The 14 special tokens of the Qwen2.5-Omni tokenizer that the tiny twin carries."""
 
-CHAT_TEMPLATE: str = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'video' %}{{ '<|vision_bos|><|VIDEO|><|vision_eos|>' }}"
-    "{% elif content['type'] == 'image' %}{{ '<|vision_bos|><|IMAGE|><|vision_eos|>' }}"
-    "{% elif content['type'] == 'audio' %}{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHAT_TEMPLATE: str = chat_template(QWEN2_5_OMNI)
 """Qwen-style chat template: video / audio / image / text content items, as the real processor expects."""
 
 _CORPUS: tuple[str, ...] = (
@@ -115,34 +92,30 @@ class TinySpec:
     audio_chunk_seconds: int = 30
 
 
-def build_tiny_tokenizer(spec: TinySpec) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on a small emotion corpus and add the Qwen-Omni special tokens."""
+def build_tiny_tokenizer(spec: TinySpec, family: BackboneFamily = QWEN2_5_OMNI) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on a small emotion corpus and add the family's special tokens.
+
+    The tokenizer names its media tokens (`image_token`, `audio_token`, `vision_bos_token`, ...) as the
+    family's processor reads them, and carries the family's chat template.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    n_special = len(SPECIAL_TOKENS)
+    n_special = len(family.special_tokens)
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size - n_special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(_CORPUS) * 4, trainer=trainer)
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(list(family.special_tokens))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
-        extra_special_tokens={
-            "image_token": "<|IMAGE|>",
-            "audio_token": "<|AUDIO|>",
-            "video_token": "<|VIDEO|>",
-            "vision_bos_token": "<|vision_bos|>",
-            "vision_eos_token": "<|vision_eos|>",
-            "audio_bos_token": "<|audio_bos|>",
-            "audio_eos_token": "<|audio_eos|>",
-        },
-        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={f"{role}_token": token for role, token in family.tokens.items()},
+        chat_template=chat_template(family),
     )
 
 
@@ -212,15 +185,21 @@ def build_tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Qwe
     )
 
 
-def build_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a tiny random Qwen2.5-Omni thinker checkpoint to `out_dir` (atomically) and return it.
+def tiny_spec(arch: str = QWEN2_5_OMNI.name) -> TinySpec:
+    """The default spec of the tiny twin of family `arch` ("qwen2_5_omni" or "qwen3_omni").
 
-    The directory holds `config.json`, `model.safetensors`, tokenizer files, processor configs and
-    `mllm_mer_tiny.json` (the spec). Deterministic for `spec.seed`.
+    Raises:
+        ValueError: unknown `arch`.
     """
-    spec = spec or TinySpec()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if family_named(arch).name == QWEN2_5_OMNI.name:
+        return TinySpec()
+    from mllm_mer.backbone.tiny_qwen3 import TinyQwen3Spec
+
+    return TinyQwen3Spec()
+
+
+def _build_qwen2_5(spec: TinySpec) -> tuple[Qwen2_5OmniThinkerForConditionalGeneration, Qwen2_5OmniProcessor]:
+    """The random tiny Qwen2.5-Omni thinker and its processor (deterministic for `spec.seed`)."""
     tokenizer = build_tiny_tokenizer(spec)
     processor = build_tiny_processor(spec, tokenizer)
     config = build_tiny_config(spec, tokenizer)
@@ -232,6 +211,26 @@ def build_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Pat
             torch.nn.init.normal_(conv.weight, std=spec.audio_conv_std)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model, processor
+
+
+def build_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny random thinker checkpoint to `out_dir` (atomically) and return it.
+
+    The family follows the spec: a `TinySpec` gives the Qwen2.5-Omni twin, a
+    `mllm_mer.backbone.tiny_qwen3.TinyQwen3Spec` the Qwen3-Omni twin. The directory holds `config.json`,
+    `model.safetensors`, tokenizer files, processor configs and `mllm_mer_tiny.json` (the spec).
+    Deterministic for `spec.seed`.
+    """
+    spec = spec or TinySpec()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(spec, "arch", QWEN2_5_OMNI.name) == QWEN2_5_OMNI.name:
+        model, processor = _build_qwen2_5(spec)
+    else:
+        from mllm_mer.backbone.tiny_qwen3 import build_tiny_qwen3
+
+        model, processor = build_tiny_qwen3(spec)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared directory
     model.save_pretrained(tmp)
@@ -243,17 +242,25 @@ def build_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Pat
     return out_dir
 
 
-def ensure_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+def ensure_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None, arch: str | None = None) -> Path:
     """Return `out_dir`, building the tiny thinker there first unless a matching one exists.
 
+    Args:
+        out_dir: where the twin lives.
+        spec: its sizes; None = the default spec of `arch`.
+        arch: "qwen2_5_omni" (default) or "qwen3_omni"; must agree with `spec` when both are given.
     Raises:
-        ValueError: `out_dir` exists but is not a tiny thinker of this spec (it is never overwritten).
+        ValueError: `out_dir` exists but is not a tiny thinker of this spec (it is never overwritten), or
+            `arch` and `spec` disagree.
     """
-    spec = spec or TinySpec()
+    if spec is None:
+        spec = tiny_spec(arch or QWEN2_5_OMNI.name)
+    elif arch is not None and getattr(spec, "arch", QWEN2_5_OMNI.name) != family_named(arch).name:
+        raise ValueError(f"ensure_tiny_thinker: arch={arch!r} but the spec is a {type(spec).__name__}")
     out_dir = Path(out_dir)
     marker = out_dir / "mllm_mer_tiny.json"
     if marker.is_file():
-        if json.loads(marker.read_text()) == asdict(spec):
+        if json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec))):
             return out_dir
         raise ValueError(
             f"{out_dir} holds a tiny thinker built with another spec; delete the directory or choose another path"

@@ -1,6 +1,7 @@
 """Attention reallocation (AR): exact no-op when neutral, full restore on exit (also on error), shares move
 toward the target at the targeted layers only, batch/padding invariance, KV-cache consistency, backend and
-settings checks, and `ar.enabled` honoured by generation.generate_rows / predict_rows."""
+settings checks, and `ar.enabled` honoured by generation.generate_rows / predict_rows; on both backbone
+families (the module's fixtures are parametrized over the tiny Qwen2.5-Omni and Qwen3-Omni twins)."""
 
 from __future__ import annotations
 
@@ -50,15 +51,15 @@ def generate(model, batch: dict, new_tokens: int = 4, **kwargs) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sdpa(tiny_dir: Path):
+def sdpa(tiny_backbone_dir: Path):
     """A fresh backbone (sdpa) owned by this module: AR switches its attention back and forth."""
-    return load_backbone(tiny_dir)
+    return load_backbone(tiny_backbone_dir)
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_dir: Path):
+def eager(tiny_backbone_dir: Path):
     """A fresh eager backbone: AR then also returns the weights, so `attention_shares` reads them."""
-    return load_backbone(tiny_dir, attn_implementation="eager")
+    return load_backbone(tiny_backbone_dir, attn_implementation="eager")
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +290,7 @@ def test_nesting_training_mode_and_bad_settings_are_refused(sdpa, clips):
         forward(model, clips["av"])
 
 
-def test_config_validation_and_defaults(tiny_dir):
+def test_config_validation_and_defaults(tiny_backbone_dir):
     cfg = load_config(None, ["data.train=x.jsonl", "ar.enabled=true", "ar.layers=[-1]", "ar.mode=scores"])
     assert cfg.ar.enabled and cfg.ar.layers == (-1,) and cfg.ar.mode == "scores"
     assert load_config(None, ["data.train=x.jsonl"]).ar == ARConfig()
@@ -304,9 +305,9 @@ def test_config_validation_and_defaults(tiny_dir):
 
 
 # ------------------------------------------------------------------------------------------ generation.py
-def test_generate_rows_and_predict_rows_honour_ar_enabled(tiny_dir, clips, tmp_path):
-    backbone = load_backbone(tiny_dir)
-    cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}"])
+def test_generate_rows_and_predict_rows_honour_ar_enabled(tiny_backbone_dir, clips, tmp_path):
+    backbone = load_backbone(tiny_backbone_dir)
+    cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}"])
     mer = build_mer_model(backbone, cfg)
     mer.eval()
     samples = clips["samples"]

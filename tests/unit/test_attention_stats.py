@@ -31,14 +31,14 @@ MODEL_INPUTS = (
 
 
 @pytest.fixture(scope="module")
-def batches(backbone, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def batches(any_backbone, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Inference batches (left padding) of 3 test clips: audio+video, audio only."""
     samples = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)[:3]
     opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("dec")), opts)
     col = MerCollator(
-        backbone.processor,
-        backbone.token_ids,
+        any_backbone.processor,
+        any_backbone.token_ids,
         load_prompt("label"),
         load_prompt("system", kind="free").text,
         MER2023_LABELS,
@@ -88,10 +88,10 @@ def reference_shares(model, batch: dict, query_mask: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("kind", ["av", "audio"])
-def test_shares_sum_to_one_and_have_the_documented_shapes(backbone, batches, kind):
+def test_shares_sum_to_one_and_have_the_documented_shapes(any_backbone, batches, kind):
     batch = batches[kind]
-    out = attention_shares(backbone.model, batch)
-    B, L = batch["input_ids"].shape[0], backbone.model.config.text_config.num_hidden_layers
+    out = attention_shares(any_backbone.model, batch)
+    B, L = batch["input_ids"].shape[0], any_backbone.model.config.text_config.num_hidden_layers
     assert out["per_sample"].shape == (B, L, 3) and out["shares"].shape == (L, 3)
     assert out["modalities"] == MODALITIES == ("text", "audio", "video")
     torch.testing.assert_close(out["per_sample"].sum(-1), torch.ones(B, L))
@@ -115,24 +115,25 @@ def test_last_query_is_the_last_prompt_position(batches):
 
 
 @pytest.mark.parametrize("query", ["last", "all_prompt"])
-def test_matches_a_manual_reduction_of_output_attentions(backbone, batches, query):
+def test_matches_a_manual_reduction_of_output_attentions(any_backbone, batches, query):
     batch = batches["av"]
     q = "last" if query == "last" else batch["prompt_mask"].clone()
-    out = attention_shares(backbone.model, batch, query=q)
+    out = attention_shares(any_backbone.model, batch, query=q)
     # padding queries are dropped from a given mask
     qmask = query_mask_for(batch, q)
     assert query == "last" or qmask.sum() == batch["attention_mask"].sum()
-    torch.testing.assert_close(out["per_sample"], reference_shares(backbone.model, batch, qmask))
+    torch.testing.assert_close(out["per_sample"], reference_shares(any_backbone.model, batch, qmask))
 
 
-def test_uniform_attention_gives_the_token_fractions(tiny_dir, batches):
+def test_uniform_attention_gives_the_token_fractions(tiny_backbone_dir, batches):
     """Hand-made case: with q_proj = k_proj = 0 every score is 0, so a query attends uniformly to all
     non-padding keys up to itself; the last position's share is then each modality's token fraction."""
-    model = load_backbone(tiny_dir).model
+    model = load_backbone(tiny_backbone_dir).model
     for attn in (layer.self_attn for layer in model.model.language_model.layers):
         for proj in (attn.q_proj, attn.k_proj):
             torch.nn.init.zeros_(proj.weight)
-            torch.nn.init.zeros_(proj.bias)
+            if proj.bias is not None:  # Qwen2.5-Omni has q/k biases, Qwen3-Omni none
+                torch.nn.init.zeros_(proj.bias)
     batch = batches["av"]
     out = attention_shares(model, batch)
     valid = batch["attention_mask"].bool()
@@ -142,8 +143,8 @@ def test_uniform_attention_gives_the_token_fractions(tiny_dir, batches):
     torch.testing.assert_close(out["per_sample"], expected[:, None, :].expand(-1, L, -1))
 
 
-def test_model_is_unchanged_after_the_call(backbone, batches):
-    model = backbone.model
+def test_model_is_unchanged_after_the_call(any_backbone, batches):
+    model = any_backbone.model
     batch = batches["av"]
     impl_before = model.config.text_config._attn_implementation
     hooks_before = {n: len(m._forward_hooks) for n, m in model.named_modules()}
@@ -154,24 +155,24 @@ def test_model_is_unchanged_after_the_call(backbone, batches):
     assert torch.equal(forward_logits(model, batch), logits_before)
 
 
-def test_restores_the_implementation_when_the_forward_fails(backbone, batches):
-    hooks_before = {n: len(m._forward_hooks) for n, m in backbone.model.named_modules()}
+def test_restores_the_implementation_when_the_forward_fails(any_backbone, batches):
+    hooks_before = {n: len(m._forward_hooks) for n, m in any_backbone.model.named_modules()}
     modality = batches["av"]["token_modality"]
     batch = {**batches["av"], "token_modality": torch.cat([modality, modality[:, :1]], dim=1)}  # T + 1 keys
     with pytest.raises(RuntimeError):  # raised inside the first layer's hook, mid-forward
-        attention_shares(backbone.model, batch)
-    assert backbone.model.config.text_config._attn_implementation == "sdpa"
-    assert {n: len(m._forward_hooks) for n, m in backbone.model.named_modules()} == hooks_before
+        attention_shares(any_backbone.model, batch)
+    assert any_backbone.model.config.text_config._attn_implementation == "sdpa"
+    assert {n: len(m._forward_hooks) for n, m in any_backbone.model.named_modules()} == hooks_before
 
 
-def test_mer_model_with_fresh_lora_matches_the_bare_thinker(tiny_dir, backbone, batches):
+def test_mer_model_with_fresh_lora_matches_the_bare_thinker(tiny_backbone_dir, any_backbone, batches):
     """A MerModel runs its own forward; a fresh LoRA (B = 0) leaves the shares unchanged."""
-    fresh = load_backbone(tiny_dir)
-    cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", "data.prompt=label"])
+    fresh = load_backbone(tiny_backbone_dir)
+    cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "data.prompt=label"])
     mer = build_mer_model(fresh, cfg).eval()
     batch = batches["av"]
     torch.testing.assert_close(
-        attention_shares(mer, batch)["per_sample"], attention_shares(backbone.model, batch)["per_sample"]
+        attention_shares(mer, batch)["per_sample"], attention_shares(any_backbone.model, batch)["per_sample"]
     )
     assert find_thinker(mer).config.text_config._attn_implementation == "sdpa"
 
@@ -195,7 +196,7 @@ def test_plot_shares_writes_a_png(tmp_path):
         plot_shares({}, tmp_path / "x.png")
 
 
-def test_shares_under_attention_reallocation(backbone, batches):
+def test_shares_under_attention_reallocation(any_backbone, batches):
     """Entered inside `weights_returning_attention`, AR wraps eager and the shares see its reallocation:
     with strength 1 every targeted row's audio share of the audio + video mass is the target."""
     from mllm_mer.attention.realloc import attention_reallocation
@@ -204,13 +205,13 @@ def test_shares_under_attention_reallocation(backbone, batches):
 
     batch = batches["av"]
     cfg = ARConfig(enabled=True, strength=1.0, target_audio_share=0.3, layers=(0, 1))
-    with weights_returning_attention(backbone.model):
-        with attention_reallocation(backbone.model, batch["token_modality"], cfg):
-            shares = attention_shares(backbone.model, batch)["per_sample"]  # (B, L, 3)
+    with weights_returning_attention(any_backbone.model):
+        with attention_reallocation(any_backbone.model, batch["token_modality"], cfg):
+            shares = attention_shares(any_backbone.model, batch)["per_sample"]  # (B, L, 3)
     torch.testing.assert_close(shares[..., 1] / shares[..., 1:].sum(-1), torch.full(shares.shape[:2], 0.3))
-    assert backbone.model.config.text_config._attn_implementation == "sdpa"
+    assert any_backbone.model.config.text_config._attn_implementation == "sdpa"
     # AR on sdpa: attention_shares swaps in its eager twin for the call, then restores AR on sdpa
-    with attention_reallocation(backbone.model, batch["token_modality"], cfg):
-        again = attention_shares(backbone.model, batch)["per_sample"]
-        assert backbone.model.config.text_config._attn_implementation == "mllm_mer_ar_sdpa"
+    with attention_reallocation(any_backbone.model, batch["token_modality"], cfg):
+        again = attention_shares(any_backbone.model, batch)["per_sample"]
+        assert any_backbone.model.config.text_config._attn_implementation == "mllm_mer_ar_sdpa"
     torch.testing.assert_close(again, shares)

@@ -162,7 +162,8 @@ def make_collator(backbone, train: bool) -> MerCollator:
                        load_prompt("system", kind="free").text, MER2023_LABELS, train=train)
 
 
-def test_collator_training_batch(backbone, items):
+def test_collator_training_batch(any_backbone, items):
+    backbone = any_backbone
     batch = make_collator(backbone, True)(items)
     ids, labels, tm = batch["input_ids"], batch["labels"], batch["token_modality"]
     tok = backbone.processor.tokenizer
@@ -175,7 +176,7 @@ def test_collator_training_batch(backbone, items):
         assert not (batch["prompt_mask"][i] & (labels[i] != IGNORE_INDEX)).any()
         assert not (batch["prompt_mask"][i] & ~batch["attention_mask"][i].bool()).any()
         assert batch["class_id"][i] == MER2023_LABELS.index(sample.label)
-    # one <|VIDEO|> token per merged 2x2 patch group, one <|AUDIO|> per audio-tower output frame
+    # one video token per merged 2x2 patch group, one audio token per audio-tower output frame
     n_video = int(batch["video_grid_thw"].prod(-1).sum()) // 4
     assert int((tm == int(Modality.VIDEO)).sum()) == n_video
     n_audio = int((ids == backbone.token_ids.audio).sum())
@@ -183,9 +184,23 @@ def test_collator_training_batch(backbone, items):
     assert batch["attention_mask"][:, 0].all()  # right padding
 
 
-def test_collator_inference_batch_is_left_padded(backbone, items):
+def test_collator_inference_batch_is_left_padded(any_backbone, items):
+    backbone = any_backbone
     batch = make_collator(backbone, False)(items)
     assert batch["labels"] is None
     assert batch["attention_mask"][:, -1].all()
     tail = backbone.processor.tokenizer.decode(batch["input_ids"][0, -12:])
     assert tail.endswith("assistant\n")
+
+
+def test_collator_video_with_its_audio_has_the_layout_the_model_expects(any_backbone, items):
+    """`<vision_bos><audio_bos> video/audio tokens <audio_eos><vision_eos>`, with each family's own tokens
+    (get_rope_index of both families finds an audio-in-video block by vision_bos followed by audio_bos)."""
+    ids_ = any_backbone.token_ids
+    batch = make_collator(any_backbone, False)(items)
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    start = row.index(ids_.vision_bos)
+    end = row.index(ids_.vision_eos)
+    assert row[start + 1] == ids_.audio_bos and row[end - 1] == ids_.audio_eos
+    assert set(row[start + 2:end - 1]) == {ids_.video, ids_.audio}
+    assert row.count(ids_.vision_bos) == row.count(ids_.audio_bos) == 1

@@ -1,4 +1,5 @@
-"""DCR: unimodal sub-batches, path adapters and heads, AFD, the LinUCB arbiter, held-out checks, reports."""
+"""DCR: unimodal sub-batches, path adapters and heads (both backbone families), AFD, the LinUCB arbiter,
+held-out checks, reports."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ from mllm_mer.training import save_final
 OPTS = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30.0)
 
 
-def cfg_for(tiny_dir, *overrides):
-    return load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", "dcr.enabled=true", *overrides])
+def cfg_for(tiny_backbone_dir, *overrides):
+    return load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "dcr.enabled=true", *overrides])
 
 
 @pytest.fixture()
@@ -55,10 +56,10 @@ def items(syn_dir, tmp_path):
     return [mds[i] for i in range(3)]
 
 
-def path_collator(backbone, train: bool = True) -> UnimodalPathCollator:
+def path_collator(any_backbone, train: bool = True) -> UnimodalPathCollator:
     base = MerCollator(
-        backbone.processor,
-        backbone.token_ids,
+        any_backbone.processor,
+        any_backbone.token_ids,
         load_prompt("label"),
         load_prompt("system", kind="free").text,
         MER2023_LABELS,
@@ -68,8 +69,8 @@ def path_collator(backbone, train: bool = True) -> UnimodalPathCollator:
 
 
 # ------------------------------------------------------------------------------------------ sub-batches
-def test_unimodal_sub_batches_hold_only_their_modality(backbone, items):
-    collate = path_collator(backbone)
+def test_unimodal_sub_batches_hold_only_their_modality(any_backbone, items):
+    collate = path_collator(any_backbone)
     batch = collate(items)
     plain = collate.base(items)
     torch.testing.assert_close(batch["input_ids"], plain["input_ids"])  # the fused batch is unchanged
@@ -94,12 +95,12 @@ def test_unimodal_sub_batches_hold_only_their_modality(backbone, items):
     assert batch["paths"]["video"].get("input_features") is None
 
 
-def test_sample_without_audio_is_masked_out_of_the_audio_path(tiny_dir, backbone, items):
+def test_sample_without_audio_is_masked_out_of_the_audio_path(tiny_backbone_dir, any_backbone, items):
     sample, media = items[0]
-    batch = path_collator(backbone)([(sample, dataclasses.replace(media, audio=None))])
+    batch = path_collator(any_backbone)([(sample, dataclasses.replace(media, audio=None))])
     assert not (batch["paths"]["audio"]["token_modality"] == int(Modality.AUDIO)).any()
-    cfg = cfg_for(tiny_dir)
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    cfg = cfg_for(tiny_backbone_dir)
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     out = model(batch)
     assert not out.dcr.present["audio"].any() and out.dcr.present["video"].all()
@@ -109,13 +110,13 @@ def test_sample_without_audio_is_masked_out_of_the_audio_path(tiny_dir, backbone
 
 
 # --------------------------------------------------------------------------------------- model, adapters
-def test_paths_forward_backward_and_adapters(tiny_dir, backbone, items):
-    cfg = cfg_for(tiny_dir)
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+def test_paths_forward_backward_and_adapters(tiny_backbone_dir, any_backbone, items):
+    cfg = cfg_for(tiny_backbone_dir)
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert set(model.backbone.peft_config) == {"default", *(adapter_name(p) for p in PATHS)}
-    batch = path_collator(backbone)(items)
+    batch = path_collator(any_backbone)(items)
     out = model(batch)
     assert set(out.cls_logits) == {"fused", "text", "audio", "video"}
     assert all(v.shape == (3, 6) for v in out.cls_logits.values())
@@ -140,22 +141,22 @@ def test_paths_forward_backward_and_adapters(tiny_dir, backbone, items):
         ), head
 
 
-def test_staged_schedule_holds_afd_and_feed_until_stage_two(tiny_dir, backbone, items):
-    cfg = cfg_for(tiny_dir, "dcr.schedule=staged", "dcr.stage1_steps=5")
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+def test_staged_schedule_holds_afd_and_feed_until_stage_two(tiny_backbone_dir, any_backbone, items):
+    cfg = cfg_for(tiny_backbone_dir, "dcr.schedule=staged", "dcr.stage1_steps=5")
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     with torch.no_grad():
         model.fusion_dcr_feed.gate.fill_(1.0)
-    batch = path_collator(backbone)(items)
+    batch = path_collator(any_backbone)(items)
     early = model({**batch, "train_step": 2})
     assert float(early.aux_losses["dcr_afd"]) == 0.0 and float(early.dcr.feed.abs().sum()) == 0.0
     late = model({**batch, "train_step": 5})
     assert float(late.aux_losses["dcr_afd"]) > 0.0 and float(late.dcr.feed.abs().sum()) > 0.0
 
 
-def test_all_adapters_and_heads_save_and_reload(tiny_dir, backbone, items, tmp_path):
-    cfg = cfg_for(tiny_dir, f"train.output_dir={tmp_path / 'run'}")
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+def test_all_adapters_and_heads_save_and_reload(tiny_backbone_dir, any_backbone, items, tmp_path):
+    cfg = cfg_for(tiny_backbone_dir, f"train.output_dir={tmp_path / 'run'}")
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     torch.manual_seed(0)
     with torch.no_grad():  # make every adapter and head distinct from its initialisation
@@ -163,13 +164,13 @@ def test_all_adapters_and_heads_save_and_reload(tiny_dir, backbone, items, tmp_p
             if ".lora_B." in n or n.startswith("fusion_"):
                 p.add_(0.3 * torch.randn_like(p))
     model.eval()
-    batch = path_collator(backbone, train=False)(items)
+    batch = path_collator(any_backbone, train=False)(items)
     with torch.no_grad():
         before = model(batch).cls_logits
     save_final(Accelerator(cpu=True), model, cfg)
     for path in PATHS:
         assert (tmp_path / "run" / "adapter" / adapter_name(path) / "adapter_model.safetensors").is_file()
-    reloaded = build_mer_model(load_backbone(tiny_dir), cfg, run_dir=tmp_path / "run")
+    reloaded = build_mer_model(load_backbone(tiny_backbone_dir), cfg, run_dir=tmp_path / "run")
     reloaded.eval()
     with torch.no_grad():
         after = reloaded(batch).cls_logits
@@ -177,16 +178,16 @@ def test_all_adapters_and_heads_save_and_reload(tiny_dir, backbone, items, tmp_p
         torch.testing.assert_close(after[path], logits, msg=path)
     (tmp_path / "run" / "adapter" / "dcr_video" / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="dcr.enabled"):
-        build_mer_model(load_backbone(tiny_dir), cfg, run_dir=tmp_path / "run")
+        build_mer_model(load_backbone(tiny_backbone_dir), cfg, run_dir=tmp_path / "run")
 
 
-def test_gradient_checkpointing_recomputes_under_the_path_adapter(tiny_dir, backbone, items):
-    batch = path_collator(backbone)(items[:2])
+def test_gradient_checkpointing_recomputes_under_the_path_adapter(tiny_backbone_dir, any_backbone, items):
+    batch = path_collator(any_backbone)(items[:2])
     grads = []
     for ckpt in ("false", "true"):
-        cfg = cfg_for(tiny_dir, f"train.gradient_checkpointing={ckpt}", "lora.dropout=0")
+        cfg = cfg_for(tiny_backbone_dir, f"train.gradient_checkpointing={ckpt}", "lora.dropout=0")
         torch.manual_seed(0)
-        model = build_mer_model(load_backbone(tiny_dir), cfg)
+        model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
         apply_trainable(model, cfg)
         model.train()  # transformers checkpoints layers in training mode only
         with torch.no_grad():
@@ -458,10 +459,10 @@ def test_fuse_or_drop_report_hand_computed():
         fuse_or_drop_report(y, preds, subsets, ["fused", "both", "text", "text"])
 
 
-def test_dcr_config_errors_are_reported_together(tiny_dir):
+def test_dcr_config_errors_are_reported_together(tiny_backbone_dir):
     with pytest.raises(ConfigError) as err:
         cfg_for(
-            tiny_dir,
+            tiny_backbone_dir,
             "dcr.schedule=later",
             "dcr.afd_temperature=0",
             "dcr.arbiter.feedback=partial",

@@ -1,5 +1,6 @@
 """DnR (`mllm_mer.fusion.dnr`): objectives on hand-made tensors, pooling, stage gating, the plug-in's
-no-op exactness (off, and on at initialisation), component ablation, and the evaluation report section."""
+no-op exactness (off, and on at initialisation), component ablation (MerModel tests on both backbone
+families), and the evaluation report section."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ from mllm_mer.trainable import apply_trainable
 H = torch.tensor([[1.0, 1.0, -1.0, -1.0], [1.0, -1.0, 1.0, -1.0], [1.0, -1.0, -1.0, 1.0]])  # (3, B=4)
 
 
-def cfg_for(tiny_dir, *overrides):
-    return load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", *overrides])
+def cfg_for(tiny_backbone_dir, *overrides):
+    return load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", *overrides])
 
 
 def hand_parts(u: torch.Tensor, r: torch.Tensor, s: torch.Tensor, modalities: int = 3) -> torch.Tensor:
@@ -63,16 +64,16 @@ def hidden_batch(B: int = 4, T: int = 6, D: int = 8, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------- config
-def test_config_defaults_overrides_and_errors(tiny_dir):
-    assert DnRConfig().problems() == [] and not cfg_for(tiny_dir).dnr.enabled
-    cfg = cfg_for(tiny_dir, "dnr.enabled=true", "dnr.part_dim=16", "dnr.noise_sigmas=[0.3]")
+def test_config_defaults_overrides_and_errors(tiny_backbone_dir):
+    assert DnRConfig().problems() == [] and not cfg_for(tiny_backbone_dir).dnr.enabled
+    cfg = cfg_for(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=16", "dnr.noise_sigmas=[0.3]")
     assert cfg.dnr.enabled and cfg.dnr.part_dim == 16 and cfg.dnr.noise_sigmas == (0.3,)
     assert cfg.dnr.loss_weights == {"dnr_push": 5.0, "dnr_pull": 0.5, "dnr_synergy": 0.5, "dnr_refine": 0.1}
     with pytest.raises(ConfigError, match="did you mean 'dnr.temperature'"):
-        cfg_for(tiny_dir, "dnr.temprature=1")
+        cfg_for(tiny_backbone_dir, "dnr.temprature=1")
     with pytest.raises(ConfigError) as err:
         bad = ("dnr.part_dim=1", "dnr.noise_sigmas=[]", "dnr.stage=divide", "dnr.refine_start_step=3")
-        cfg_for(tiny_dir, *bad)
+        cfg_for(tiny_backbone_dir, *bad)
     text = str(err.value)
     assert "dnr.part_dim=1" in text and "dnr.noise_sigmas" in text
     assert "only used with dnr.stage=joint" in text
@@ -248,8 +249,8 @@ def test_component_ablation_hand_made():
 
 # ------------------------------------------------------------------------------------------- MerModel
 @pytest.fixture(scope="module")
-def batch(tiny_dir, syn_dir, tmp_path_factory):
-    bb = load_backbone(tiny_dir)
+def batch(tiny_backbone_dir, syn_dir, tmp_path_factory):
+    bb = load_backbone(tiny_backbone_dir)
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:3]
     opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("c")), opts)
@@ -258,17 +259,17 @@ def batch(tiny_dir, syn_dir, tmp_path_factory):
     return col([mds[i] for i in range(3)])
 
 
-def build(tiny_dir, *overrides):
-    cfg = cfg_for(tiny_dir, *overrides)
+def build(tiny_backbone_dir, *overrides):
+    cfg = cfg_for(tiny_backbone_dir, *overrides)
     torch.manual_seed(0)
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     return model, cfg
 
 
-def test_plugin_off_and_on_at_init_leave_the_fused_logits_bitwise_unchanged(tiny_dir, batch):
-    off, _ = build(tiny_dir)
-    on, _ = build(tiny_dir, "dnr.enabled=true", "dnr.part_dim=8")
+def test_plugin_off_and_on_at_init_leave_the_fused_logits_bitwise_unchanged(tiny_backbone_dir, batch):
+    off, _ = build(tiny_backbone_dir)
+    on, _ = build(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=8")
     assert off.fusion_dnr is None and not any(k.startswith("fusion_dnr") for k in off.state_dict())
     assert set(off.head_state_dict()) < set(on.head_state_dict())
     off.eval(), on.eval()
@@ -285,15 +286,15 @@ def test_plugin_off_and_on_at_init_leave_the_fused_logits_bitwise_unchanged(tiny
     torch.testing.assert_close(b.loss, expected)
 
 
-def test_training_forward_backward_and_refine_stage_freezes_divide(tiny_dir, batch):
-    model, _ = build(tiny_dir, "dnr.enabled=true", "dnr.part_dim=8")
+def test_training_forward_backward_and_refine_stage_freezes_divide(tiny_backbone_dir, batch):
+    model, _ = build(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=8")
     model.train()
     out = model({**batch, "train_step": 0})
     assert set(out.aux_losses) == {"dnr_push", "dnr_pull", "dnr_synergy", "dnr_refine"}
     out.loss.backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
-    model, _ = build(tiny_dir, "dnr.enabled=true", "dnr.part_dim=8", "dnr.stage=refine")
+    model, _ = build(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=8", "dnr.stage=refine")
     frozen = {n for n, p in model.named_parameters() if n.startswith("fusion_dnr") and not p.requires_grad}
     assert frozen and all(n.startswith(DIVIDE_PREFIX) for n in frozen)
     assert all(p.requires_grad for n, p in model.named_parameters()

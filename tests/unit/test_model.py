@@ -1,4 +1,4 @@
-"""MerModel: what trains, LoRA placement, pooling, forward/backward on a real batch."""
+"""MerModel on both backbone families: what trains, LoRA / MoSE / DCR adapter placement, pooling, fwd/bwd."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ from mllm_mer.prompts import load_prompt
 from mllm_mer.trainable import apply_trainable, part_of
 
 
-def cfg_for(tiny_dir, *overrides):
-    return load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", *overrides])
+def cfg_for(tiny_backbone_dir, *overrides):
+    return load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", *overrides])
 
 
 @pytest.fixture()
-def fresh(tiny_dir):
-    return load_backbone(tiny_dir)
+def fresh(tiny_backbone_dir):
+    return load_backbone(tiny_backbone_dir)
 
 
-def test_only_lora_and_heads_train_by_default(tiny_dir, fresh):
-    cfg = cfg_for(tiny_dir)
+def test_only_lora_and_heads_train_by_default(tiny_backbone_dir, fresh):
+    cfg = cfg_for(tiny_backbone_dir)
     model = build_mer_model(fresh, cfg)
     counts = apply_trainable(model, cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -41,8 +41,8 @@ def test_only_lora_and_heads_train_by_default(tiny_dir, fresh):
     assert len(lora_modules) == 2 * 4  # 2 layers x q/k/v/o
 
 
-def test_freeze_switches_unfreeze_exactly_their_part(tiny_dir, fresh):
-    cfg = cfg_for(tiny_dir, "model.freeze.audio_projector=false", "model.freeze.vision_tower=false")
+def test_freeze_switches_unfreeze_exactly_their_part(tiny_backbone_dir, fresh):
+    cfg = cfg_for(tiny_backbone_dir, "model.freeze.audio_projector=false", "model.freeze.vision_tower=false")
     model = build_mer_model(fresh, cfg)
     apply_trainable(model, cfg)
     parts = {part_of(n) for n, p in model.named_parameters() if p.requires_grad}
@@ -51,8 +51,30 @@ def test_freeze_switches_unfreeze_exactly_their_part(tiny_dir, fresh):
     assert not any("visual.merger" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_lora_target_outside_language_model_is_refused(tiny_dir, fresh):
-    cfg = cfg_for(tiny_dir, r"lora.target_modules=.*self_attn\.(q_proj|v_proj)")
+@pytest.mark.parametrize("method", ["lora", "mose", "dcr"])
+def test_no_adapter_weight_outside_the_language_model(tiny_backbone_dir, fresh, method):
+    """LoRA, MoSE and the DCR path adapters sit on the language model only, for both families.
+
+    On Qwen3-Omni's MoE language model peft turns the regex into leaf names (q_proj, ...) that the audio
+    tower shares; `apply_lora` passes the family's `exclude_modules`.
+    """
+    overrides = {"lora": [], "mose": ["mose.enabled=true"], "dcr": ["dcr.enabled=true"]}[method]
+    model = build_mer_model(fresh, cfg_for(tiny_backbone_dir, *overrides))
+    marks = (".lora_", ".mose_")
+    adapted = {n for n, _ in model.named_parameters() if any(m in n for m in marks)}
+    assert adapted
+    lm = f".{fresh.family.language_model}.layers."
+    assert all(lm in n and ".self_attn." in n for n in adapted), sorted(n for n in adapted if lm not in n)[:3]
+    assert {part_of(n) for n in adapted} == {"mose" if method == "mose" else "lora"}
+    if method == "dcr":  # one adapter per unimodal path beside "default", all on the same 2 x 4 modules
+        names = {n.split(".lora_A.", 1)[1].rsplit(".", 1)[0] for n in adapted if ".lora_A." in n}
+        assert names == {"default", "dcr_text", "dcr_audio", "dcr_video"}
+    modules = {n.split(".lora_", 1)[0].split(".mose_", 1)[0] for n in adapted}
+    assert len(modules) == 2 * 4  # 2 layers x q/k/v/o
+
+
+def test_lora_target_outside_language_model_is_refused(tiny_backbone_dir, fresh):
+    cfg = cfg_for(tiny_backbone_dir, r"lora.target_modules=.*self_attn\.(q_proj|v_proj)")
     with pytest.raises(ValueError, match="outside the language model"):
         build_mer_model(fresh, cfg)
 
@@ -70,8 +92,8 @@ def test_pool_by_modality_hand_computed():
     torch.testing.assert_close(pooled[1, 0], hidden[1, [0, 3, 4]].mean(0))
 
 
-def test_forward_backward_reaches_only_trainables(tiny_dir, fresh, syn_dir, tmp_path):
-    cfg = cfg_for(tiny_dir)
+def test_forward_backward_reaches_only_trainables(tiny_backbone_dir, fresh, syn_dir, tmp_path):
+    cfg = cfg_for(tiny_backbone_dir)
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
     opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path / "c"), opts)

@@ -1,4 +1,5 @@
-"""MoSE: routing by modality, LoRA parity, regularizers, scoped hooks, checkpointing, save/load, generate."""
+"""MoSE (both backbone families): routing by modality, LoRA parity, regularizers, scoped hooks, checkpointing,
+save/load, generate."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ TEXT, AUDIO, VIDEO = int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VIDEO
 ROUTINGS = ("soft", "top_k", "top1_st")
 
 
-def cfg_for(tiny_dir, *overrides):
-    base = [f"model.path={tiny_dir}", "data.train=x.jsonl", "mose.enabled=true"]
+def cfg_for(tiny_backbone_dir, *overrides):
+    base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "mose.enabled=true"]
     return load_config(None, [*base, *overrides])
 
 
@@ -52,9 +53,9 @@ def randomize(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
 
 
 @pytest.fixture(scope="module")
-def batches(tiny_dir, syn_dir, tmp_path_factory):
+def batches(tiny_backbone_dir, syn_dir, tmp_path_factory):
     """A training batch (right padding, answers) and an inference batch (left padding) of 2 clips."""
-    bb = load_backbone(tiny_dir)
+    bb = load_backbone(tiny_backbone_dir)
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
     opts = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     mds = MerDataset(samples, build_media_dataset(samples, opts, tmp_path_factory.mktemp("c")), opts)
@@ -139,12 +140,12 @@ def test_routing_weights():
         route(probs, "noisy")
 
 
-def test_one_expert_per_modality_equals_plain_lora(tiny_dir, batches):
+def test_one_expert_per_modality_equals_plain_lora(tiny_backbone_dir, batches):
     """experts=1 (the gate is fixed at 1) and w_m = 1: MoSE is LoRA with the same A and B (peft reference)."""
     train, _ = batches
-    lora_cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl", "lora.dropout=0"])
-    lora = build_mer_model(load_backbone(tiny_dir), lora_cfg)
-    mose = build_mer_model(load_backbone(tiny_dir), cfg_for(tiny_dir, "mose.experts=1", "mose.dropout=0"))
+    lora_cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "lora.dropout=0"])
+    lora = build_mer_model(load_backbone(tiny_backbone_dir), lora_cfg)
+    mose = build_mer_model(load_backbone(tiny_backbone_dir), cfg_for(tiny_backbone_dir, "mose.experts=1", "mose.dropout=0"))
     mose.fusion_head.load_state_dict(lora.fusion_head.state_dict())
     lora.eval()
     mose.eval()
@@ -200,22 +201,22 @@ def test_regularizers_zero_exactly_at_balance_and_positive_away():
 
 
 # ---------------------------------------------------------------------------------- model integration
-def test_apply_mose_targets_exactly_the_language_model_attention(tiny_dir):
-    bb = load_backbone(tiny_dir)
+def test_apply_mose_targets_exactly_the_language_model_attention(tiny_backbone_dir):
+    bb = load_backbone(tiny_backbone_dir)
     names = apply_mose(bb.model, MoSEConfig(enabled=True))
     expected = sorted(f"model.language_model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
     assert names == expected and len(mose_layers(bb.model)) == 8
     with pytest.raises(ValueError, match="already applied"):
         apply_mose(bb.model, MoSEConfig(enabled=True))
     with pytest.raises(ValueError, match="matches no module"):
-        apply_mose(load_backbone(tiny_dir).model, MoSEConfig(target_modules=r".*nothing_here"))
+        apply_mose(load_backbone(tiny_backbone_dir).model, MoSEConfig(target_modules=r".*nothing_here"))
     with pytest.raises(ValueError, match="outside the language model"):
-        apply_mose(load_backbone(tiny_dir).model, MoSEConfig(target_modules=r".*self_attn\.(q_proj|v_proj)"))
+        apply_mose(load_backbone(tiny_backbone_dir).model, MoSEConfig(target_modules=r".*self_attn\.(q_proj|v_proj)"))
 
 
-def test_only_mose_and_heads_train(tiny_dir):
-    cfg = cfg_for(tiny_dir)  # lora.enabled stays true: MoSE replaces it
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+def test_only_mose_and_heads_train(tiny_backbone_dir):
+    cfg = cfg_for(tiny_backbone_dir)  # lora.enabled stays true: MoSE replaces it
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     counts = apply_trainable(model, cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".mose_" in n or n.startswith("fusion_") for n in trainable)
@@ -227,10 +228,10 @@ def test_only_mose_and_heads_train(tiny_dir):
         assert counts[part][0] == 0
 
 
-def test_forward_reports_regularizers_gate_stats_and_loss(tiny_dir, batches):
+def test_forward_reports_regularizers_gate_stats_and_loss(tiny_backbone_dir, batches):
     train, _ = batches
-    cfg = cfg_for(tiny_dir, "mose.modality_balance_weight=0.5")
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    cfg = cfg_for(tiny_backbone_dir, "mose.modality_balance_weight=0.5")
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     randomize(model, scale=0.05)
     out = model(train)
@@ -255,9 +256,9 @@ def test_forward_reports_regularizers_gate_stats_and_loss(tiny_dir, batches):
         assert (p.grad is not None) == p.requires_grad, n  # every expert gets a (maybe zero) grad: DDP-safe
 
 
-def test_hooks_exist_only_inside_the_block(tiny_dir, batches):
+def test_hooks_exist_only_inside_the_block(tiny_backbone_dir, batches):
     train, _ = batches
-    model = build_mer_model(load_backbone(tiny_dir), cfg_for(tiny_dir))
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg_for(tiny_backbone_dir))
     layers = mose_layers(model)
     with pytest.raises(RuntimeError, match="boom"), bound_modalities(model.backbone, train["token_modality"]):
         assert all(len(m._forward_pre_hooks) == 1 for m in layers)
@@ -270,14 +271,14 @@ def test_hooks_exist_only_inside_the_block(tiny_dir, batches):
         model.backbone(input_ids=train["input_ids"][:, :8])
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_dir, batches):
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_backbone_dir, batches):
     """Checkpointed layers recompute after the binding has exited; the context_fn re-binds them."""
     train, _ = batches
     results = []
     for gc in ("false", "true"):
-        cfg = cfg_for(tiny_dir, f"train.gradient_checkpointing={gc}", "mose.dropout=0")
+        cfg = cfg_for(tiny_backbone_dir, f"train.gradient_checkpointing={gc}", "mose.dropout=0")
         torch.manual_seed(0)  # same heads in both models
-        model = build_mer_model(load_backbone(tiny_dir), cfg)
+        model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
         apply_trainable(model, cfg)
         randomize(model, scale=0.05)
         model.train()
@@ -292,10 +293,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_dir, batches)
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6)
 
 
-def test_save_load_through_run_dir_gives_identical_outputs(tiny_dir, batches, tmp_path):
+def test_save_load_through_run_dir_gives_identical_outputs(tiny_backbone_dir, batches, tmp_path):
     train, infer = batches
-    cfg = cfg_for(tiny_dir, f"train.output_dir={tmp_path}")
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    cfg = cfg_for(tiny_backbone_dir, f"train.output_dir={tmp_path}")
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     randomize(model)
     model.eval()
@@ -303,20 +304,20 @@ def test_save_load_through_run_dir_gives_identical_outputs(tiny_dir, batches, tm
     save_final(Accelerator(cpu=True), model, cfg)
     assert (tmp_path / MOSE_WEIGHTS).is_file() and not (tmp_path / "adapter").exists()
     assert not (tmp_path / "trainable_base.safetensors").exists()
-    loaded = build_mer_model(load_backbone(tiny_dir), cfg, run_dir=tmp_path)
+    loaded = build_mer_model(load_backbone(tiny_backbone_dir), cfg, run_dir=tmp_path)
     loaded.eval()
     for batch in (train, infer):
         a, b = loaded(batch).cls_logits["fused"], model(batch).cls_logits["fused"]
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    bad = cfg_for(tiny_dir, "mose.experts=2")
+    bad = cfg_for(tiny_backbone_dir, "mose.experts=2")
     with pytest.raises(ValueError, match="shapes differ"):
-        build_mer_model(load_backbone(tiny_dir), bad, run_dir=tmp_path)
+        build_mer_model(load_backbone(tiny_backbone_dir), bad, run_dir=tmp_path)
 
 
-def test_generate_with_kv_cache_matches_uncached(tiny_dir, batches):
+def test_generate_with_kv_cache_matches_uncached(tiny_backbone_dir, batches):
     """Generated tokens are text: cached steps (1 new token) and uncached steps (whole sequence) agree."""
     _, infer = batches
-    model = build_mer_model(load_backbone(tiny_dir), cfg_for(tiny_dir))
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg_for(tiny_backbone_dir))
     randomize(model, scale=0.5)
     model.eval()
     inputs = {k: infer[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask",

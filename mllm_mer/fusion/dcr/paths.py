@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_mer.data.schema import Modality
+from mllm_mer.encoders import backbone_inputs
 from mllm_mer.fusion.dcr.afd import afd_loss, aggregate_evidence
 from mllm_mer.fusion.dcr.collate import PATHS
 from mllm_mer.fusion.dcr.config import DCRConfig
@@ -99,7 +100,7 @@ class StudentFeed(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.zeros(1))  # (1,), not 0-d: DeepSpeed ZeRO-3 cannot partition 0-d tensors
 
     def forward(self, student_logits: torch.Tensor) -> torch.Tensor:
         """(B, C) student logits (detached here) -> (B, C) float32 addition to the fused logits."""
@@ -232,7 +233,7 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         sub = batch["paths"][path]
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
             raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
-        inputs = {k: sub[k] for k in _MODEL_INPUTS if sub.get(k) is not None}
+        inputs = backbone_inputs(mer.backbone, sub, _MODEL_INPUTS)  # cached features / ZeRO-3: inputs_embeds
         with active_adapter(mer.backbone, adapter_name(path)), mer.routing(sub["token_modality"]):
             out = mer.backbone(
                 **inputs,
