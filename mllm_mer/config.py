@@ -95,7 +95,7 @@ class DataConfig:
     """If set, build the synthetic conflict set here on first use; empty train/dev/test default into it."""
     synthetic_seed: int = 0
     labels: tuple[str, ...] = MER2023_LABELS
-    prompt: str = "train_explain"
+    prompt: str = "explain"
     """Prompt template (prompts/<name>.txt) rendered for every training / dev sample."""
     fps: float = 4.0
     """Video frames sampled per second when decoding."""

@@ -128,7 +128,7 @@ class MerModel(nn.Module):
             batch: collator output; `labels` (B, T) and `class_id` (B,) are optional targets.
             compute_lm_loss: default: when the batch has `labels` and the LM loss weight is > 0.
         """
-        inputs = backbone_inputs(self.backbone, batch, _MODEL_INPUTS)  # cached features / ZeRO-3: inputs_embeds
+        inputs = backbone_inputs(self.backbone, batch, _MODEL_INPUTS)  # cache / ZeRO-3: inputs_embeds
         labels = batch.get("labels")
         if compute_lm_loss is None:
             compute_lm_loss = labels is not None and self.lm_loss_weight > 0

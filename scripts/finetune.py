@@ -96,7 +96,9 @@ def train(cfg: RunConfig) -> dict:
     steps_per_epoch = -(-len(train_dl) // (cfg.train.grad_accum * accelerator.num_processes))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     optimizer, scheduler = T.build_optimizer(model, cfg, total)
-    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    # the scheduler stays unprepared: accelerate would step it once per process (schedule `total` is global)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    accelerator.register_for_checkpointing(scheduler)
     if dev_dl is not None:
         dev_dl = accelerator.prepare(dev_dl)
     if main:
@@ -138,7 +140,8 @@ def train(cfg: RunConfig) -> dict:
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             if main and out.gate_stats:
                 gate_mean.add(out.gate_stats)

@@ -100,7 +100,7 @@ class StudentFeed(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(1))  # (1,), not 0-d: DeepSpeed ZeRO-3 cannot partition 0-d tensors
+        self.gate = nn.Parameter(torch.zeros(1))  # (1,), not 0-d: ZeRO-3 cannot partition 0-d tensors
 
     def forward(self, student_logits: torch.Tensor) -> torch.Tensor:
         """(B, C) student logits (detached here) -> (B, C) float32 addition to the fused logits."""
@@ -233,7 +233,7 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         sub = batch["paths"][path]
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
             raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
-        inputs = backbone_inputs(mer.backbone, sub, _MODEL_INPUTS)  # cached features / ZeRO-3: inputs_embeds
+        inputs = backbone_inputs(mer.backbone, sub, _MODEL_INPUTS)  # cache / ZeRO-3: inputs_embeds
         with active_adapter(mer.backbone, adapter_name(path)), mer.routing(sub["token_modality"]):
             out = mer.backbone(
                 **inputs,
