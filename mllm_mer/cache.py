@@ -7,7 +7,8 @@ towers. `fill_cache` computes per sample, once:
 - a **feature entry** (key: sample id + media file fingerprints + encoder fingerprint): the audio tower's
   output `audio` (M, D) with the mel length `audio_len` (what the 3D position ids need), the vision tower's
   output `video` (N, D) with `video_grid_thw` (1, 3) and `video_second_per_grid` (1,), and `present`
-  ([has_video, has_audio]). Prompt-independent.
+  ([has_video, has_audio]); for a deepstack family (Qwen3-Omni) also `video_deepstack` (levels, N, D), the
+  vision tower's deepstack features. Prompt-independent.
 - a **layout entry** per prompt variant (key: feature key + rendered prompt text + which media it keeps +
   tokenizer fingerprint): the processor's `input_ids` of the prompt part (system + user turn with the
   expanded placeholders, through the generation prompt). The interleaved audio-in-video layout is taken
@@ -16,7 +17,7 @@ towers. `fill_cache` computes per sample, once:
 
 `CachedCollator` then builds batches from the cache alone: prompt ids from the layout entry, the answer
 tokenized as the uncached collator does, right/left padding, labels, `token_modality`, `prompt_mask`, and
-`audio_embeds` / `video_embeds` instead of the processor's features. `MerModel.forward` scatters those into
+`audio_embeds` / `video_embeds` (and `video_deepstack`) instead of the processor's features. `MerModel.forward` scatters those into
 the token embeddings (`mllm_mer.encoders.backbone_inputs`) and passes `input_ids` too, so the thinker
 computes the same TMRoPE position ids: the loss equals the uncached one (tested to 1e-6 on CPU).
 
@@ -67,7 +68,7 @@ from torch import nn
 from mllm_mer.backbone.modality import token_modality
 from mllm_mer.data.collate import IGNORE_INDEX, MerCollator
 from mllm_mer.data.schema import Sample
-from mllm_mer.encoders import check_supported, encode_audio, encode_video, is_zero3
+from mllm_mer.encoders import check_supported, encode_audio, encode_video_full, is_zero3
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -525,7 +526,12 @@ def _compute_entry(
         entry["audio_len"] = fam.sum(dim=1).to(torch.long)
     if batch.get("pixel_values_videos") is not None:
         grid = batch["video_grid_thw"]
-        entry["video"] = encode_video(thinker, batch["pixel_values_videos"].to(device), grid.to(device))[0]
+        merged, deepstack = encode_video_full(
+            thinker, batch["pixel_values_videos"].to(device), grid.to(device)
+        )
+        entry["video"] = merged[0]
+        if deepstack is not None:  # (levels, N, D)
+            entry["video_deepstack"] = deepstack[0]
         entry["video_grid_thw"] = grid.to(torch.long)
         entry["video_second_per_grid"] = batch["video_second_per_grid"].to(torch.float32)
     return entry, batch["input_ids"][0]
@@ -712,6 +718,7 @@ class CachedCollator:
         Returns:
             input_ids / attention_mask / labels (None unless `train`) / token_modality / prompt_mask (B, T),
             class_id (B,), audio_embeds (sum M_i, D) or None, video_embeds (sum N_j, D) or None,
+            video_deepstack (levels, sum N_j, D) (only when videos of a deepstack family),
             feature_attention_mask (A, max mel length) long (only when audios), video_grid_thw (V, 3) and
             video_second_per_grid (V,) (only when videos), use_audio_in_video, sample_ids.
         """
@@ -719,7 +726,7 @@ class CachedCollator:
         tok = base.processor.tokenizer
         rows: list[torch.Tensor] = []
         answer_lens: list[int] = []
-        audio, audio_len, video, grids, spg = [], [], [], [], []
+        audio, audio_len, video, deepstack, grids, spg = [], [], [], [], [], []
         with_audio_in_video: set[bool] = set()
         for sample, media in items:
             has_video = use_video and media.frames is not None
@@ -727,13 +734,15 @@ class CachedCollator:
             text = prompt_text(base, sample, media, use_video, use_audio)
             lk = layout_key(media.key, self.spec.layout_fp, has_video, has_audio, text)
             ids = self.cache.get(lk, ["input_ids"])["input_ids"]
-            fields = (["video", "video_grid_thw", "video_second_per_grid"] if has_video else []) + (
-                ["audio", "audio_len"] if has_audio else []
-            )
+            fields = (
+                ["video", "video_deepstack", "video_grid_thw", "video_second_per_grid"] if has_video else []
+            ) + (["audio", "audio_len"] if has_audio else [])
             feats = self.cache.get(media.key, fields) if fields else {}
             if has_video:
                 with_audio_in_video.add(has_audio)
                 video.append(feats["video"])
+                if "video_deepstack" in feats:
+                    deepstack.append(feats["video_deepstack"])
                 grids.append(feats["video_grid_thw"])
                 spg.append(feats["video_second_per_grid"])
             if has_audio:
@@ -770,6 +779,8 @@ class CachedCollator:
             "audio_embeds": torch.cat(audio) if audio else None,
             "video_embeds": torch.cat(video) if video else None,
         }
+        if deepstack:
+            batch["video_deepstack"] = torch.cat(deepstack, dim=1)
         if audio:
             lengths = torch.cat(audio_len)
             batch["feature_attention_mask"] = (
@@ -821,7 +832,7 @@ def prepare_cache(
     Returns:
         (the samples served, the `CachedCollator`, {sample id: CachedMedia}, the fill report).
     Raises:
-        ValueError: a tower or projector is unfrozen (`model.freeze.*`), or the thinker is not Qwen2.5-Omni.
+        ValueError: a tower or projector is unfrozen (`model.freeze.*`), or the thinker is of no supported family.
     """
     check_cacheable(cfg)
     from mllm_mer.training import decode_options

@@ -19,6 +19,7 @@ Differences that matter to mllm_mer (transformers 5.23):
 | audio projector | `audio_tower.{ln_post, proj}` | `audio_tower.{ln_post, proj1, proj2}` |
 | vision projector | `visual.merger` | `visual.merger` + `visual.merger_list` (deepstack) |
 | vision patch | 14 | 16 |
+| audio stem | `audio_tower.conv1` | `audio_tower.conv2d1` (.. `conv2d3`) |
 
 Deepstack (Qwen3-Omni): the vision tower also returns features of some of its intermediate blocks, each
 passed through its own merger (`visual.merger_list`); the language model adds them to the hidden states of
@@ -64,6 +65,7 @@ class BackboneFamily:
         vision_projector: children of the vision tower that do so (the patch mergers).
         deepstack: the vision tower feeds intermediate features into early language-model layers.
         vision_patch: the vision tower's patch size (pixels).
+        audio_stem: the audio tower's first convolution (its weight's dtype is the tower's input dtype).
     """
 
     name: str
@@ -79,6 +81,7 @@ class BackboneFamily:
     vision_projector: tuple[str, ...]
     deepstack: bool
     vision_patch: int
+    audio_stem: str
     language_model: str = "model.language_model"
     audio_tower: str = "model.audio_tower"
     vision_tower: str = "model.visual"
@@ -130,6 +133,7 @@ QWEN2_5_OMNI = BackboneFamily(
     vision_projector=("merger",),
     deepstack=False,
     vision_patch=14,
+    audio_stem="conv1",
 )
 
 QWEN3_OMNI = BackboneFamily(
@@ -157,6 +161,7 @@ QWEN3_OMNI = BackboneFamily(
     vision_projector=("merger", "merger_list"),
     deepstack=True,
     vision_patch=16,
+    audio_stem="conv2d1",
 )
 
 FAMILIES: dict[str, BackboneFamily] = {f.name: f for f in (QWEN2_5_OMNI, QWEN3_OMNI)}

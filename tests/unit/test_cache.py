@@ -1,5 +1,6 @@
 """Frozen-encoder cache: cached epochs equal uncached ones, invalidation, corrupt shards, ranks, refusals;
-and the encoders-outside-the-thinker path that ZeRO-3 uses."""
+and the encoders-outside-the-thinker path that ZeRO-3 uses. The equality, invalidation and ZeRO-3 tests run on
+both backbone families (`tiny_backbone_dir`: Qwen2.5-Omni, and Qwen3-Omni with its deepstack features)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from mllm_mer import cache as C
 from mllm_mer import encoders
-from mllm_mer.backbone import load_backbone
+from mllm_mer.backbone import family_of, load_backbone
 from mllm_mer.config import ConfigError, load_config
 from mllm_mer.data.dataset import MerDataset, build_media_dataset
 from mllm_mer.data.jsonl import read_jsonl
@@ -82,9 +83,9 @@ def copy_samples(syn_dir: Path, dest: Path, n: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------ equality
-def test_cached_epoch_gives_the_uncached_losses(tiny_dir, syn_dir, tmp_path):
-    cfg = cfg_for(tiny_dir, tmp_path, "data.modality_dropout=0.5")
-    bb = load_backbone(tiny_dir)
+def test_cached_epoch_gives_the_uncached_losses(tiny_backbone_dir, syn_dir, tmp_path):
+    cfg = cfg_for(tiny_backbone_dir, tmp_path, "data.modality_dropout=0.5")
+    bb = load_backbone(tiny_backbone_dir)
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:8]
     collator, cached, cached_items, report = fill(cfg, bb, samples)
     assert report.features_computed == 8 and report.layouts_computed == 8 * 3  # a+v, video-only, audio-only
@@ -92,7 +93,7 @@ def test_cached_epoch_gives_the_uncached_losses(tiny_dir, syn_dir, tmp_path):
     losses = {}
     for name, collate, data in (("uncached", collator, items), ("cached", cached, cached_items)):
         torch.manual_seed(0)
-        model = build_mer_model(load_backbone(tiny_dir), cfg)
+        model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
         apply_trainable(model, cfg)
         optimizer, _ = build_optimizer(model, cfg, total_steps=10)
         model.train()
@@ -118,26 +119,35 @@ def test_cached_epoch_gives_the_uncached_losses(tiny_dir, syn_dir, tmp_path):
                 assert fast[key] == value, key
 
 
-def test_cached_dcr_paths_match_uncached(tiny_dir, syn_dir, tmp_path):
-    cfg = cfg_for(tiny_dir, tmp_path, "dcr.enabled=true", "dnr.enabled=true")
-    bb = load_backbone(tiny_dir)
+def test_cached_dcr_paths_match_uncached(tiny_backbone_dir, syn_dir, tmp_path):
+    cfg = cfg_for(tiny_backbone_dir, tmp_path, "dcr.enabled=true", "dnr.enabled=true")
+    bb = load_backbone(tiny_backbone_dir)
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:3]
     collator, cached, cached_items, _ = fill(cfg, bb, samples)
-    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     model.eval()
+    fast_batch = cached(cached_items)
     with torch.no_grad():
-        plain, fast = model(collator(uncached_items(cfg, bb, samples))), model(cached(cached_items))
+        plain, fast = model(collator(uncached_items(cfg, bb, samples))), model(fast_batch)
     for path in ("fused", "text", "audio", "video"):
         torch.testing.assert_close(fast.cls_logits[path], plain.cls_logits[path], rtol=0, atol=1e-6)
     torch.testing.assert_close(fast.loss, plain.loss, rtol=0, atol=1e-6)
+    if family_of(bb.model.config).deepstack:  # Qwen3: the cached deepstack features reach the language model
+        deep = fast_batch["video_deepstack"]
+        assert deep.shape[1:] == fast_batch["video_embeds"].shape and deep.shape[0] >= 1
+        with torch.no_grad():
+            zeroed = model({**fast_batch, "video_deepstack": torch.zeros_like(deep)})
+        assert not torch.allclose(zeroed.cls_logits["fused"], fast.cls_logits["fused"], rtol=0, atol=1e-6)
+    else:
+        assert "video_deepstack" not in fast_batch
 
 
 # ------------------------------------------------------------------------------------------ invalidation
-def test_changed_media_file_invalidates_only_its_entry(tiny_dir, syn_dir, tmp_path):
+def test_changed_media_file_invalidates_only_its_entry(tiny_backbone_dir, syn_dir, tmp_path):
     samples = copy_samples(syn_dir, tmp_path / "data", 3)
-    cfg = cfg_for(tiny_dir, tmp_path)
-    bb = load_backbone(tiny_dir)
+    cfg = cfg_for(tiny_backbone_dir, tmp_path)
+    bb = load_backbone(tiny_backbone_dir)
     _, cached, items, first = fill(cfg, bb, samples)
     before = cached(items)["video_embeds"]
     _, _, _, again = fill(cfg, bb, samples)
@@ -268,11 +278,11 @@ def test_cache_refused_when_a_tower_or_projector_trains(tiny_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ ZeRO-3 path
-def test_every_tower_path_equals_the_thinkers_forward(tiny_dir, syn_dir, tmp_path, monkeypatch):
+def test_every_tower_path_equals_the_thinkers_forward(tiny_backbone_dir, syn_dir, tmp_path, monkeypatch):
     """Under ZeRO-3 the towers run outside the thinker, on every call (dummy input when a modality is
     missing); the outputs must equal the thinker's own forward, with and without a modality."""
-    cfg = cfg_for(tiny_dir, tmp_path)
-    bb = load_backbone(tiny_dir)
+    cfg = cfg_for(tiny_backbone_dir, tmp_path)
+    bb = load_backbone(tiny_backbone_dir)
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
     collator = build_collator(cfg, bb, train=True)
     items = uncached_items(cfg, bb, samples)
