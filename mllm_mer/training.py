@@ -7,6 +7,7 @@ atomic checkpoints and the run directory. Everything here works the same on one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -387,6 +388,54 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig)
             if k in trainable and ".lora_" not in k and ".mose_" not in k and not k.startswith("fusion_")}
     if base:
         save_file(base, str(out / "trainable_base.safetensors"))
+
+
+def check_all_data(cfg: RunConfig) -> tuple[list[str], int, int]:
+    """Every row and every sample's media of train/dev/test: (problem lines, samples seen, splits)."""
+    from transformers import AutoProcessor
+
+    ensure_inputs(cfg)
+    row_problems: dict[str, list[str]] = {}
+    lenient = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="skip"))
+    samples = read_splits(lenient, ("train", "dev", "test"), report=row_problems)
+    processor = AutoProcessor.from_pretrained(cfg.model.path, local_files_only=True)
+    problems = [f"{split}: {p}" for split, lines in row_problems.items() for p in lines]
+    problems += check_data(samples, decode_options(cfg, processor))
+    n = sum(len(s) for s in samples.values()) + sum(len(v) for v in row_problems.values())
+    return problems, n, len(samples)
+
+
+def report_dev(model, dev_dl, accelerator: Accelerator, cfg: RunConfig, samples: list[Sample], step: int,
+               writer) -> dict:
+    """Dev metrics on every rank; the main process prints them and writes them to TensorBoard."""
+    m = evaluate(model, dev_dl, accelerator, cfg, samples)
+    if accelerator.is_main_process:
+        subsets = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in m["per_subset"].items())
+        print(f"[dev step {step}] accuracy={m['accuracy']:.3f} weighted_f1={m['weighted_f1']:.3f} {subsets}")
+        writer.add_scalar("dev/accuracy", m["accuracy"], step)
+        writer.add_scalar("dev/weighted_f1", m["weighted_f1"], step)
+        for k, v in m["per_subset"].items():
+            writer.add_scalar(f"dev/accuracy_{k}", v["accuracy"], step)
+    return m
+
+
+def log_train_step(writer, log_file: Path, step: int, out, lr: float, step_time: float) -> dict:
+    """One `train_log.jsonl` row (losses, lr, seconds/step) mirrored to TensorBoard, plus MoSE gate stats."""
+    from mllm_mer.adapters.mose import flatten_gate_stats
+
+    row = {"step": step, "loss": out.loss.item(), "lr": lr, "step_time": step_time}
+    for k in ("lm_loss", "cls_loss"):
+        if getattr(out, k) is not None:
+            row[k] = getattr(out, k).item()
+    row.update({k: v.item() for k, v in out.aux_losses.items()})
+    for k, v in row.items():
+        if k != "step":
+            writer.add_scalar(f"train/{k}", v, step)
+    for k, v in flatten_gate_stats(out.gate_stats).items():  # empty without MoSE
+        writer.add_scalar(f"mose/{k}", v, step)
+    with log_file.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
 
 
 def write_data_report(cfg: RunConfig, samples: dict[str, list[Sample]], skipped: dict[str, list[str]]) -> None:

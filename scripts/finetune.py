@@ -15,8 +15,6 @@ final_metrics.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
@@ -29,7 +27,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mllm_mer import training as T
-from mllm_mer.adapters.mose import GateStatsMean, flatten_gate_stats
+from mllm_mer.adapters.mose import GateStatsMean
 from mllm_mer.backbone import load_backbone
 from mllm_mer.config import ConfigError, RunConfig, load_config
 from mllm_mer.model import build_mer_model
@@ -49,19 +47,10 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
 
 def check_data_only(cfg: RunConfig) -> int:
     """Check every row and every sample's media of train/dev/test; print one line per problem."""
-    from transformers import AutoProcessor
-
-    T.ensure_inputs(cfg)
-    row_problems: dict[str, list[str]] = {}
-    lenient = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="skip"))
-    samples = T.read_splits(lenient, ("train", "dev", "test"), report=row_problems)
-    processor = AutoProcessor.from_pretrained(cfg.model.path, local_files_only=True)
-    problems = [f"{split}: {p}" for split, lines in row_problems.items() for p in lines]
-    problems += T.check_data(samples, T.decode_options(cfg, processor))
+    problems, n, splits = T.check_all_data(cfg)
     for line in problems:
         print(line)
-    n = sum(len(s) for s in samples.values()) + sum(len(v) for v in row_problems.values())
-    print(f"checked {n} samples in {len(samples)} split(s): {len(problems)} problem(s)")
+    print(f"checked {n} samples in {splits} split(s): {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
@@ -154,22 +143,10 @@ def train(cfg: RunConfig) -> dict:
             if main and state.step % cfg.train.log_every == 0:
                 step_time = (time.perf_counter() - window_start) / window_steps
                 window_start, window_steps = time.perf_counter(), 0
-                row = {"step": state.step, "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0],
-                       "step_time": step_time}
-                for k in ("lm_loss", "cls_loss"):
-                    if getattr(out, k) is not None:
-                        row[k] = getattr(out, k).item()
-                row.update({k: v.item() for k, v in out.aux_losses.items()})
-                for k, v in row.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, state.step)
-                for k, v in flatten_gate_stats(out.gate_stats).items():  # empty without MoSE
-                    writer.add_scalar(f"mose/{k}", v, state.step)
-                with log_file.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                row = T.log_train_step(writer, log_file, state.step, out, scheduler.get_last_lr()[0], step_time)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             if dev_dl is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
+                dev_metrics = T.report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total:
                 T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
             if cfg.train.max_minutes and T.any_rank(time.time() - started > 60 * cfg.train.max_minutes, accelerator):
@@ -184,11 +161,11 @@ def train(cfg: RunConfig) -> dict:
             state.epoch += 1
             state.batch_in_epoch = 0
             if dev_dl is not None and not cfg.train.eval_every and state.step < total:
-                dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
+                dev_metrics = T.report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     bar.close()
     T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
     if dev_dl is not None:
-        dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
+        dev_metrics = T.report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     T.save_final(accelerator, model, cfg)
     final = {"dev": dev_metrics, "step": state.step, "stopped_early": stopped_early, "nonfinite_skipped": nan_skips}
     if main:
@@ -200,18 +177,6 @@ def train(cfg: RunConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def report_dev(model, dev_dl, accelerator, cfg, samples, step, writer) -> dict:
-    m = T.evaluate(model, dev_dl, accelerator, cfg, samples)
-    if accelerator.is_main_process:
-        subsets = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in m["per_subset"].items())
-        print(f"[dev step {step}] accuracy={m['accuracy']:.3f} weighted_f1={m['weighted_f1']:.3f} {subsets}")
-        writer.add_scalar("dev/accuracy", m["accuracy"], step)
-        writer.add_scalar("dev/weighted_f1", m["weighted_f1"], step)
-        for k, v in m["per_subset"].items():
-            writer.add_scalar(f"dev/accuracy_{k}", v["accuracy"], step)
-    return m
 
 
 def main(argv: list[str] | None = None) -> int:
