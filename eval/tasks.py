@@ -75,6 +75,7 @@ from mllm_mer.data.readers import (
     _Ids,
     _label,
     _name,
+    dfew_label_rows,
     parse_openset,
     read_camer,
 )
@@ -691,17 +692,7 @@ def read_dfew_references(path: Path) -> list[Reference]:
     Raises:
         ValueError: a missing file or a bad row (naming the file and line).
     """
-    ids, refs = _Ids(), []
-    for line, row in _csv_rows(path, ["video_name", "label"]):
-        where = f"{path}, line {line}"
-        name = _name(row["video_name"], what=where)
-        raw = row["label"].strip()
-        if not (raw.isdigit() and 1 <= int(raw) <= len(DFEW_LABELS)):
-            raise ValueError(f"{where}: label {row['label']!r} is not an integer in 1..{len(DFEW_LABELS)}")
-        sid = dfew_id(name)
-        ids.add(sid, where)
-        refs.append(Reference(id=sid, label=DFEW_LABELS[int(raw) - 1]))
-    return refs
+    return [Reference(id=sid, label=label) for _, _, sid, label in dfew_label_rows(path)]
 
 
 def evaluate_dfew(opts: EvalOptions) -> dict[str, Any]:

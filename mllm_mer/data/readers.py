@@ -255,8 +255,24 @@ def read_dfew(root: str | Path, split: str, fold: int, *, video_dir: str = "vide
         raise ValueError(f"DFEW fold {fold!r} unknown; valid: 1..5")
     root = Path(root)
     path = root / "EmoLabel_DataSplit" / f"{split}(single-labeled)" / f"set_{fold}.csv"
-    ids, samples = _Ids(), []
-    for line, row in _csv_rows(path, ["video_name", "label"]):
+    samples = []
+    for where, name, sample_id, label in dfew_label_rows(path):
+        stems = [f"{video_dir}/{stem}" for stem in _dfew_candidates(name)]
+        video = _find_media(root, stems, what=f"{where} (video of {name!r})")
+        samples.append(Sample(id=sample_id, video=video, label=label))
+    return samples
+
+
+def dfew_label_rows(path: str | Path) -> Iterator[tuple[str, str, str, str]]:
+    """Validated rows of a DFEW split CSV (`video_name,label`, label ids 1..7); media are not touched.
+
+    Yields:
+        (where, video name, sample id (numeric names zero-padded to 5 digits), label name).
+    Raises:
+        ValueError: a missing column, a bad label id or a duplicate id (naming the file and line).
+    """
+    ids = _Ids()
+    for line, row in _csv_rows(Path(path), ["video_name", "label"]):
         where = f"{path}, line {line}"
         name = _name(row["video_name"], what=where)
         raw = row["label"].strip()
@@ -264,10 +280,7 @@ def read_dfew(root: str | Path, split: str, fold: int, *, video_dir: str = "vide
             raise ValueError(f"{where}: label {row['label']!r} is not an integer in 1..{len(DFEW_LABELS)}")
         sample_id = name.zfill(5) if name.isdigit() else name
         ids.add(sample_id, where)
-        stems = [f"{video_dir}/{stem}" for stem in _dfew_candidates(name)]
-        video = _find_media(root, stems, what=f"{where} (video of {name!r})")
-        samples.append(Sample(id=sample_id, video=video, label=DFEW_LABELS[int(raw) - 1]))
-    return samples
+        yield where, name, sample_id, DFEW_LABELS[int(raw) - 1]
 
 
 def read_emer_v1(
