@@ -4,7 +4,7 @@ With the towers and projectors frozen, a sample's tower outputs never change, so
 neither media decoding, nor the processor's feature extraction (Whisper log-mel, video patching), nor the
 towers. `fill_cache` computes per sample, once:
 
-- a **feature entry** (key: sample id + media file fingerprints + encoder fingerprint): the audio tower's
+- a **feature entry** (key: sample id + media content hashes + encoder fingerprint): the audio tower's
   output `audio` (M, D) with the mel length `audio_len` (what the 3D position ids need), the vision tower's
   output `video` (N, D) with `video_grid_thw` (1, 3) and `video_second_per_grid` (1,), and `present`
   ([has_video, has_audio]); for a deepstack family (Qwen3-Omni) also `video_deepstack` (levels, N, D), the
@@ -22,8 +22,8 @@ the token embeddings (`mllm_mer.encoders.backbone_inputs`) and passes `input_ids
 computes the same TMRoPE position ids: the loss equals the uncached one (tested to 1e-6 on CPU).
 
 Keys and invalidation (any change gives a new key, so a stale entry is never read; it is simply unused):
-- media file fingerprint: size, mtime (ns) and sha256 of the first and last MiB of the file (cheap for
-  large videos; a rewrite that keeps size and mtime and only changes the middle of a file is not seen);
+- media: the blake2b hash of each file's whole content (`MediaHashes`: computed once, then re-read only
+  when the file's inode, size, mtime or ctime changes, so later runs only stat the files);
 - encoder fingerprint: cache format version, the processor's feature-extractor and video-processor
   configs, the decode options (fps, max frames, sample rate, audio window), the thinker's audio/vision
   configs, a checksum of the towers' weights (per tensor: name, shape, dtype and 4096 strided values),
@@ -85,7 +85,6 @@ INDEX_PREFIX = "index-rank"
 SHARD_SUFFIX = ".safetensors"
 MAX_SHARD_BYTES = 256 * 2**20
 """A rank starts a new shard once the pending tensors exceed this size."""
-_EDGE_BYTES = 2**20
 _ENCODER_PARTS = ("audio_tower", "audio_projector", "vision_tower", "vision_projector")
 
 
@@ -94,17 +93,69 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """Size, mtime and sha256 of the first and last MiB of a media file (see the module docstring)."""
-    path = Path(path)
+def _file_state(path: Path) -> list[int]:
+    """What identifies a file's current contents without reading it: device, inode, size, mtime, ctime (ns)."""
     st = path.stat()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:".encode())
-    with path.open("rb") as fh:
-        h.update(fh.read(_EDGE_BYTES))
-        if st.st_size > _EDGE_BYTES:
-            fh.seek(max(_EDGE_BYTES, st.st_size - _EDGE_BYTES))
-            h.update(fh.read(_EDGE_BYTES))
-    return h.hexdigest()[:32]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class MediaHashes:
+    """Content hashes of media files (blake2b over every byte), remembered per file state.
+
+    A file is read again only when its state (`_file_state`) changes. The ctime is part of the state and no
+    user tool can set it back (`touch -d` and `os.utime` change mtime but bump ctime), so a rewrite that keeps
+    the size and restores the mtime is still seen. Hashes are remembered in `media-hashes-rank<r>.json`
+    beside the shards (each rank writes its own file, every rank reads all), so a later run only stats files.
+    Keys of the cache use the content hash, not the path: moving or copying a dataset re-hashes it once and
+    keeps its entries.
+
+    Args:
+        root: the cache directory.
+        rank: this process's rank (the file it writes).
+    """
+
+    PREFIX = "media-hashes-rank"
+
+    def __init__(self, root: str | Path, rank: int = 0) -> None:
+        self.root = Path(root)
+        self.rank = rank
+        self._known: dict[str, list] = {}  # absolute path -> [*state, hash]
+        self._dirty = False
+        self.reload()
+
+    def reload(self) -> None:
+        """Merge every rank's remembered hashes (unreadable files are ignored: their hashes are recomputed)."""
+        for path in sorted(self.root.glob(f"{self.PREFIX}*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("feature cache: ignoring unreadable %s (%s)", path, exc)
+                continue
+            if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+                self._known.update(data.get("files", {}))
+
+    def __call__(self, path: str | Path) -> str:
+        """The content hash of `path` (read only when unknown or changed since it was hashed)."""
+        path = Path(path).resolve()
+        state = _file_state(path)
+        known = self._known.get(str(path))
+        if known is not None and known[:-1] == state:
+            return known[-1]
+        digest = file_checksum(path)
+        if _file_state(path) != state:
+            raise RuntimeError(f"{path} changed while it was being hashed; run again once it is written")
+        self._known[str(path)] = [*state, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write this rank's remembered hashes (atomically; nothing when nothing new was hashed)."""
+        if self._dirty:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(
+                self.root / f"{self.PREFIX}{self.rank}.json", {"version": CACHE_VERSION, "files": self._known}
+            )
+            self._dirty = False
 
 
 def _tensor_checksum(t: torch.Tensor) -> list:
@@ -163,9 +214,9 @@ def layout_fingerprint(processor: Any) -> str:
     )
 
 
-def feature_key(sample: Sample, encoder_fp: str) -> str:
-    """Key of a sample's feature entry: id + media fingerprints + encoder fingerprint."""
-    media = [file_fingerprint(p) if p is not None else None for p in (sample.video, sample.audio)]
+def feature_key(sample: Sample, encoder_fp: str, hashes: MediaHashes) -> str:
+    """Key of a sample's feature entry: id + media content hashes + encoder fingerprint."""
+    media = [hashes(p) if p is not None else None for p in (sample.video, sample.audio)]
     return "f" + _digest(sample.id, media, encoder_fp)
 
 
@@ -555,7 +606,7 @@ def fill_cache(
     thinker: nn.Module,
     spec: CacheSpec,
     options: DecodeOptions,
-    decoded_cache_dir: str | Path,
+    decoded_cache_dir: str | Path | None,
     *,
     accelerator: Accelerator | None = None,
     skip_bad: bool = False,
@@ -564,7 +615,7 @@ def fill_cache(
     the cached loader serves.
 
     Media are decoded only for samples with missing entries (through the `datasets` decode cache, main
-    process first); the towers run only for missing feature entries, under the accelerator's autocast, on
+    process first, unless `decoded_cache_dir` is None); the towers run only for missing feature entries, under the accelerator's autocast, on
     its device. Ranks take every world_size-th missing sample, write their own shards, then wait for each
     other and re-read every index.
 
@@ -575,7 +626,8 @@ def fill_cache(
         thinker: the (frozen) thinker whose towers produce the features.
         spec: fingerprints and prompt variants.
         options: media decoding options.
-        decoded_cache_dir: the `datasets` cache of decoded media (`data.cache_dir`).
+        decoded_cache_dir: the `datasets` cache of decoded media (`data.cache_dir`); None: decode directly
+            (`data.decode_cache=false`).
         accelerator: for rank, world size, device, autocast and barriers (None: one process, CPU).
         skip_bad: drop samples whose media cannot be decoded (reported) instead of raising.
     Returns:
@@ -584,7 +636,7 @@ def fill_cache(
         MediaError: a sample's media cannot be used (skip_bad=False).
         RuntimeError: entries still missing after every rank's fill.
     """
-    from mllm_mer.data.dataset import MerDataset, build_media_dataset, split_errors
+    from mllm_mer.data.dataset import load_media
 
     check_supported(thinker)
     start = time.perf_counter()
@@ -593,7 +645,15 @@ def fill_cache(
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     report = FillReport(samples=len(samples))
     cache.refresh()
-    fkeys = {s.id: feature_key(s, spec.encoder_fp) for s in samples}
+    hashes = MediaHashes(cache.root, rank)
+    paths = sorted({str(p) for s in samples for p in (s.video, s.audio) if p is not None})
+    for path in paths[rank::world]:  # each rank hashes its share of new or changed files ...
+        hashes(path)
+    hashes.save()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        hashes.reload()  # ... and reads the others'
+    fkeys = {s.id: feature_key(s, spec.encoder_fp, hashes) for s in samples}
     todo: list[Sample] = []
     for s in samples:
         fk = fkeys[s.id]
@@ -612,11 +672,9 @@ def fill_cache(
     if todo:
         ctx = accelerator.main_process_first() if accelerator is not None else nullcontext()
         with ctx:
-            media_ds = build_media_dataset(todo, options, decoded_cache_dir, skip_bad=skip_bad)
-        good, media_ds, problems = split_errors(todo, media_ds)
+            good, decoded, problems = load_media(todo, options, decoded_cache_dir, skip_bad=skip_bad)
         report.skipped = problems
         skipped = {s.id for s in todo} - {s.id for s in good}
-        decoded = MerDataset(good, media_ds, options)
         cache.prune_own()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with cache.writer() as writer, towers_ready(thinker, device), autocast:
@@ -850,7 +908,7 @@ def prepare_cache(
         backbone.model,
         spec,
         options,
-        cfg.data.cache_dir,
+        cfg.data.cache_dir if cfg.data.decode_cache else None,
         accelerator=accelerator,
         skip_bad=cfg.data.on_error == "skip",
     )

@@ -113,6 +113,10 @@ class DataConfig:
     num_workers: int = 0
     cache_dir: str = ".cache/mllm_mer/decoded"
     """Where the `datasets` cache of decoded media lives."""
+    decode_cache: bool = True
+    """Keep every sample's decoded frames and audio in the `datasets` cache (`data.cache_dir`), decoded once.
+    False: decode in the DataLoader every epoch (after one checking pass), for sets whose raw frames would
+    not fit on disk; raise `data.num_workers`, or use `data.feature_cache`, which stores tower outputs only."""
     feature_cache: bool = False
     """Cache the frozen towers' outputs per sample (`mllm_mer.cache`): computed once before the first epoch,
     then no decoding, feature extraction or tower runs. Needs every tower and projector frozen."""
@@ -198,7 +202,9 @@ class ARConfig:
         if not 0.0 <= self.strength <= 1.0:
             errors.append(f"ar.strength={self.strength!r} is out of range [0, 1]")
         if not 0.0 < self.target_audio_share < 1.0:
-            errors.append(f"ar.target_audio_share={self.target_audio_share!r} must lie strictly between 0 and 1")
+            errors.append(
+                f"ar.target_audio_share={self.target_audio_share!r} must lie strictly between 0 and 1"
+            )
         if not 0.0 <= self.min_mass < 0.5:
             errors.append(f"ar.min_mass={self.min_mass!r} is out of range [0, 0.5)")
         for name, values, size in (("layers", self.layers, num_layers), ("heads", self.heads, num_heads)):
@@ -314,8 +320,10 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     if not cfg.model.path:
         errors.append("model.path is empty: give a Qwen2.5-Omni checkpoint directory")
     if cfg.model.quantization != "none" and not cfg.model.freeze.language_model:
-        errors.append(f"model.quantization={cfg.model.quantization} keeps the language model in 4 bits, "
-                      "which cannot train: set model.freeze.language_model=true (adapters still train)")
+        errors.append(
+            f"model.quantization={cfg.model.quantization} keeps the language model in 4 bits, "
+            "which cannot train: set model.freeze.language_model=true (adapters still train)"
+        )
     if cfg.data.feature_cache:
         from mllm_mer.cache import frozen_encoder_problems
 
@@ -420,7 +428,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"override {item!r} conflicts with another override of {part}"], "command line")
+                raise ConfigError(
+                    [f"override {item!r} conflicts with another override of {part}"], "command line"
+                )
         node[parts[-1]] = value
     return out
 

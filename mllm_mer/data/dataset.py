@@ -1,9 +1,11 @@
 """Decoded-media datasets: every sample's media is decoded once and kept in a `datasets` Arrow cache.
 
 `build_media_dataset` decodes each sample (frames + audio of the same file in one pass) into an Arrow
-table under `cache_dir`; `datasets` fingerprints the inputs (sample ids, media paths with their size and
-mtime, decoding options), so a changed file or option re-decodes and an unchanged set loads instantly.
-`MerDataset` pairs each `Sample` with its decoded arrays for the collator.
+table under `cache_dir`; `datasets` fingerprints the inputs (sample ids, media paths with their inode, size,
+mtime and ctime, decoding options), so a changed file or option re-decodes and an unchanged set loads instantly.
+`MerDataset` pairs each `Sample` with its decoded arrays for the collator. With `data.decode_cache=false`,
+`DecodingDataset` decodes each item when it is read instead (after one checking pass), so nothing but the
+samples is kept; `load_media` picks one of the two.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class DecodeOptions:
 def _file_key(path: Path | None) -> list:
     if path is None:
         return []
-    st = Path(path).stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
+    st = Path(path).stat()  # ctime: a rewrite that restores size and mtime still bumps it
+    return [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator[dict]:
@@ -79,22 +81,42 @@ def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator
             "error": "",
         }
     if problems and not skip_bad:  # nothing is cached: the generation fails as a whole
-        raise MediaError(f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise MediaError(
+            f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
+    """Decode one sample's media with `options` (raises `MediaError` naming the sample and file)."""
+    return decode_sample_media(
+        sample.id,
+        sample.video,
+        sample.audio,
+        fps=options.fps,
+        max_frames=options.max_frames,
+        sample_rate=options.sample_rate,
+        max_audio_seconds=options.max_audio_seconds,
+        need_audio=options.need_audio,
+        allow_silent_audio=options.allow_silent_audio,
+    )
+
+
+def partition_media(samples: Sequence[Sample], options: DecodeOptions) -> tuple[list[Sample], list[str]]:
+    """Decode every sample once: (the samples whose media decode, one problem line per other sample)."""
+    good, problems = [], []
+    for s in samples:
+        try:
+            decode(s, options)
+        except MediaError as exc:
+            problems.append(str(exc))
+        else:
+            good.append(s)
+    return good, problems
 
 
 def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
     """Decode every sample once and return one problem line per bad sample (empty list = all good)."""
-    problems = []
-    for s in samples:
-        try:
-            decode_sample_media(
-                s.id, s.video, s.audio, fps=options.fps, max_frames=options.max_frames,
-                sample_rate=options.sample_rate, max_audio_seconds=options.max_audio_seconds,
-                need_audio=options.need_audio, allow_silent_audio=options.allow_silent_audio,
-            )
-        except MediaError as exc:
-            problems.append(str(exc))
-    return problems
+    return partition_media(samples, options)[1]
 
 
 def build_media_dataset(
@@ -123,7 +145,11 @@ def build_media_dataset(
     try:
         ds = datasets.Dataset.from_generator(
             _generate,
-            gen_kwargs={"rows": tuple(rows), "options": options.__dict__, "skip_bad": skip_bad},  # no list: sharded
+            gen_kwargs={
+                "rows": tuple(rows),
+                "options": options.__dict__,
+                "skip_bad": skip_bad,
+            },  # no list: sharded
             features=_FEATURES,
             cache_dir=str(cache_dir),
         )
@@ -148,6 +174,47 @@ def split_errors(
     return [samples[i] for i in keep], media.select(keep), [e for e in errors if e]
 
 
+def load_media(
+    samples: Sequence[Sample], options: DecodeOptions, cache_dir: str | Path | None, skip_bad: bool = False
+) -> tuple[list[Sample], torch.utils.data.Dataset, list[str]]:
+    """The samples served, a dataset of `(Sample, DecodedMedia)` items over them, and the skipped ones' problems.
+
+    Args:
+        samples: the split's samples.
+        options: decoding options.
+        cache_dir: the `datasets` decode cache (`build_media_dataset`, `MerDataset`); None: one checking pass
+            now, then every item is decoded when it is read (`DecodingDataset`, `data.decode_cache=false`).
+        skip_bad: drop samples whose media cannot be used (their problems are returned) instead of raising.
+    Raises:
+        MediaError: (skip_bad=False) listing every sample whose media cannot be used.
+    """
+    if cache_dir is not None:
+        media = build_media_dataset(samples, options, cache_dir, skip_bad=skip_bad)
+        good, media, problems = split_errors(samples, media)
+        return good, MerDataset(good, media, options), problems
+    good, problems = partition_media(samples, options)
+    if problems and not skip_bad:
+        raise MediaError(
+            f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    return good, DecodingDataset(good, options), problems
+
+
+class DecodingDataset(torch.utils.data.Dataset):
+    """Samples decoded when read (no decode cache); items are `(Sample, DecodedMedia)` like `MerDataset`."""
+
+    def __init__(self, samples: Sequence[Sample], options: DecodeOptions) -> None:
+        self.samples = list(samples)
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> tuple[Sample, DecodedMedia]:
+        sample = self.samples[int(idx)]
+        return sample, decode(sample, self.options)
+
+
 class MerDataset(torch.utils.data.Dataset):
     """Samples paired with their decoded media; items are `(Sample, DecodedMedia)`."""
 
@@ -165,7 +232,9 @@ class MerDataset(torch.utils.data.Dataset):
         row = self.media[int(idx)]
         sample = self.samples[int(idx)]
         if row["id"] != sample.id:
-            raise RuntimeError(f"decoded cache out of order: row {idx} is '{row['id']}', expected '{sample.id}'")
+            raise RuntimeError(
+                f"decoded cache out of order: row {idx} is '{row['id']}', expected '{sample.id}'"
+            )
         frames = None
         if row["frames_shape"]:
             frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])

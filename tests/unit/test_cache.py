@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
 import threading
 from contextlib import nullcontext
@@ -57,8 +58,9 @@ def fill(cfg, bb, samples, cache_dir: Path | None = None, processor=None, accele
     options = decode_options(cfg, bb.processor)
     spec = C.build_spec(cfg, bb, options)
     cache = C.FeatureCache(cache_dir or cfg.data.feature_cache_dir, rank=rank)
+    decoded = cfg.data.cache_dir if cfg.data.decode_cache else None
     served, presence, report = C.fill_cache(
-        cache, samples, base, bb.model, spec, options, cfg.data.cache_dir, accelerator=accelerator
+        cache, samples, base, bb.model, spec, options, decoded, accelerator=accelerator
     )
     cached = C.CachedCollator(base, cache, spec, paths=base is not collator)
     return collator, cached, [(s, presence[s.id]) for s in served], report
@@ -185,6 +187,62 @@ def test_changed_processor_config_invalidates_entries(tiny_dir, syn_dir, tmp_pat
     with torch.no_grad():
         other.model.model.visual.merger.mlp[0].weight.mul_(1.01)
     assert C.tower_fingerprint(other.model) != C.tower_fingerprint(bb.model)
+
+
+def _rewrite_middle_keeping_size_and_mtime(path: Path, at: int | None = None) -> None:
+    """Change one byte (the middle one, or offset `at`), then restore the file's mtime."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_fill_without_the_decode_cache_stores_the_same_features(tiny_dir, syn_dir, tmp_path):
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
+    bb = load_backbone(tiny_dir)
+    cfg = cfg_for(tiny_dir, tmp_path)
+    streamed = cfg_for(tiny_dir, tmp_path, "data.decode_cache=false", f"data.cache_dir={tmp_path / 'unused'}")
+    _, cached, items, _ = fill(cfg, bb, samples)
+    _, cached2, items2, report = fill(streamed, bb, samples, cache_dir=tmp_path / "features2")
+    assert report.features_computed == 2 and not (tmp_path / "unused").exists()
+    a, b = cached(items), cached2(items2)
+    for key in ("input_ids", "audio_embeds", "video_embeds"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_media_hashes_read_each_file_once_and_see_every_rewrite(tmp_path, monkeypatch):
+    media = tmp_path / "clip.mp4"
+    media.write_bytes(bytes(range(256)) * 4096)
+    reads: list[Path] = []
+    real = C.file_checksum
+    monkeypatch.setattr(C, "file_checksum", lambda p: reads.append(p) or real(p))
+    hashes = C.MediaHashes(tmp_path / "cache")
+    first = hashes(media)
+    hashes.save()
+    assert C.MediaHashes(tmp_path / "cache")(media) == first and len(reads) == 1  # remembered on disk
+    _rewrite_middle_keeping_size_and_mtime(media)  # the old size+mtime+edges fingerprint missed this
+    changed = C.MediaHashes(tmp_path / "cache")(media)
+    assert changed != first and len(reads) == 2
+    copied = tmp_path / "elsewhere" / "clip.mp4"
+    copied.parent.mkdir()
+    shutil.copy2(media, copied)
+    assert hashes(copied) == changed  # the key follows the content, not the path
+
+
+def test_moved_dataset_keeps_its_entries(tiny_dir, syn_dir, tmp_path):
+    samples = copy_samples(syn_dir, tmp_path / "a", 2)
+    cfg = cfg_for(tiny_dir, tmp_path)
+    bb = load_backbone(tiny_dir)
+    assert fill(cfg, bb, samples)[3].features_computed == 2
+    moved = copy_samples(syn_dir, tmp_path / "b", 2)
+    again = fill(cfg, bb, moved)[3]
+    assert (again.features_computed, again.reused) == (0, 2)
+    video = moved[1].video
+    at = video.read_bytes().index(b"Copyleft")  # inside x264's version SEI: the clip still decodes
+    _rewrite_middle_keeping_size_and_mtime(video, at)
+    assert fill(cfg, bb, moved)[3].features_computed == 1
 
 
 # ------------------------------------------------------------------------------------------ corruption

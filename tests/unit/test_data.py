@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from mllm_mer.data.collate import IGNORE_INDEX, MerCollator
-from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
+from mllm_mer.data.dataset import DecodeOptions, DecodingDataset, MerDataset, build_media_dataset, load_media
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.media import MediaError, decode_sample_media
 from mllm_mer.data.schema import MER2023_LABELS, Modality
@@ -21,8 +22,16 @@ OPTS = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_second
 
 
 def row(**kw) -> dict:
-    base = {"id": "s1", "video": "media/a.mp4", "audio": None, "subtitle": "hi", "label": "happy",
-            "explanation": "", "subset": "consistent", "cues": {}}
+    base = {
+        "id": "s1",
+        "video": "media/a.mp4",
+        "audio": None,
+        "subtitle": "hi",
+        "label": "happy",
+        "explanation": "",
+        "subset": "consistent",
+        "cues": {},
+    }
     base.update(kw)
     return base
 
@@ -66,16 +75,19 @@ def test_reader_reads_synthetic_split(syn_dir):
 
 def test_reader_collects_every_problem_with_line_and_id(tmp_path):
     write_mp4(tmp_path / "media" / "a.mp4", seconds=1)
-    p = write_jsonl(tmp_path / "d.jsonl", [
-        row(),
-        row(id="s2", video="media/missing.mp4"),
-        row(id="s3", label="joy"),
-        row(id="s1"),
-        "{not json",
-        row(id="s5", video="../outside.mp4"),
-        row(id="s6", video="/etc/passwd"),
-        row(id="s7", extra=1),
-    ])
+    p = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            row(),
+            row(id="s2", video="media/missing.mp4"),
+            row(id="s3", label="joy"),
+            row(id="s1"),
+            "{not json",
+            row(id="s5", video="../outside.mp4"),
+            row(id="s6", video="/etc/passwd"),
+            row(id="s7", extra=1),
+        ],
+    )
     with pytest.raises(DataError) as exc:
         read_jsonl(p, MER2023_LABELS)
     msg = str(exc.value)
@@ -111,8 +123,9 @@ def test_media_errors_name_sample_and_file(tmp_path):
     with pytest.raises(MediaError, match=r"sample 'x': .*silent.mp4: has no audio track"):
         decode_sample_media("x", silent, None, fps=4, max_frames=32, sample_rate=16000, max_audio_seconds=30)
     with pytest.raises(MediaError, match=r"sample 'y': .*nope.mp4: file not found"):
-        decode_sample_media("y", tmp_path / "nope.mp4", None, fps=4, max_frames=32, sample_rate=16000,
-                            max_audio_seconds=30)
+        decode_sample_media(
+            "y", tmp_path / "nope.mp4", None, fps=4, max_frames=32, sample_rate=16000, max_audio_seconds=30
+        )
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 100)
     with pytest.raises(MediaError, match=r"sample 'z': .*broken.mp4: cannot be decoded"):
@@ -149,6 +162,46 @@ def test_media_dataset_lists_every_bad_sample(tmp_path):
     assert "2 sample(s)" in str(exc.value) and "'b'" in str(exc.value) and "'c'" in str(exc.value)
 
 
+def test_media_dataset_sees_a_rewrite_that_restores_size_and_mtime(tmp_path):
+    clip = write_mp4(tmp_path / "media" / "a.mp4", seconds=1)
+    samples = read_jsonl(write_jsonl(tmp_path / "d.jsonl", [row()]), MER2023_LABELS)
+    ds = build_media_dataset(samples, OPTS, tmp_path / "cache")
+    st = clip.stat()
+    data = bytearray(clip.read_bytes())
+    data[data.index(b"Copyleft")] ^= 0x01  # x264's version SEI: still decodes
+    clip.write_bytes(bytes(data))
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert build_media_dataset(samples, OPTS, tmp_path / "cache")._fingerprint != ds._fingerprint
+
+
+def test_decoding_dataset_serves_what_the_decode_cache_serves(syn_dir, tmp_path):
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:3]
+    streamed_samples, streamed, more = load_media(samples, OPTS, None)
+    assert not any(tmp_path.iterdir())  # nothing written
+    cached_samples, cached, problems = load_media(samples, OPTS, tmp_path / "cache")
+    assert isinstance(streamed, DecodingDataset) and isinstance(cached, MerDataset)
+    assert cached_samples == streamed_samples == samples and problems == more == []
+    for i in range(3):
+        (s1, m1), (s2, m2) = cached[i], streamed[i]
+        assert s1 == s2
+        np.testing.assert_array_equal(m1.frames, m2.frames)
+        np.testing.assert_array_equal(m1.audio, m2.audio)
+
+
+def test_decoding_dataset_checks_every_sample_before_serving(tmp_path):
+    write_mp4(tmp_path / "media" / "a.mp4", seconds=1)
+    write_mp4(tmp_path / "media" / "b.mp4", seconds=1, audio=False)
+    (tmp_path / "media" / "c.mp4").write_bytes(b"not a video")
+    rows = [row(), row(id="b", video="media/b.mp4"), row(id="c", video="media/c.mp4")]
+    samples = read_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), MER2023_LABELS)
+    with pytest.raises(MediaError) as exc:
+        load_media(samples, OPTS, None)
+    assert "2 sample(s)" in str(exc.value) and "'b'" in str(exc.value) and "'c'" in str(exc.value)
+    good, ds, problems = load_media(samples, OPTS, None, skip_bad=True)
+    assert [s.id for s in good] == ["s1"] and len(ds) == 1 and len(problems) == 2
+    assert ds[0][1].frames.shape[0] == 4
+
+
 @pytest.fixture()
 def items(syn_dir, tmp_path):
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:3]
@@ -158,8 +211,14 @@ def items(syn_dir, tmp_path):
 
 
 def make_collator(backbone, train: bool) -> MerCollator:
-    return MerCollator(backbone.processor, backbone.token_ids, load_prompt("explain"),
-                       load_prompt("system", kind="free").text, MER2023_LABELS, train=train)
+    return MerCollator(
+        backbone.processor,
+        backbone.token_ids,
+        load_prompt("explain"),
+        load_prompt("system", kind="free").text,
+        MER2023_LABELS,
+        train=train,
+    )
 
 
 def test_collator_training_batch(any_backbone, items):
@@ -202,5 +261,5 @@ def test_collator_video_with_its_audio_has_the_layout_the_model_expects(any_back
     start = row.index(ids_.vision_bos)
     end = row.index(ids_.vision_eos)
     assert row[start + 1] == ids_.audio_bos and row[end - 1] == ids_.audio_eos
-    assert set(row[start + 2:end - 1]) == {ids_.video, ids_.audio}
+    assert set(row[start + 2 : end - 1]) == {ids_.video, ids_.audio}
     assert row.count(ids_.vision_bos) == row.count(ids_.audio_bos) == 1
