@@ -34,11 +34,12 @@ Storage (`data.feature_cache_dir`): safetensors shards `rank<r>-<token>.safetens
 `<key>.<field>`, and one JSON index per rank, `index-rank<r>.json`, listing each shard's size, blake2b
 checksum and keys. Each rank writes only its own shards and index (a shard is written to a temporary name,
 checksummed and renamed; the index is rewritten atomically after every shard), so DDP ranks never race;
-every rank reads every index. A shard whose size, safetensors header (header length + data offsets must
-end exactly at the file size) or checksum does not match is treated as missing: its entries are
-recomputed and the owner rank drops it on its next fill. Checksums are verified once per process (a run
-start reads the cache once; later re-reads skip shards whose size and mtime are unchanged). Shards are read through `safe_open` (mmap), so
-DataLoader workers read only what a batch needs.
+every rank reads every index. `media-hashes-rank<r>.json` remembers the media content hashes
+(`MediaHashes`). A shard whose size, safetensors header (header length + data offsets must end exactly at
+the file size) or checksum does not match is treated as missing: its entries are recomputed and the owner
+rank drops it on its next fill. Checksums are verified once per process (a run start reads the cache once;
+later re-reads skip shards whose size and mtime are unchanged). Shards are read through `safe_open`
+(mmap), so DataLoader workers read only what a batch needs.
 
 The cache is refused (ValueError) when any tower or projector is unfrozen (`model.freeze.*`): their
 outputs would change during training.
