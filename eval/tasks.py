@@ -46,8 +46,9 @@ Id matching, the same for every task:
   (and ``"unknown"`` for every `probs` path), an empty word list for emer-ov, a "no prediction"
   failure for emer-judge; OUT.json's `warnings` says how many and which.
 
-The MER2023, DFEW and EMER CSVs are read with `mllm_mer.data.readers`' row helpers (`_csv_rows`,
-`_name`, `_label`, `_Ids`) so the validation rules cannot drift from the dataset readers.
+The MER2023, DFEW and EMER CSVs are read with `mllm_mer.data.readers`' row readers
+(`mer2023_label_rows`, `dfew_label_rows`, `named_csv_rows`; ids via `sample_name`) so the validation
+rules cannot drift from the dataset readers.
 
 All input problems raise `ValueError` (or `FileNotFoundError` for a missing file); the script turns
 them into ``error: ...`` and exit code 2.
@@ -71,13 +72,12 @@ from mllm_mer.data.paths import resolve_inside
 from mllm_mer.data.readers import (
     DFEW_LABELS,
     CAMERLayout,
-    _csv_rows,
-    _Ids,
-    _label,
-    _name,
     dfew_label_rows,
+    mer2023_label_rows,
+    named_csv_rows,
     parse_openset,
     read_camer,
+    sample_name,
 )
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
 from mllm_mer.fusion.dcr.ada import ARMS
@@ -313,7 +313,7 @@ def _read_prediction_csv(path: Path) -> dict[str, PredictionRow]:
             where = f"{path}, line {reader.line_num}"
             if len(row) != len(header):
                 raise ValueError(f"{where}: {len(row)} fields, header has {len(header)}")
-            sid = _name(row[i_id], what=where)
+            sid = sample_name(row[i_id], what=where)
             if sid in rows:
                 raise ValueError(f"{where}: duplicate id {sid!r} (first at {rows[sid].where})")
             words: tuple[str, ...] | None = None
@@ -634,8 +634,8 @@ def evaluate_camer(opts: EvalOptions) -> dict[str, Any]:
 def read_mer2023_references(path: Path, warnings: list[str]) -> list[Reference]:
     """Labelled rows of a MER2023 label CSV (`name,discrete[,valence]`), media not needed.
 
-    Same row rules as `read_mer2023` (shared helpers): header with `name` and `discrete`, field counts,
-    non-empty unique names, labels in `MER2023_LABELS` after `.strip().lower()`.
+    Same row rules as `read_mer2023` (`readers.mer2023_label_rows`): header with `name` and `discrete`,
+    field counts, non-empty unique names, labels in `MER2023_LABELS` after `.strip().lower()`.
 
     Args:
         path: the label CSV.
@@ -645,15 +645,12 @@ def read_mer2023_references(path: Path, warnings: list[str]) -> list[Reference]:
     Raises:
         ValueError: a missing file or a bad row (naming the file and line).
     """
-    ids, refs, unlabelled = _Ids(), [], []
-    for line, row in _csv_rows(path, ["name", "discrete"]):
-        where = f"{path}, line {line}"
-        name = _name(row["name"], what=where)
-        ids.add(name, where)
-        if not row["discrete"].strip():
+    refs, unlabelled = [], []
+    for _, name, label in mer2023_label_rows(path):
+        if label:
+            refs.append(Reference(id=name, label=label))
+        else:
             unlabelled.append(name)
-            continue
-        refs.append(Reference(id=name, label=_label(row["discrete"], MER2023_LABELS, what=where)))
     if unlabelled:
         warnings.append(
             f"{path}: skipped {len(unlabelled)} row(s) with an empty 'discrete': {_listed(unlabelled)}"
@@ -768,20 +765,16 @@ def read_emer_references(path: Path, language: str, warnings: list[str]) -> dict
     with path.open(encoding="utf-8-sig", newline="") as fh:
         header = [h.strip() for h in next(csv.reader(fh), [])]
     if "reasons" in header:
-        columns: list[str | tuple[str, ...]] = [("names", "name"), "reasons"]
-        id_col, text_col = "names", "reasons"
+        id_spellings, text_col = ("names", "name"), "reasons"
     elif language in header:
-        columns, id_col, text_col = [("name", "names"), language], "name", language
+        id_spellings, text_col = ("name", "names"), language
     else:
         raise ValueError(
             f"{path}: not an EMER CSV; expected v1 'names,emotions,subtitles,reasons' or v2 "
             f"'name,chinese,english' (with column {language!r}); header is {header}"
         )
-    ids, refs, empty = _Ids(), {}, []
-    for line, row in _csv_rows(path, columns):
-        where = f"{path}, line {line}"
-        name = _name(row[id_col], what=where)
-        ids.add(name, where)
+    refs, empty = {}, []
+    for _, name, row in named_csv_rows(path, [id_spellings, text_col]):  # the readers' row rules
         if not row[text_col].strip():
             empty.append(name)
             continue

@@ -5,7 +5,8 @@ JSONL) or record (JSON list) of the first bad row: missing columns, unknown labe
 missing media, and media paths that escape the dataset root (`..`, absolute paths elsewhere, symlinks
 pointing outside; see `mllm_mer.data.paths.resolve_inside`). Labels are compared after
 `.strip().lower()`. Media files are looked up with the extensions `.mp4` then `.avi`. Sample paths are
-absolute and resolved.
+absolute and resolved. The same row rules without media (for evaluation references) are public:
+`mer2023_label_rows`, `dfew_label_rows` and, for any CSV keyed by a sample name, `named_csv_rows`.
 
 Layouts read (all paths relative to the `root` / `media_root` argument):
 
@@ -177,8 +178,15 @@ def _label(raw: str, labels: Sequence[str], *, what: str) -> str:
     return label
 
 
-def _name(raw: str, *, what: str) -> str:
-    """A non-empty, stripped sample name."""
+def sample_name(raw: str, *, what: str) -> str:
+    """A sample name cell, stripped; the rule every reader here (and `eval/tasks.py`) applies to ids.
+
+    Args:
+        raw: the cell text.
+        what: location for the error message (e.g. "<file>, line 3").
+    Raises:
+        ValueError: the name is empty after stripping.
+    """
     name = raw.strip()
     if not name:
         raise ValueError(f"{what}: empty name")
@@ -199,6 +207,34 @@ class _Ids:
         self._where[sample_id] = where
 
 
+def named_csv_rows(
+    path: str | Path, columns: Sequence[str | tuple[str, ...]]
+) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """Validated rows of an annotation CSV whose first required column names the sample; media untouched.
+
+    The row rules shared by the readers here and the evaluation references (`eval/tasks.py`): the header
+    holds `columns`, every row has the header's field count, names are non-empty after stripping and
+    unique within the file.
+
+    Args:
+        path: CSV file (UTF-8, optional BOM).
+        columns: required columns, the sample name first; a tuple lists accepted spellings, and the row
+            dict uses the first.
+    Yields:
+        (where, name, row): "<path>, line <n>", the stripped name, and each required column's cell text.
+    Raises:
+        ValueError: a missing file or column, a wrong field count, an empty or duplicate name.
+    """
+    path = Path(path)
+    key = columns[0] if isinstance(columns[0], str) else columns[0][0]
+    ids = _Ids()
+    for line, row in _csv_rows(path, columns):
+        where = f"{path}, line {line}"
+        name = sample_name(row[key], what=where)
+        ids.add(name, where)
+        yield where, name, row
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MER2023, DFEW, EMER, OV
 
@@ -217,16 +253,31 @@ def read_mer2023(root: str | Path, split: str) -> list[Sample]:
     if split not in MER2023_SPLITS:
         raise ValueError(f"MER2023 split {split!r} unknown; valid: {list(MER2023_SPLITS)}")
     root = Path(root)
-    path = root / f"{split}-label.csv"
-    ids, samples = _Ids(), []
-    for line, row in _csv_rows(path, ["name", "discrete"]):
-        where = f"{path}, line {line}"
-        name = _name(row["name"], what=where)
-        label = _label(row["discrete"], MER2023_LABELS, what=where) if row["discrete"].strip() else ""
-        ids.add(name, where)
+    samples = []
+    for where, name, label in mer2023_label_rows(root / f"{split}-label.csv"):
         video = _find_media(root, f"{split}/{name}", what=f"{where} (video of {name!r})")
         samples.append(Sample(id=name, video=video, label=label))
     return samples
+
+
+def mer2023_label_rows(path: str | Path) -> Iterator[tuple[str, str, str]]:
+    """Validated rows of a MER2023 label CSV (`name,discrete[,valence]`); media are not touched.
+
+    Yields:
+        (where, name, label): the label is in `MER2023_LABELS` (after `.strip().lower()`), or "" when
+        `discrete` is empty (an unlabelled row).
+    Raises:
+        ValueError: a missing file or column, a wrong field count, an empty or duplicate name, or a label
+            outside `MER2023_LABELS` (naming the file and line).
+    """
+    path = Path(path)
+    ids = _Ids()
+    for line, row in _csv_rows(path, ["name", "discrete"]):
+        where = f"{path}, line {line}"
+        name = sample_name(row["name"], what=where)
+        label = _label(row["discrete"], MER2023_LABELS, what=where) if row["discrete"].strip() else ""
+        ids.add(name, where)
+        yield where, name, label
 
 
 def _dfew_candidates(name: str) -> list[str]:
@@ -274,7 +325,7 @@ def dfew_label_rows(path: str | Path) -> Iterator[tuple[str, str, str, str]]:
     ids = _Ids()
     for line, row in _csv_rows(Path(path), ["video_name", "label"]):
         where = f"{path}, line {line}"
-        name = _name(row["video_name"], what=where)
+        name = sample_name(row["video_name"], what=where)
         raw = row["label"].strip()
         if not (raw.isdigit() and 1 <= int(raw) <= len(DFEW_LABELS)):
             raise ValueError(f"{where}: label {row['label']!r} is not an integer in 1..{len(DFEW_LABELS)}")
@@ -301,7 +352,7 @@ def read_emer_v1(
     ids, samples = _Ids(), []
     for line, row in _csv_rows(path, [("names", "name"), "emotions", "subtitles", "reasons"]):
         where = f"{path}, line {line}"
-        name = _name(row["names"], what=where)
+        name = sample_name(row["names"], what=where)
         label = _label(row["emotions"], labels, what=where)
         ids.add(name, where)
         video = _find_media(root, name, what=f"{where} (video of {name!r})")
@@ -332,11 +383,8 @@ def read_emer_v2(csv_path: str | Path, media_root: str | Path, *, language: str 
     if language not in ("english", "chinese"):
         raise ValueError(f"EMER v2 language {language!r} unknown; valid: ['english', 'chinese']")
     path, root = Path(csv_path), Path(media_root)
-    ids, samples = _Ids(), []
-    for line, row in _csv_rows(path, [("name", "names"), "chinese", "english"]):
-        where = f"{path}, line {line}"
-        name = _name(row["name"], what=where)
-        ids.add(name, where)
+    samples = []
+    for where, name, row in named_csv_rows(path, [("name", "names"), "chinese", "english"]):
         video = _find_media(root, name, what=f"{where} (video of {name!r})")
         samples.append(Sample(id=name, video=video, explanation=row[language].strip()))
     return samples
@@ -357,7 +405,7 @@ def read_ov_labels(csv_path: str | Path, media_root: str | Path) -> list[Sample]
     ids, samples = _Ids(), []
     for line, row in _csv_rows(path, [("name", "names"), "openset"]):
         where = f"{path}, line {line}"
-        name = _name(row["name"], what=where)
+        name = sample_name(row["name"], what=where)
         try:
             words = parse_openset(row["openset"])
         except ValueError as err:
@@ -471,7 +519,7 @@ def read_camer(
             root, layout.annotation.format(subset=subset), what=f"CA-MER {subset} annotation"
         )
         for where, file_name, raw_label in _camer_entries(path):
-            file_name = _name(file_name, what=where)
+            file_name = sample_name(file_name, what=where)
             stem, ext = file_name, ""
             for candidate in layout.extensions:
                 if file_name.lower().endswith(candidate.lower()):

@@ -14,6 +14,8 @@ from mllm_mer.data.readers import (
     DFEW_LABELS,
     CAMERLayout,
     label_from_answer,
+    mer2023_label_rows,
+    named_csv_rows,
     read_camer,
     read_dfew,
     read_emer_v1,
@@ -130,6 +132,30 @@ def test_read_mer2023_errors(tmp_path):
     _mer2023(tmp_path, [["s1", "happy"]])
     with pytest.raises(ValueError, match=r"line 2: 2 fields, header has 3"):
         read_mer2023(tmp_path, "train")
+
+
+def test_mer2023_label_rows_need_no_media(tmp_path):
+    path = _mer2023(tmp_path, [["s1", " Happy ", "0"], ["s2", "", ""]]) / "train-label.csv"
+    assert list(mer2023_label_rows(path)) == [
+        (f"{path}, line 2", "s1", "happy"),
+        (f"{path}, line 3", "s2", ""),
+    ]
+    _mer2023(tmp_path, [["s1", "happy", "0"], ["s1", "sad", "0"]])
+    with pytest.raises(ValueError, match=r"line 3: duplicate sample id 's1' \(first at .*line 2\)"):
+        list(mer2023_label_rows(path))
+
+
+def test_named_csv_rows(tmp_path):
+    path = _csv(tmp_path / "a.csv", [["names", "text", "extra"], [" n1 ", "t1", "x"], ["n2", "", "y"]])
+    rows = list(named_csv_rows(path, [("name", "names"), "text"]))
+    assert rows == [(f"{path}, line 2", "n1", {"name": " n1 ", "text": "t1"}),
+                    (f"{path}, line 3", "n2", {"name": "n2", "text": ""})]  # fmt: skip
+    _csv(path, [["name", "text"], ["n1", "a"], [" ", "b"]])
+    with pytest.raises(ValueError, match=r"a\.csv, line 3: empty name"):
+        list(named_csv_rows(path, ["name", "text"]))
+    _csv(path, [["name", "text"], ["n1", "a"], ["n1", "b"]])
+    with pytest.raises(ValueError, match=r"line 3: duplicate sample id 'n1' \(first at .*line 2\)"):
+        list(named_csv_rows(path, ["name", "text"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
