@@ -24,13 +24,14 @@ from mllm_mer.attention.realloc import attention_reallocation
 from mllm_mer.backbone import Backbone, load_backbone
 from mllm_mer.config import RunConfig, config_from_dict, config_to_dict
 from mllm_mer.data.collate import MerCollator
-from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
+from mllm_mer.data.dataset import load_media
 from mllm_mer.data.schema import Sample
 from mllm_mer.fusion.dcr.ada import Arbiter, add_arbiter_path, load_run_arbiter
 from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
 from mllm_mer.labels import parse_label, parse_openset
 from mllm_mer.model import MerModel, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
+from mllm_mer.training import decode_options
 
 
 @dataclass(frozen=True)
@@ -95,23 +96,34 @@ def load_for_inference(
 
 
 def build_inference_loader(
-    model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int
+    model: InferenceModel,
+    samples: Sequence[Sample],
+    prompt: PromptTemplate,
+    batch_size: int,
+    *,
+    use_video: bool = True,
+    use_audio: bool = True,
 ) -> DataLoader:
+    """Inference batches (generation prompt, left padding) of `samples`, in order.
+
+    Args:
+        model: supplies the processor, the data settings (`model.cfg.data`) and, for a trained DCR run,
+            the unimodal sub-batches (`UnimodalPathCollator`).
+        prompt: the task template.
+        use_video / use_audio: False removes that modality from every prompt (`MerCollator`'s flags; the
+            media are still decoded). With DCR the unimodal sub-batches keep their own fixed inputs.
+    """
     cfg = model.cfg
-    fe = model.backbone.processor.feature_extractor
-    window = float(fe.chunk_length)
-    options = DecodeOptions(
-        fps=cfg.data.fps, max_frames=cfg.data.max_frames, sample_rate=int(fe.sampling_rate),
-        max_audio_seconds=min(window, cfg.data.max_audio_seconds or window),
-    )
-    media = build_media_dataset(samples, options, cfg.data.cache_dir)
+    options = decode_options(cfg, model.backbone.processor)
+    _, dataset, _ = load_media(samples, options, cfg.data.cache_dir if cfg.data.decode_cache else None)
     collator = MerCollator(
         processor=model.backbone.processor, token_ids=model.backbone.token_ids, prompt=prompt,
         system_prompt=load_prompt("system", kind="free").text, labels=cfg.data.labels, train=False,
+        use_video=use_video, use_audio=use_audio,
     )
     if cfg.dcr.enabled and model.mer is not None:  # DCR: batches also carry the unimodal sub-batches
         collator = UnimodalPathCollator(collator)
-    return DataLoader(MerDataset(samples, media, options), batch_size=batch_size, collate_fn=collator)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
 
 
 def reallocation_scope(model: InferenceModel, batch: dict) -> AbstractContextManager:
@@ -171,9 +183,13 @@ def generate_rows(
 @torch.no_grad()
 def predict_rows(
     model: InferenceModel, samples: Sequence[Sample], batch_size: int = 16, prompt_name: str | None = None,
-    progress: bool = False,
+    progress: bool = False, *, use_video: bool = True, use_audio: bool = True,
 ) -> Iterator[dict]:
     """Classification-head predictions without generation: one row per sample, in order.
+
+    `use_video=False` / `use_audio=False` remove that modality from every prompt (not zeroed: its tokens
+    are absent, as for a unimodal path), e.g. for unimodal recognition in `scripts/bias_report.py`; the
+    fused-path batch changes, DCR's unimodal sub-batches do not.
 
     Rows: `id`, `label` (argmax of the fused head), `probs` ({path: {label: p}}; with DCR also "text",
     "audio", "video" and, when the run has a fitted `arbiter.json`, "arbiter", with the chosen `arm`) and,
@@ -186,7 +202,9 @@ def predict_rows(
         raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
     labels = list(model.cfg.data.labels)
     prompt = load_prompt(prompt_name or model.cfg.data.prompt)
-    loader = build_inference_loader(model, samples, prompt, batch_size)
+    loader = build_inference_loader(
+        model, samples, prompt, batch_size, use_video=use_video, use_audio=use_audio
+    )
     for batch in tqdm(loader, disable=not progress, desc="predict"):
         with reallocation_scope(model, batch):
             out = model.mer(batch, compute_lm_loss=False)

@@ -11,7 +11,7 @@ and per conflict subset. With `--run` (accuracy needs the run's classification h
 - per-subset accuracy, weighted F1 and the audio-dominance index (on audio/video conflicts, the share of
   cue-following predictions that follow the audio cue) of the fused head;
 - unimodal recognition: the same heads with only the audio, or only the video, in the prompt
-  (`MerCollator(use_video=False)` / `use_audio=False`); accuracy against the label and against that
+  (`predict_rows(use_video=False)` / `use_audio=False`); accuracy against the label and against that
   modality's own cue.
 
 Writes OUT.json and OUT.png (audio and video share per layer, one line per model) and prints a markdown
@@ -21,14 +21,12 @@ summary. `--run` without `--backbone` uses the run's own `model.path`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from mllm_mer.attention.stats import MODALITIES, collect_attention_shares, plot_shares
 from mllm_mer.config import ConfigError
@@ -46,7 +44,7 @@ from mllm_mer.metrics import audio_dominance, classification_metrics
 from mllm_mer.prompts import load_prompt
 
 UNIMODAL = {"audio_only": {"use_video": False}, "video_only": {"use_audio": False}}
-"""Collator flags of the unimodal conditions (the removed modality is absent from the prompt)."""
+"""`predict_rows` flags of the unimodal conditions (the removed modality is absent from the prompt)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,23 +77,6 @@ def shares_report(per_sample: torch.Tensor, samples: Sequence[Sample]) -> dict:
     return out
 
 
-@torch.no_grad()
-def unimodal_predictions(
-    model: InferenceModel, samples: Sequence[Sample], prompt: str, batch_size: int, flags: dict[str, bool]
-) -> list[str]:
-    """Fused-head labels with one modality removed from every prompt (`flags` for MerCollator)."""
-    base = build_inference_loader(model, samples, load_prompt(prompt), batch_size)
-    loader = DataLoader(
-        base.dataset, batch_size=batch_size, collate_fn=dataclasses.replace(base.collate_fn, **flags)
-    )
-    labels = list(model.cfg.data.labels)
-    preds: list[str] = []
-    for batch in loader:
-        logits = model.mer(batch, compute_lm_loss=False).cls_logits["fused"]  # (B, C)
-        preds += [labels[i] for i in logits.argmax(dim=-1).tolist()]
-    return preds
-
-
 def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: str, batch_size: int) -> dict:
     """Fused-head metrics on the full prompt, the audio-dominance index, and unimodal recognition."""
     labels = list(model.cfg.data.labels)
@@ -111,7 +92,8 @@ def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: st
         "unimodal": {},
     }
     for name, flags in UNIMODAL.items():
-        uni = unimodal_predictions(model, samples, prompt, batch_size, flags)
+        rows = predict_rows(model, samples, batch_size=batch_size, prompt_name=prompt, **flags)
+        uni = [r["label"] for r in rows]
         cues = audio_cues if name == "audio_only" else video_cues
         known = [i for i, c in enumerate(cues) if c in labels]
         um = classification_metrics(y_true, uni, labels, subsets)

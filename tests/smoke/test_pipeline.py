@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.schema import Modality
 from mllm_mer.generation import GenerationOptions, generate_rows, load_for_inference, predict_rows
 from tests.smoke.conftest import REPO
 
@@ -29,6 +30,37 @@ def test_generate_rows_and_head_predictions(trained_run, syn_dir, tmp_path):
     for r, h in zip(rows, heads, strict=True):
         assert h["probs"]["fused"] == pytest.approx(r["probs"]["fused"], abs=1e-5)  # same prompt, other batching
         assert h["label"] == max(h["probs"]["fused"], key=h["probs"]["fused"].get)
+
+
+def test_predict_rows_without_video_or_audio(trained_run, syn_dir):
+    """use_video=False / use_audio=False take that modality out of the batches the heads see."""
+    run, _ = trained_run
+    model = load_for_inference(run_dir=run)
+    samples = read_jsonl(syn_dir / "test.jsonl", model.cfg.data.labels)[:3]
+    batches: list[dict] = []
+
+    def record(_module, args, _kwargs):
+        batches.append(args[0])  # the collated batch MerModel.forward receives
+
+    hook = model.mer.register_forward_pre_hook(record, with_kwargs=True)
+    conditions = ((True, True), (False, True), (True, False))  # (use_video, use_audio)
+    try:
+        rows = [
+            list(predict_rows(model, samples, batch_size=3, prompt_name="label", use_video=v, use_audio=a))
+            for v, a in conditions
+        ]
+    finally:
+        hook.remove()
+    assert len(batches) == 3
+    both, audio_only, video_only = (set(b["token_modality"].unique().tolist()) for b in batches)
+    assert {Modality.AUDIO, Modality.VIDEO} <= both
+    assert Modality.VIDEO not in audio_only and Modality.AUDIO in audio_only
+    assert Modality.AUDIO not in video_only and Modality.VIDEO in video_only
+    assert "pixel_values_videos" in batches[0] and "pixel_values_videos" not in batches[1]
+    assert "input_features" in batches[0] and "input_features" not in batches[2]
+    for got in rows:
+        assert [r["id"] for r in got] == [s.id for s in samples]
+    assert rows[1][0]["probs"]["fused"] != rows[0][0]["probs"]["fused"]
 
 
 def test_generate_then_evaluate_scripts(trained_run, syn_dir, tmp_path):
