@@ -15,21 +15,22 @@ import os
 import pickle
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import gather_object
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import mllm_mer
-from mllm_mer.adapters.mose import MOSE_WEIGHTS, save_mose_weights
+from mllm_mer.adapters.mose import MOSE_WEIGHTS, GateStatsMean, save_mose_weights
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig, config_to_dict, save_config
 from mllm_mer.data.collate import MerCollator
-from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset, check_media, split_errors
+from mllm_mer.data.dataset import DecodeOptions, check_media, load_media
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.schema import Sample
 from mllm_mer.data.sources import read_samples
@@ -142,15 +143,13 @@ def build_loader(
         return build_cached_loader(cfg, backbone, samples, collator, train=train, accelerator=accelerator,
                                    report=report, split=split)
     options = decode_options(cfg, backbone.processor)
-    skip = cfg.data.on_error == "skip"
+    cache_dir = cfg.data.cache_dir if cfg.data.decode_cache else None
     with accelerator.main_process_first():
-        media = build_media_dataset(samples, options, cfg.data.cache_dir, skip_bad=skip)
-    samples, media, problems = split_errors(samples, media)
+        samples, dataset, problems = load_media(samples, options, cache_dir, skip_bad=cfg.data.on_error == "skip")
     if problems and report is not None:
         report.setdefault(split, []).extend(problems)
     if not samples:
         raise DataError(f"data.{split}", ["no usable samples left after skipping bad ones", *problems])
-    dataset = MerDataset(samples, media, options)
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
@@ -455,3 +454,192 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def config_summary(cfg: RunConfig) -> str:
     return json.dumps(config_to_dict(cfg), indent=1)
+
+
+# ------------------------------------------------------------------------------------- loop helpers
+def build_accelerator(cfg: RunConfig) -> Accelerator:
+    """The run's `Accelerator`: `train.grad_accum`, `train.mixed_precision`, seedable samplers, gloo when
+    several processes run without CUDA."""
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None,
+    )
+
+
+def build_loaders(
+    cfg: RunConfig,
+    backbone: Backbone,
+    samples: dict[str, list[Sample]],
+    accelerator: Accelerator,
+    report: dict[str, list[str]],
+) -> tuple[DataLoader, DataLoader | None, dict[str, list[Sample]]]:
+    """Train and (when `samples` has "dev") dev loaders via `build_loader`.
+
+    Returns:
+        (train loader, dev loader or None, the samples each split serves: under `data.on_error=skip`
+        the bad ones are dropped and their problems appended to `report[split]`).
+    """
+    kept = dict(samples)
+    train_dl, kept["train"] = build_loader(
+        cfg, backbone, samples["train"], train=True, accelerator=accelerator, report=report, split="train"
+    )
+    dev_dl = None
+    if "dev" in samples:
+        dev_dl, kept["dev"] = build_loader(
+            cfg, backbone, samples["dev"], train=False, accelerator=accelerator, report=report, split="dev"
+        )
+    return train_dl, dev_dl, kept
+
+
+def total_steps(cfg: RunConfig, num_batches: int, num_processes: int) -> int:
+    """Optimizer steps of the run: `train.max_steps` when > 0, else `train.epochs` epochs of
+    `num_batches` (the per-process loader length before sharding) split over processes and grad_accum."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    return cfg.train.epochs * -(-num_batches // (cfg.train.grad_accum * num_processes))
+
+
+def open_writer(cfg: RunConfig, accelerator: Accelerator) -> torch.utils.tensorboard.SummaryWriter | None:
+    """The TensorBoard writer (`<output_dir>/tb`) on the main process; None on the others."""
+    if not accelerator.is_main_process:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(cfg.train.output_dir) / "tb"))
+
+
+class LoopGuard:
+    """The loop's two stop rules: `train.nan_policy` on a non-finite loss, and the `train.max_minutes` budget.
+
+    Both are decided on every rank together (`any_rank`), so all processes skip or stop at the same batch.
+    The clock starts when the guard is made (just before the loop).
+
+    Attributes:
+        nonfinite_skipped: batches skipped so far for a NaN/inf loss (`final_metrics.json`).
+        stopped_early: True once the time budget stopped the run.
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.started = time.time()
+        self.nonfinite_skipped = 0
+        self.stopped_early = False
+
+    def skip_nonfinite(
+        self, loss: torch.Tensor, state: TrainState, sample_ids: list[str], optimizer: torch.optim.Optimizer
+    ) -> bool:
+        """True when the loss is NaN/inf on any rank: the batch is dropped (gradients zeroed, the batch
+        counted in `state.batch_in_epoch`) and the caller moves on to the next one.
+
+        Args:
+            loss: () float, this rank's loss of the current micro-batch.
+            state: loop position (named in the warning or error; `batch_in_epoch` advanced on a skip).
+            sample_ids: the batch's sample ids (the first 8 are named).
+            optimizer: its gradients are zeroed on a skip.
+        Raises:
+            NonFiniteLossError: under `train.nan_policy=stop`, or after more than
+                `train.max_nonfinite_skips` skipped batches (see `handle_nonfinite`).
+        """
+        if not any_rank(not torch.isfinite(loss).item(), self.accelerator):
+            return False
+        self.nonfinite_skipped += 1
+        handle_nonfinite(self.cfg, state, sample_ids, self.nonfinite_skipped, loss.item())
+        optimizer.zero_grad()
+        state.batch_in_epoch += 1
+        return True
+
+    def out_of_time(self, state: TrainState) -> bool:
+        """True when `train.max_minutes` (> 0) has passed on any rank; sets `stopped_early` and says so on
+        the main process. Always False without a budget."""
+        budget = self.cfg.train.max_minutes
+        if not budget or not any_rank(time.time() - self.started > 60 * budget, self.accelerator):
+            return False
+        self.stopped_early = True
+        if self.accelerator.is_main_process:
+            print(
+                f"train.max_minutes={budget} reached at step {state.step}: saving and "
+                "stopping; continue with train.resume_from=latest"
+            )
+        return True
+
+    def summary(self) -> dict[str, bool | int]:
+        """`{"stopped_early", "nonfinite_skipped"}` for `final_metrics.json`."""
+        return {"stopped_early": self.stopped_early, "nonfinite_skipped": self.nonfinite_skipped}
+
+
+def epoch_batches(accelerator: Accelerator, loader: DataLoader, state: TrainState) -> DataLoader:
+    """The batches of epoch `state.epoch` (the sampler reseeded for it), without the first
+    `state.batch_in_epoch` ones, which a resumed run has already trained on."""
+    loader.set_epoch(state.epoch)
+    if state.batch_in_epoch:
+        return accelerator.skip_first_batches(loader, state.batch_in_epoch)
+    return loader
+
+
+class StepTimer:
+    """Mean wall-clock seconds per optimizer step between two `lap()` calls."""
+
+    def __init__(self, step: int) -> None:
+        """Start the clock at optimizer step `step` (the run's first step, or the resumed one)."""
+        self._clock = time.perf_counter
+        self._start, self._step = self._clock(), step
+
+    def lap(self, step: int) -> float:
+        """Seconds per step from the previous lap (or the start) to optimizer step `step`; restarts there."""
+        now = self._clock()
+        seconds = (now - self._start) / (step - self._step)
+        self._start, self._step = now, step
+        return seconds
+
+
+def write_run_start(
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    backbone: Backbone,
+    trainable_table: str,
+    total: int,
+    samples: dict[str, list[Sample]],
+    skipped: dict[str, list[str]],
+) -> None:
+    """On the main process: print the trainable-parameter table, write `config.yaml` + `run_info.json`
+    (`write_run_info`, with backbone family, process count and `total` steps) and `data_report.json`."""
+    if not accelerator.is_main_process:
+        return
+    print(trainable_table)
+    extra = {"backbone_family": backbone.family.name, "num_processes": accelerator.num_processes}
+    write_run_info(cfg, backbone.path, {**extra, "total_steps": total})
+    write_data_report(cfg, samples, skipped)
+
+
+def resume_state(accelerator: Accelerator, checkpoint: Path | None) -> TrainState:
+    """The loop position to start from: restored from `checkpoint` (said on the main process) or fresh."""
+    if checkpoint is None:
+        return TrainState()
+    state = load_checkpoint(accelerator, checkpoint)
+    if accelerator.is_main_process:
+        print(f"resumed from {checkpoint} at step {state.step}")
+    return state
+
+
+def save_run(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    final: dict,
+    gate_mean: GateStatsMean,
+) -> None:
+    """The run's outputs: weights (`save_final`, all ranks take part), then on the main process
+    `final_metrics.json` (`final`) and, when any batch had MoSE gate statistics, `gate_stats.json`
+    (`{"step": final["step"], "train": gate_mean.summary()}`)."""
+    save_final(accelerator, model, cfg)
+    if not accelerator.is_main_process:
+        return
+    out = Path(cfg.train.output_dir)
+    write_json(out / "final_metrics.json", final)
+    if gate_mean.steps:
+        write_json(out / "gate_stats.json", {"step": final["step"], "train": gate_mean.summary()})

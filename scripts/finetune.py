@@ -7,22 +7,18 @@
     python scripts/finetune.py --check-data data.train=my/train.jsonl      # decode every sample, list problems
 
 Only `--config`, `--check-data` and dotted `key.path=value` overrides are accepted. The run directory
-(`train.output_dir`) receives config.yaml, run_info.json, adapter/ (or mose.safetensors and
-gate_stats.json with mose.enabled=true), heads.safetensors, checkpoints/, tb/, train_log.jsonl and
-final_metrics.json.
+(`train.output_dir`) receives config.yaml, run_info.json, adapter/ (or mose.safetensors and gate_stats.json
+with mose.enabled=true), heads.safetensors, checkpoints/, tb/, train_log.jsonl and final_metrics.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -55,14 +51,7 @@ def check_data_only(cfg: RunConfig) -> int:
 
 
 def train(cfg: RunConfig) -> dict:
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=cfg.train.mixed_precision,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=None,
-    )
+    accelerator = T.build_accelerator(cfg)
     main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(message)s")
     if cfg.train.torch_threads > 0:
@@ -73,58 +62,36 @@ def train(cfg: RunConfig) -> dict:
     data_report: dict[str, list[str]] = {}  # problems of samples skipped under data.on_error=skip
     samples = T.read_splits(cfg, report=data_report)  # every row checked before the model loads
     resume = T.resolve_resume(cfg)
-    backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.quantization)
-    train_dl, samples["train"] = T.build_loader(cfg, backbone, samples["train"], train=True, accelerator=accelerator,
-                                                report=data_report, split="train")
-    dev_dl = None
-    if "dev" in samples:
-        dev_dl, samples["dev"] = T.build_loader(cfg, backbone, samples["dev"], train=False, accelerator=accelerator,
-                                                report=data_report, split="dev")
+    m = cfg.model
+    backbone = load_backbone(m.path, m.dtype, m.attn_implementation, m.quantization)
+    train_dl, dev_dl, samples = T.build_loaders(cfg, backbone, samples, accelerator, data_report)
     model = build_mer_model(backbone, cfg)
     counts = apply_trainable(model, cfg)
-    steps_per_epoch = -(-len(train_dl) // (cfg.train.grad_accum * accelerator.num_processes))
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    total = T.total_steps(cfg, len(train_dl), accelerator.num_processes)
     optimizer, scheduler = T.build_optimizer(model, cfg, total)
     # the scheduler stays unprepared: accelerate would step it once per process (schedule `total` is global)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     accelerator.register_for_checkpointing(scheduler)
-    if dev_dl is not None:
-        dev_dl = accelerator.prepare(dev_dl)
-    if main:
-        print(format_trainable_table(counts))
-        T.write_run_info(cfg, backbone.path, {"backbone_family": backbone.family.name,
-                                              "num_processes": accelerator.num_processes, "total_steps": total})
-        T.write_data_report(cfg, samples, data_report)
-    state = T.load_checkpoint(accelerator, resume) if resume else T.TrainState()
-    if resume and main:
-        print(f"resumed from {resume} at step {state.step}")
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(Path(cfg.train.output_dir) / "tb"))
+    dev_dl = accelerator.prepare(dev_dl) if dev_dl is not None else None
+    T.write_run_start(cfg, accelerator, backbone, format_trainable_table(counts), total, samples, data_report)
+    state = T.resume_state(accelerator, resume)
+    writer = T.open_writer(cfg, accelerator)  # None off the main process
     log_file = Path(cfg.train.output_dir) / "train_log.jsonl"
     bar = tqdm(total=total, initial=state.step, disable=not main, desc="train")
     dev_metrics: dict = {}
-    window_start, window_steps = time.perf_counter(), 0
+    timer = T.StepTimer(state.step)  # seconds per optimizer step, logged every train.log_every steps
     gate_mean = GateStatsMean()  # MoSE gate statistics over the run (rank 0's batches)
+    guard = T.LoopGuard(cfg, accelerator)  # train.nan_policy and train.max_minutes, same answer on all ranks
     model.train()
-    started, stopped_early, nan_skips = time.time(), False, 0
-    while state.step < total and not stopped_early:
-        train_dl.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
-        for batch in loader:
+    while state.step < total and not guard.stopped_early:
+        for batch in T.epoch_batches(accelerator, train_dl, state):  # a resumed epoch skips the batches seen
             # dropout draws depend only on (seed, rank, epoch, batch): a resumed run repeats them exactly
             torch.manual_seed(T.batch_seed(cfg.train.seed, accelerator.process_index, state))
             batch["train_step"] = state.step  # gates DnR's Refine stage (dnr.refine_start_step)
             with accelerator.accumulate(model):
                 out = model(batch)
-                if T.any_rank(not torch.isfinite(out.loss).item(), accelerator):
-                    nan_skips += 1  # raises under train.nan_policy=stop, naming step, batch and checkpoint
-                    T.handle_nonfinite(cfg, state, batch["sample_ids"], nan_skips, out.loss.item())
-                    optimizer.zero_grad()
-                    state.batch_in_epoch += 1
-                    continue
+                if guard.skip_nonfinite(out.loss, state, batch["sample_ids"], optimizer):
+                    continue  # batch dropped under train.nan_policy=skip (=stop raises)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -138,24 +105,16 @@ def train(cfg: RunConfig) -> dict:
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            window_steps += 1
             bar.update(1)
             if main and state.step % cfg.train.log_every == 0:
-                step_time = (time.perf_counter() - window_start) / window_steps
-                window_start, window_steps = time.perf_counter(), 0
-                row = T.log_train_step(writer, log_file, state.step, out, scheduler.get_last_lr()[0], step_time)
+                lr = scheduler.get_last_lr()[0]
+                row = T.log_train_step(writer, log_file, state.step, out, lr, timer.lap(state.step))
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             if dev_dl is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 dev_metrics = T.report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total:
                 T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
-            if cfg.train.max_minutes and T.any_rank(time.time() - started > 60 * cfg.train.max_minutes, accelerator):
-                stopped_early = True
-                if main:
-                    print(f"train.max_minutes={cfg.train.max_minutes} reached at step {state.step}: saving and "
-                          "stopping; continue with train.resume_from=latest")
-                break
-            if state.step >= total:
+            if guard.out_of_time(state) or state.step >= total:  # out_of_time announces the early stop
                 break
         else:
             state.epoch += 1
@@ -166,13 +125,9 @@ def train(cfg: RunConfig) -> dict:
     T.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
     if dev_dl is not None:
         dev_metrics = T.report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
-    T.save_final(accelerator, model, cfg)
-    final = {"dev": dev_metrics, "step": state.step, "stopped_early": stopped_early, "nonfinite_skipped": nan_skips}
+    final = {"dev": dev_metrics, "step": state.step, **guard.summary()}
+    T.save_run(accelerator, model, cfg, final, gate_mean)  # weights, final_metrics.json, gate_stats.json
     if main:
-        T.write_json(Path(cfg.train.output_dir) / "final_metrics.json", final)
-        if gate_mean.steps:
-            gates = {"step": state.step, "train": gate_mean.summary()}
-            T.write_json(Path(cfg.train.output_dir) / "gate_stats.json", gates)
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
