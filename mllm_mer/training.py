@@ -30,7 +30,7 @@ from mllm_mer.adapters.mose import MOSE_WEIGHTS, GateStatsMean, save_mose_weight
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig, config_to_dict, save_config
 from mllm_mer.data.collate import MerCollator
-from mllm_mer.data.dataset import DecodeOptions, check_media, load_media
+from mllm_mer.data.dataset import DecodeOptions, check_media, check_share, load_media, streamed_media
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.schema import Sample
 from mllm_mer.data.sources import read_samples
@@ -133,7 +133,8 @@ def build_loader(
 ) -> tuple[DataLoader, list[Sample]]:
     """A DataLoader over decoded samples and the samples it serves (bad ones dropped under on_error=skip).
 
-    Decoding is cached once per sample; the main process decodes first, the others read the cache. With
+    Decoding is cached once per sample; the main process decodes first, the others read the cache
+    (`data.decode_cache=false`: the ranks split one checking pass, then items are decoded when read). With
     `data.feature_cache` the loader serves the frozen towers' cached outputs instead (`mllm_mer.cache`).
     """
     if cfg.data.feature_cache:
@@ -143,9 +144,15 @@ def build_loader(
         return build_cached_loader(cfg, backbone, samples, collator, train=train, accelerator=accelerator,
                                    report=report, split=split)
     options = decode_options(cfg, backbone.processor)
-    cache_dir = cfg.data.cache_dir if cfg.data.decode_cache else None
-    with accelerator.main_process_first():
-        samples, dataset, problems = load_media(samples, options, cache_dir, skip_bad=cfg.data.on_error == "skip")
+    skip = cfg.data.on_error == "skip"
+    if cfg.data.decode_cache:
+        with accelerator.main_process_first():
+            samples, dataset, problems = load_media(samples, options, cfg.data.cache_dir, skip_bad=skip)
+    else:  # the ranks split the checking pass and share what they found
+        bad = check_share(samples, options, accelerator.process_index, accelerator.num_processes)
+        if accelerator.num_processes > 1:
+            bad = gather_object(bad)
+        samples, dataset, problems = streamed_media(samples, options, bad, skip_bad=skip)
     if problems and report is not None:
         report.setdefault(split, []).extend(problems)
     if not samples:

@@ -81,9 +81,14 @@ def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator
             "error": "",
         }
     if problems and not skip_bad:  # nothing is cached: the generation fails as a whole
-        raise MediaError(
-            f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+        raise unusable_media(problems)
+
+
+def unusable_media(problems: Sequence[str]) -> MediaError:
+    """One `MediaError` listing every bad sample's problem line."""
+    return MediaError(
+        f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems)
+    )
 
 
 def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
@@ -101,22 +106,41 @@ def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
     )
 
 
-def partition_media(samples: Sequence[Sample], options: DecodeOptions) -> tuple[list[Sample], list[str]]:
-    """Decode every sample once: (the samples whose media decode, one problem line per other sample)."""
-    good, problems = [], []
-    for s in samples:
+def check_share(
+    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1
+) -> list[tuple[str, str]]:
+    """Decode this rank's share of `samples` (every `world`-th, from `rank`) once: (sample id, problem line)
+    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`."""
+    bad = []
+    for s in samples[rank::world]:
         try:
             decode(s, options)
         except MediaError as exc:
-            problems.append(str(exc))
-        else:
-            good.append(s)
-    return good, problems
+            bad.append((s.id, str(exc)))
+    return bad
 
 
 def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
     """Decode every sample once and return one problem line per bad sample (empty list = all good)."""
-    return partition_media(samples, options)[1]
+    return [problem for _, problem in check_share(samples, options)]
+
+
+def streamed_media(
+    samples: Sequence[Sample], options: DecodeOptions, bad: Sequence[tuple[str, str]], skip_bad: bool = False
+) -> tuple[list[Sample], DecodingDataset, list[str]]:
+    """`load_media` without a decode cache, given the checking pass's findings (`check_share`, all ranks').
+
+    Returns:
+        (the good samples in order, a `DecodingDataset` over them, the bad ones' problems in sample order).
+    Raises:
+        MediaError: (skip_bad=False) when any sample is bad, listing them all.
+    """
+    found = dict(bad)
+    problems = [found[s.id] for s in samples if s.id in found]
+    if problems and not skip_bad:
+        raise unusable_media(problems)
+    good = [s for s in samples if s.id not in found]
+    return good, DecodingDataset(good, options), problems
 
 
 def build_media_dataset(
@@ -192,12 +216,7 @@ def load_media(
         media = build_media_dataset(samples, options, cache_dir, skip_bad=skip_bad)
         good, media, problems = split_errors(samples, media)
         return good, MerDataset(good, media, options), problems
-    good, problems = partition_media(samples, options)
-    if problems and not skip_bad:
-        raise MediaError(
-            f"{len(problems)} sample(s) with unusable media:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
-    return good, DecodingDataset(good, options), problems
+    return streamed_media(samples, options, check_share(samples, options), skip_bad)
 
 
 class DecodingDataset(torch.utils.data.Dataset):

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from mllm_mer.data.collate import IGNORE_INDEX, MerCollator
-from mllm_mer.data.dataset import DecodeOptions, DecodingDataset, MerDataset, build_media_dataset, load_media
+from mllm_mer.data.dataset import (
+    DecodeOptions,
+    DecodingDataset,
+    MerDataset,
+    build_media_dataset,
+    check_share,
+    load_media,
+    streamed_media,
+)
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.media import MediaError, decode_sample_media
 from mllm_mer.data.schema import MER2023_LABELS, Modality
@@ -200,6 +208,11 @@ def test_decoding_dataset_checks_every_sample_before_serving(tmp_path):
     good, ds, problems = load_media(samples, OPTS, None, skip_bad=True)
     assert [s.id for s in good] == ["s1"] and len(ds) == 1 and len(problems) == 2
     assert ds[0][1].frames.shape[0] == 4
+    # two ranks split the checking pass (rank 0: s1, c; rank 1: b) and serve the same samples
+    shares = [check_share(samples, OPTS, rank, 2) for rank in (0, 1)]
+    assert [[i for i, _ in share] for share in shares] == [["c"], ["b"]]
+    split = streamed_media(samples, OPTS, shares[1] + shares[0], skip_bad=True)
+    assert split[0] == good and split[2] == problems  # problems in sample order, whatever the gather order
 
 
 @pytest.fixture()
