@@ -216,9 +216,19 @@ def layout_fingerprint(processor: Any) -> str:
 
 
 def feature_key(sample: Sample, encoder_fp: str, hashes: MediaHashes) -> str:
-    """Key of a sample's feature entry: id + media content hashes + encoder fingerprint."""
-    media = [hashes(p) if p is not None else None for p in (sample.video, sample.audio)]
+    """Key of a sample's feature entry: id + media content hashes + encoder fingerprint.
+
+    A file that cannot be read gets a marker instead of a hash; decoding it then reports the problem
+    (`MediaError`, or a skipped sample under `data.on_error=skip`)."""
+    media = [_content_hash(hashes, p) if p is not None else None for p in (sample.video, sample.audio)]
     return "f" + _digest(sample.id, media, encoder_fp)
+
+
+def _content_hash(hashes: MediaHashes, path: str | Path) -> str:
+    try:
+        return hashes(path)
+    except OSError as exc:
+        return f"unreadable: {type(exc).__name__}"
 
 
 def layout_key(feature: str, layout_fp: str, has_video: bool, has_audio: bool, prompt_text: str) -> str:
@@ -649,7 +659,7 @@ def fill_cache(
     hashes = MediaHashes(cache.root, rank)
     paths = sorted({str(p) for s in samples for p in (s.video, s.audio) if p is not None})
     for path in paths[rank::world]:  # each rank hashes its share of new or changed files ...
-        hashes(path)
+        _content_hash(hashes, path)
     hashes.save()
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -47,7 +47,10 @@ class DecodeOptions:
 def _file_key(path: Path | None) -> list:
     if path is None:
         return []
-    st = Path(path).stat()  # ctime: a rewrite that restores size and mtime still bumps it
+    try:
+        st = Path(path).stat()  # ctime: a rewrite that restores size and mtime still bumps it
+    except OSError as exc:  # gone or unreadable: decoding reports it (MediaError, or skipped)
+        return [str(path), f"unreadable: {type(exc).__name__}"]
     return [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 

@@ -22,6 +22,7 @@ from mllm_mer.backbone import family_of, load_backbone
 from mllm_mer.config import ConfigError, load_config
 from mllm_mer.data.dataset import MerDataset, build_media_dataset
 from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.media import MediaError
 from mllm_mer.data.schema import MER2023_LABELS
 from mllm_mer.model import _MODEL_INPUTS, build_mer_model
 from mllm_mer.trainable import apply_trainable
@@ -229,6 +230,23 @@ def test_media_hashes_read_each_file_once_and_see_every_rewrite(tmp_path, monkey
     copied.parent.mkdir()
     shutil.copy2(media, copied)
     assert hashes(copied) == changed  # the key follows the content, not the path
+
+
+def test_unreadable_media_file_is_reported_not_crashed_on(tiny_dir, syn_dir, tmp_path):
+    samples = copy_samples(syn_dir, tmp_path / "data", 2)
+    samples[1].video.unlink()  # gone after the rows were read
+    cfg = cfg_for(tiny_dir, tmp_path)
+    bb = load_backbone(tiny_dir)
+    with pytest.raises(MediaError, match=samples[1].id):
+        fill(cfg, bb, samples)
+    collator = build_collator(cfg, bb, train=True)
+    options = decode_options(cfg, bb.processor)
+    spec = C.build_spec(cfg, bb, options)
+    cache = C.FeatureCache(cfg.data.feature_cache_dir)
+    served, _, report = C.fill_cache(
+        cache, samples, collator, bb.model, spec, options, cfg.data.cache_dir, skip_bad=True
+    )
+    assert [s.id for s in served] == [samples[0].id] and len(report.skipped) == 1
 
 
 def test_moved_dataset_keeps_its_entries(tiny_dir, syn_dir, tmp_path):
