@@ -10,6 +10,7 @@ samples is kept; `load_media` picks one of the two.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,6 @@ def _file_key(path: Path | None) -> list:
 
 
 def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator[dict]:
-    opts = DecodeOptions(**options)
     problems: list[str] = []
     for row in rows:
         try:
@@ -63,12 +63,7 @@ def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator
                 row["id"],
                 Path(row["video"]) if row["video"] else None,
                 Path(row["audio"]) if row["audio"] else None,
-                fps=opts.fps,
-                max_frames=opts.max_frames,
-                sample_rate=opts.sample_rate,
-                max_audio_seconds=opts.max_audio_seconds,
-                need_audio=opts.need_audio,
-                allow_silent_audio=opts.allow_silent_audio,
+                **options,  # DecodeOptions' fields are decode_sample_media's keyword arguments
             )
         except MediaError as exc:
             problems.append(str(exc))
@@ -96,17 +91,7 @@ def unusable_media(problems: Sequence[str]) -> MediaError:
 
 def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
     """Decode one sample's media with `options` (raises `MediaError` naming the sample and file)."""
-    return decode_sample_media(
-        sample.id,
-        sample.video,
-        sample.audio,
-        fps=options.fps,
-        max_frames=options.max_frames,
-        sample_rate=options.sample_rate,
-        max_audio_seconds=options.max_audio_seconds,
-        need_audio=options.need_audio,
-        allow_silent_audio=options.allow_silent_audio,
-    )
+    return decode_sample_media(sample.id, sample.video, sample.audio, **dataclasses.asdict(options))
 
 
 def check_share(
