@@ -68,6 +68,7 @@ from torch import nn
 
 from mllm_mer.backbone.modality import token_modality
 from mllm_mer.data.collate import IGNORE_INDEX, MerCollator
+from mllm_mer.data.dataset import file_state
 from mllm_mer.data.schema import Sample
 from mllm_mer.encoders import check_supported, encode_audio, encode_video_full, is_zero3
 
@@ -94,18 +95,11 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def _file_state(path: Path) -> list[int]:
-    """What identifies a file's current contents without reading it: device, inode, size, mtime, ctime (ns)."""
-    st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 class MediaHashes:
     """Content hashes of media files (blake2b over every byte), remembered per file state.
 
-    A file is read again only when its state (`_file_state`) changes. The ctime is part of the state and no
-    user tool can set it back (`touch -d` and `os.utime` change mtime but bump ctime), so a rewrite that keeps
-    the size and restores the mtime is still seen. Hashes are remembered in `media-hashes-rank<r>.json`
+    A file is read again only when its `file_state` (device, inode, size, mtime, ctime) changes, so a
+    rewrite that keeps the size and restores the mtime is still seen (it bumps the ctime). Hashes are remembered in `media-hashes-rank<r>.json`
     beside the shards (each rank writes its own file, every rank reads all), so a later run only stats files.
     Keys of the cache use the content hash, not the path: moving or copying a dataset re-hashes it once and
     keeps its entries.
@@ -138,12 +132,12 @@ class MediaHashes:
     def __call__(self, path: str | Path) -> str:
         """The content hash of `path` (read only when unknown or changed since it was hashed)."""
         path = Path(path).resolve()
-        state = _file_state(path)
+        state = file_state(path)
         known = self._known.get(str(path))
         if known is not None and known[:-1] == state:
             return known[-1]
         digest = file_checksum(path)
-        if _file_state(path) != state:
+        if file_state(path) != state:
             raise RuntimeError(f"{path} changed while it was being hashed; run again once it is written")
         self._known[str(path)] = [*state, digest]
         self._dirty = True
@@ -625,9 +619,10 @@ def fill_cache(
     """Compute the missing feature and layout entries of `samples` (split over the ranks) and return what
     the cached loader serves.
 
-    Media are decoded only for samples with missing entries (through the `datasets` decode cache, main
-    process first, unless `decoded_cache_dir` is None); the towers run only for missing feature entries, under the accelerator's autocast, on
-    its device. Ranks take every world_size-th missing sample, write their own shards, then wait for each
+    Media are decoded only for samples with missing entries (`training.load_media_on_ranks`: through the
+    `datasets` decode cache, main process first, or with `decoded_cache_dir` None a checking pass split over
+    the ranks); the towers run only for missing feature entries, under the accelerator's autocast, on its
+    device. Ranks take every world_size-th missing sample, write their own shards, then wait for each
     other and re-read every index.
 
     Args:
@@ -647,7 +642,7 @@ def fill_cache(
         MediaError: a sample's media cannot be used (skip_bad=False).
         RuntimeError: entries still missing after every rank's fill.
     """
-    from mllm_mer.data.dataset import load_media
+    from mllm_mer.training import load_media_on_ranks
 
     check_supported(thinker)
     start = time.perf_counter()
@@ -681,9 +676,7 @@ def fill_cache(
     if accelerator is not None:  # every rank decided on the same cache state before anyone writes
         accelerator.wait_for_everyone()
     if todo:
-        ctx = accelerator.main_process_first() if accelerator is not None else nullcontext()
-        with ctx:
-            good, decoded, problems = load_media(todo, options, decoded_cache_dir, skip_bad=skip_bad)
+        good, decoded, problems = load_media_on_ranks(todo, options, decoded_cache_dir, skip_bad, accelerator)
         report.skipped = problems
         skipped = {s.id for s in todo} - {s.id for s in good}
         cache.prune_own()
@@ -904,7 +897,7 @@ def prepare_cache(
         ValueError: a tower or projector is unfrozen (`model.freeze.*`), or the thinker is of no supported family.
     """
     check_cacheable(cfg)
-    from mllm_mer.training import decode_options
+    from mllm_mer.training import decode_cache_dir, decode_options
 
     base = getattr(collator, "base", collator)
     options = decode_options(cfg, backbone.processor)
@@ -919,7 +912,7 @@ def prepare_cache(
         backbone.model,
         spec,
         options,
-        cfg.data.cache_dir if cfg.data.decode_cache else None,
+        decode_cache_dir(cfg),
         accelerator=accelerator,
         skip_bad=cfg.data.on_error == "skip",
     )

@@ -31,7 +31,7 @@ from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
 from mllm_mer.labels import parse_label, parse_openset
 from mllm_mer.model import MerModel, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
-from mllm_mer.training import decode_options
+from mllm_mer.training import decode_cache_dir, decode_options
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def build_inference_loader(
     """
     cfg = model.cfg
     options = decode_options(cfg, model.backbone.processor)
-    _, dataset, _ = load_media(samples, options, cfg.data.cache_dir if cfg.data.decode_cache else None)
+    _, dataset, _ = load_media(samples, options, decode_cache_dir(cfg))
     collator = MerCollator(
         processor=model.backbone.processor, token_ids=model.backbone.token_ids, prompt=prompt,
         system_prompt=load_prompt("system", kind="free").text, labels=cfg.data.labels, train=False,

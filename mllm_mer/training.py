@@ -103,6 +103,32 @@ def decode_options(cfg: RunConfig, processor) -> DecodeOptions:
     )
 
 
+def decode_cache_dir(cfg: RunConfig) -> str | None:
+    """The `datasets` decode cache of the run (`data.cache_dir`), or None with `data.decode_cache=false`."""
+    return cfg.data.cache_dir if cfg.data.decode_cache else None
+
+
+def load_media_on_ranks(
+    samples: list[Sample],
+    options: DecodeOptions,
+    cache_dir: str | None,
+    skip_bad: bool,
+    accelerator: Accelerator | None,
+) -> tuple[list[Sample], torch.utils.data.Dataset, list[str]]:
+    """`load_media` for every rank: with a decode cache the main process decodes first and the others read
+    the cache; without one (`cache_dir` None) the ranks split the checking pass and share what they found.
+    `accelerator` None: one process."""
+    if accelerator is None:
+        return load_media(samples, options, cache_dir, skip_bad=skip_bad)
+    if cache_dir is not None:
+        with accelerator.main_process_first():
+            return load_media(samples, options, cache_dir, skip_bad=skip_bad)
+    bad = check_share(samples, options, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        bad = gather_object(bad)
+    return streamed_media(samples, options, bad, skip_bad=skip_bad)
+
+
 def check_data(samples: dict[str, list[Sample]], options: DecodeOptions) -> list[str]:
     """Decode every sample of every split; one problem line per bad sample, prefixed by the split."""
     return [f"{split}: {p}" for split, ss in samples.items() for p in check_media(ss, options)]
@@ -144,15 +170,9 @@ def build_loader(
         return build_cached_loader(cfg, backbone, samples, collator, train=train, accelerator=accelerator,
                                    report=report, split=split)
     options = decode_options(cfg, backbone.processor)
-    skip = cfg.data.on_error == "skip"
-    if cfg.data.decode_cache:
-        with accelerator.main_process_first():
-            samples, dataset, problems = load_media(samples, options, cfg.data.cache_dir, skip_bad=skip)
-    else:  # the ranks split the checking pass and share what they found
-        bad = check_share(samples, options, accelerator.process_index, accelerator.num_processes)
-        if accelerator.num_processes > 1:
-            bad = gather_object(bad)
-        samples, dataset, problems = streamed_media(samples, options, bad, skip_bad=skip)
+    samples, dataset, problems = load_media_on_ranks(
+        samples, options, decode_cache_dir(cfg), cfg.data.on_error == "skip", accelerator
+    )
     if problems and report is not None:
         report.setdefault(split, []).extend(problems)
     if not samples:

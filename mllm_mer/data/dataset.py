@@ -1,8 +1,8 @@
 """Decoded-media datasets: every sample's media is decoded once and kept in a `datasets` Arrow cache.
 
 `build_media_dataset` decodes each sample (frames + audio of the same file in one pass) into an Arrow
-table under `cache_dir`; `datasets` fingerprints the inputs (sample ids, media paths with their inode, size,
-mtime and ctime, decoding options), so a changed file or option re-decodes and an unchanged set loads instantly.
+table under `cache_dir`; `datasets` fingerprints the inputs (sample ids, media paths with their `file_state`,
+decoding options), so a changed file or option re-decodes and an unchanged set loads instantly.
 `MerDataset` pairs each `Sample` with its decoded arrays for the collator. With `data.decode_cache=false`,
 `DecodingDataset` decodes each item when it is read instead (after one checking pass), so nothing but the
 samples is kept; `load_media` picks one of the two.
@@ -45,14 +45,23 @@ class DecodeOptions:
     allow_silent_audio: bool = False
 
 
+def file_state(path: str | Path) -> list[int]:
+    """What identifies a file's current contents without reading it: device, inode, size, mtime, ctime (ns).
+
+    The ctime is there because no user tool can set it back (`touch -d` and `os.utime` change the mtime but
+    bump the ctime), so a rewrite that keeps the size and restores the mtime still changes the state.
+    """
+    st = Path(path).stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def _file_key(path: Path | None) -> list:
     if path is None:
         return []
     try:
-        st = Path(path).stat()  # ctime: a rewrite that restores size and mtime still bumps it
+        return [str(path), *file_state(path)]
     except OSError as exc:  # gone or unreadable: decoding reports it (MediaError, or skipped)
         return [str(path), f"unreadable: {type(exc).__name__}"]
-    return [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator[dict]:
