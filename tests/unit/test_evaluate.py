@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from eval import tasks
-from eval.judge import Judge, JudgeError, JudgeResult
+from eval.judge import JudgeResult
 from eval.report import report_paths, write_report
 from eval.tasks import EvalOptions, read_predictions, run_task
 from mllm_mer.labels import LABEL_MODES
+from tests.unit.test_judge import ScriptedJudge
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -299,28 +300,6 @@ def test_emer_ov_jsonl_and_allow_missing(tmp_path: Path) -> None:
     result = evaluate("emer-ov", pred, ov_refs(tmp_path), tmp_path / "ov.json", allow_missing=True)
     assert result["level1"]["fscore"] == pytest.approx(4 / 7)  # b scored as an empty prediction
     assert "1 of 3 reference id(s) have no prediction" in result["warnings"][0]
-
-
-class ScriptedJudge(Judge):
-    """Replies from a dict keyed by the explanation (no network)."""
-
-    def __init__(self, replies: dict[str, str]) -> None:
-        super().__init__()
-        self.replies = replies
-
-    @property
-    def model_id(self) -> str:
-        return "scripted"
-
-    @property
-    def generation_config(self) -> dict[str, Any]:
-        return {"temperature": 0.0}
-
-    def _generate(self, prompt: str) -> str:
-        for explanation, reply in self.replies.items():
-            if f"Predicted description: {explanation}\n" in prompt:
-                return reply
-        raise JudgeError("no scripted reply")
 
 
 def emer_v1(tmp_path: Path) -> Path:
