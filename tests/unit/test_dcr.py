@@ -46,7 +46,9 @@ OPTS = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_second
 
 
 def cfg_for(tiny_backbone_dir, *overrides):
-    return load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "dcr.enabled=true", *overrides])
+    return load_config(
+        None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "dcr.enabled=true", *overrides]
+    )
 
 
 @pytest.fixture()
@@ -230,6 +232,16 @@ def test_afd_loss_is_zero_when_student_equals_teachers():
     assert float(afd_loss(torch.zeros(4, 6), [audio, video])) > 1e-3
 
 
+def sample_teachers(teachers: list, i: int) -> list:
+    """Sample `i`'s slice of each teacher's evidence (batch of 1)."""
+    return [
+        dataclasses.replace(
+            t, alpha=t.alpha[i : i + 1], confidence=t.confidence[i : i + 1], present=t.present[i : i + 1]
+        )
+        for t in teachers
+    ]
+
+
 def test_afd_gating_down_weights_disagreeing_teachers():
     C = 6
     big = torch.full((2, 3, C), -30.0)
@@ -245,30 +257,14 @@ def test_afd_gating_down_weights_disagreeing_teachers():
     per_sample = [
         afd_loss(
             student[i : i + 1],
-            [
-                dataclasses.replace(
-                    t,
-                    alpha=t.alpha[i : i + 1],
-                    confidence=t.confidence[i : i + 1],
-                    present=t.present[i : i + 1],
-                )
-                for t in teachers
-            ],
+            sample_teachers(teachers, i),
         )
         for i in range(2)
     ]
     ungated = [
         afd_loss(
             student[i : i + 1],
-            [
-                dataclasses.replace(
-                    t,
-                    alpha=t.alpha[i : i + 1],
-                    confidence=t.confidence[i : i + 1],
-                    present=t.present[i : i + 1],
-                )
-                for t in teachers
-            ],
+            sample_teachers(teachers, i),
             agreement_power=0.0,
         )
         for i in range(2)
