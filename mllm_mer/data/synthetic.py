@@ -22,6 +22,15 @@ s = masking_intensity + U(-0.05, 0.05), clipped to [0, 1]) scales how strongly a
 So a model that notices which display is genuine (the vivid one) can beat 0.5 on conflicts when
 masking_intensity < 1, while one that always follows one modality cannot.
 
+Weak displays in consistent clips (``weak_display_rate`` r, default 0): in a consistent clip, the face
+and the voice each independently (probability r) show the true label at a reduced intensity instead of
+the genuine U(0.9, 1.0): half of those draws "clear" U(0.6, 0.8), half "faint" U(0.3, 0.5). The cue
+is unchanged (both displays still show the label), so such clips teach how each intensity looks and
+sounds, never how to resolve a conflict. Stage 0 of the testbed uses it (`mllm_mer.testbed`).
+
+Intensity words (`intensity_word`): s < 0.55 "faint", s < 0.85 "clear", else "strong". A genuine display
+is "strong", a masking display at the default masking_intensity 0.4 "faint".
+
 Noise ``v`` in [0, 1] per modality (0 = clean cue, 1 = no information about the cue):
 
 - video: with probability ``v`` the face shows a uniformly random label instead of the cue (the
@@ -43,7 +52,16 @@ Recorded cues: ``cues["video"]`` and ``cues["audio"]`` are the *designed* cues o
 (what a noise-free rendering shows; a noise draw may have replaced the displayed emotion), so
 ``video_aligned`` always has cues.video == label != cues.audio. ``cues["text"]`` is the emotion the
 written subtitle actually expresses ("neutral" for filler). The explanation describes the designed
-face and voice cues and the actual subtitle, and always ends with "Overall the emotion is <label>."
+face and voice cues and the actual subtitle, each display with its intensity word, and always ends
+with "Overall the emotion is <label>.", e.g.
+
+    The face shows raised mouth corners in a broad smile and slightly narrowed, smiling eyes (happy), a
+    strong display. The voice is high, bright and bouncy (happy), a faint display. The subtitle says
+    "Okay, so that is the plan.", which carries little emotion. Both displays agree. Overall the
+    emotion is happy.
+
+The face sentence is the only one with the word "face", the voice sentence the only one with "voice";
+each names its cue as "(<emotion>)" and one intensity word (`mllm_mer.explanations` reads them back).
 
 Layout written by `make_synthetic_set`: ``OUT/{train,dev,test}.jsonl`` (fields ``id, video, audio,
 subtitle, label, explanation, subset, cues``; ``video`` relative to OUT, ``audio`` null = the video's
@@ -73,14 +91,21 @@ import av
 import numpy as np
 
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
+from mllm_mer.explanations import INTENSITY_WORDS
 
 GENERATOR = "mllm_mer.data.synthetic"
 """Marker stored in manifest.json; `ensure_synthetic_set` only replaces directories carrying it."""
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the rendering changes, so cached sets built by older code are rebuilt."""
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
+_INTENSITY_EDGES = (0.55, 0.85)
+"""Upper edges of "faint" and "clear"; above the last one a display is "strong"."""
+GENUINE_RANGE = (0.9, 1.0)
+"""Intensity of a genuine (full) display, uniform."""
+WEAK_RANGES = {"clear": (0.6, 0.8), "faint": (0.3, 0.5)}
+"""Intensity of a weak display of a consistent clip (`SyntheticConfig.weak_display_rate`), uniform."""
 _AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -106,6 +131,10 @@ class SyntheticConfig:
     """Fraction of train clips that are conflicts, split evenly into video_aligned / audio_aligned."""
     masking_intensity: float = 0.4
     """Intensity in [0, 1] of the masking display relative to the genuine one (1.0)."""
+    weak_display_rate: float = 0.0
+    """Consistent clips only: probability in [0, 1], per modality independently, that the face / the voice
+    shows the label at a reduced intensity ("clear" U(0.6, 0.8) or "faint" U(0.3, 0.5), half each) instead
+    of the genuine U(0.9, 1.0). 0 = every consistent display at full intensity."""
     clip_seconds: float = 2.0
     """Clip duration in seconds; clip_seconds * fps must be a whole number of frames."""
     frame_size: int = 56
@@ -141,7 +170,9 @@ class SyntheticConfig:
         check_int("seed", 0, 2**63 - 1)
         for name in ("train_size", "dev_size", "test_size"):
             check_int(name, 0, 1_000_000)
-        for name in ("audio_noise", "video_noise", "text_noise", "train_conflict_rate", "masking_intensity"):
+        for name in (
+            "audio_noise", "video_noise", "text_noise", "train_conflict_rate", "masking_intensity", "weak_display_rate",
+        ):
             check_float(name, 0.0, 1.0)
         check_float("clip_seconds", 0.0, 600.0, lo_open=True)
         check_int("frame_size", 28, 1024)
@@ -293,6 +324,29 @@ _PHRASES = {
         "Oh! I never expected that!",
     ),
 }
+
+
+def explanation_corpus() -> list[str]:
+    """Every phrase the synthetic explanations are built from, as sentences (a tokenizer training corpus).
+
+    One explanation per (face cue, voice cue, intensity words) pattern plus every subtitle phrase and
+    the conflict reasons; a BPE trained on it spells an explanation in about half the tokens.
+    """
+    lines = []
+    for i, emotion in enumerate(MER2023_LABELS):
+        other = MER2023_LABELS[(i + 1) % len(MER2023_LABELS)]
+        word, word2 = INTENSITY_WORDS[i % 3], INTENSITY_WORDS[(i + 1) % 3]
+        lines.append(
+            f"The face shows {_FACE_WORDS[emotion]} ({emotion}), a {word} display. The voice is "
+            f"{_VOICE_WORDS[other]} ({other}), a {word2} display. Both displays agree. "
+            f"The subtitle says it, which carries little emotion. Overall the emotion is {emotion}."
+        )
+        lines += [f'The subtitle says "{phrase}", which sounds {emotion}.' for phrase in _PHRASES[emotion]]
+    lines += [
+        "The full facial display looks genuine, while the weaker vocal one seems to mask it.",
+        "The full vocal display sounds genuine, while the weaker facial one seems to mask it.",
+    ]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,6 +651,9 @@ def _plan_split(cfg: SyntheticConfig, split: str) -> list[_Clip]:
         masking_s = float(np.clip(cfg.masking_intensity + rng.uniform(-0.05, 0.05), 0.0, 1.0))
         video_cue, audio_cue = label, label
         video_s, audio_s = genuine_s, float(rng.uniform(0.9, 1.0))
+        if subset == "consistent" and cfg.weak_display_rate > 0:  # extra draws only when asked for
+            video_s = _maybe_weak(video_s, cfg.weak_display_rate, rng)
+            audio_s = _maybe_weak(audio_s, cfg.weak_display_rate, rng)
         if subset == "video_aligned":
             audio_cue, audio_s = masking, masking_s
         elif subset == "audio_aligned":
@@ -628,22 +685,38 @@ def _plan_split(cfg: SyntheticConfig, split: str) -> list[_Clip]:
     return clips
 
 
+def _maybe_weak(intensity: float, rate: float, rng: np.random.Generator) -> float:
+    """With probability `rate` a weak intensity ("clear" or "faint", half each), else `intensity`."""
+    if rng.random() >= rate:
+        return intensity
+    lo, hi = WEAK_RANGES["clear" if rng.random() < 0.5 else "faint"]
+    return float(rng.uniform(lo, hi))
+
+
+def intensity_word(intensity: float) -> str:
+    """The word for a display intensity in [0, 1]: < 0.55 "faint", < 0.85 "clear", else "strong"."""
+    for word, edge in zip(INTENSITY_WORDS, _INTENSITY_EDGES, strict=False):
+        if intensity < edge:
+            return word
+    return INTENSITY_WORDS[-1]
+
+
 def _explain(clip: _Clip) -> str:
-    """EMER-style explanation citing the designed face / voice cues and the subtitle."""
-    face = f"The face shows {_FACE_WORDS[clip.video_cue]} ({clip.video_cue})"
-    face += ", but only faintly." if clip.subset == "audio_aligned" else "."
-    voice = f"The voice is {_VOICE_WORDS[clip.audio_cue]} ({clip.audio_cue})"
-    voice += ", but subdued." if clip.subset == "video_aligned" else "."
+    """EMER-style explanation citing the designed face / voice cues with their intensity, and the subtitle."""
+    face = f"The face shows {_FACE_WORDS[clip.video_cue]} ({clip.video_cue}), "
+    face += f"a {intensity_word(clip.video_intensity)} display."
+    voice = f"The voice is {_VOICE_WORDS[clip.audio_cue]} ({clip.audio_cue}), "
+    voice += f"a {intensity_word(clip.audio_intensity)} display."
     if clip.text_cue == "neutral":
         text = f'The subtitle says "{clip.subtitle}", which carries little emotion.'
     else:
         text = f'The subtitle says "{clip.subtitle}", which sounds {clip.text_cue}.'
     if clip.subset == "consistent":
-        reason = "Face and voice agree."
+        reason = "Both displays agree."
     elif clip.subset == "video_aligned":
-        reason = "The full facial display looks genuine, while the weaker voice seems to mask it."
+        reason = "The full facial display looks genuine, while the weaker vocal one seems to mask it."
     else:
-        reason = "The full vocal display sounds genuine, while the weaker face seems to mask it."
+        reason = "The full vocal display sounds genuine, while the weaker facial one seems to mask it."
     return f"{face} {voice} {text} {reason} Overall the emotion is {clip.label}."
 
 
