@@ -13,6 +13,9 @@ rules: label words and synonyms, so "(happy)" and "joyful" both name happy); its
 intensity word in it. The label of the whole text is `parse_label` (strict), so "Emotion: <label>" or
 "the emotion is <label>" decides.
 
+`full_displays` tells, from the reference explanations, which clips show a modality at full ("strong")
+intensity (the clips on which unimodal answers are scored against that modality's own cue).
+
 `explanation_quality` scores generated explanations against the samples: the designed cues
 (`Sample.cues["video"]`, `["audio"]`) for the cue emotions and the reference explanation's own intensity
 words for the intensities; overall and per conflict subset.
@@ -160,3 +163,22 @@ def explanation_quality(
         )
     out["mentions"] = [asdict(m) for m in mentions]
     return out
+
+
+def full_displays(
+    samples: Sequence[Sample], modality: str, labels: Sequence[str], word: str = INTENSITY_WORDS[-1]
+) -> list[bool]:
+    """Per sample, whether its reference explanation calls the `modality` display `word` ("strong").
+
+    Args:
+        samples: samples with synthetic reference explanations.
+        modality: "video" (the face sentence) or "audio" (the voice sentence).
+        labels: the label set.
+        word: the intensity word of a full display.
+    Raises:
+        ValueError: unknown `modality`.
+    """
+    if modality not in _CUE_WORD:
+        raise ValueError(f"modality={modality!r} unknown; valid: {sorted(_CUE_WORD)}")
+    key = f"{modality}_intensity"
+    return [getattr(cue_mentions(s.explanation, labels), key) == word for s in samples]

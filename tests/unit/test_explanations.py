@@ -6,7 +6,7 @@ import pytest
 
 from mllm_mer.data.schema import MER2023_LABELS, Sample
 from mllm_mer.data.synthetic import SyntheticConfig, _explain, _plan_split, intensity_word
-from mllm_mer.explanations import CueMentions, cue_mentions, explanation_quality
+from mllm_mer.explanations import CueMentions, cue_mentions, explanation_quality, full_displays
 from mllm_mer.labels import UNKNOWN_LABEL
 
 REF_HAPPY = (
@@ -91,3 +91,16 @@ def test_explanation_quality_rejects_bad_input():
         explanation_quality(["x"], [], MER2023_LABELS)
     with pytest.raises(ValueError, match="at least one"):
         explanation_quality([], [], MER2023_LABELS)
+
+
+def test_full_displays_from_the_references():
+    samples = [
+        _sample("a", "consistent", "happy", "happy", "happy"),  # face strong, voice faint
+        _sample("b", "consistent", "sad", "sad", "sad", explanation=""),
+        _sample("c", "video_aligned", "sad", "angry", "sad", explanation=REF_HAPPY.replace("faint", "strong")),
+    ]
+    assert full_displays(samples, "video", MER2023_LABELS) == [True, False, True]
+    assert full_displays(samples, "audio", MER2023_LABELS) == [False, False, True]
+    assert full_displays(samples, "audio", MER2023_LABELS, word="faint") == [True, False, False]
+    with pytest.raises(ValueError, match="modality='text' unknown"):
+        full_displays(samples, "text", MER2023_LABELS)
