@@ -12,7 +12,11 @@ What a backbone *perceives* (is a cue linearly decodable from its features?) is 
   clips which modality is genuine (the one whose cue equals the label: "video" on `video_aligned`,
   "audio" on `audio_aligned`; other clips are left out).
 - `fit_probe` fits a standardised multinomial logistic regression (scikit-learn) on train features and
-  scores it on test features; `probe_report` does that per target and per layer. The layer and the
+  scores it on test features; `probe_report` does that per target and per layer, on the pooled slots
+  `DEFAULT_SLOTS` names for the target: a cue is read from its own modality's tokens only (in the
+  Qwen-Omni layout a clip's video tokens come before its audio tokens, so under causal attention the
+  video slot carries no audio; a probe over every slot could read the face's cue off the voice, which on
+  the mostly consistent train clips says the same), the genuine modality from all slots. The layer and the
   regularisation strength reported as `test_accuracy` are chosen by cross-validation on the train
   clips only (the test clips are scored once, at that choice); `per_layer` lists every layer's test
   accuracy for the picture, not for choosing.
@@ -32,6 +36,12 @@ from mllm_mer.fusion.heads import POOLED_SLOTS, pool_by_modality
 
 PROBE_TARGETS: tuple[str, ...] = ("audio_cue", "video_cue", "genuine")
 """What `probe_report` probes: each modality's cue, and which modality is genuine on conflict clips."""
+DEFAULT_SLOTS: dict[str, tuple[str, ...]] = {
+    "audio_cue": ("audio",),
+    "video_cue": ("video",),
+    "genuine": POOLED_SLOTS,
+}
+"""Pooled slots (`POOLED_SLOTS` names) each target's probe reads."""
 C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0)
 """Inverse regularisation strengths tried by cross-validation on the train clips."""
 _NOT_MODEL_INPUTS = ("labels", "class_id", "token_modality", "prompt_mask")
@@ -154,6 +164,7 @@ def _cv_accuracy(x: np.ndarray, y: list[str], c: float, folds: int, seed: int) -
 def probe_report(
     train: PooledFeatures, train_samples: Sequence[Sample], test: PooledFeatures, test_samples: Sequence[Sample],
     targets: Sequence[str] = PROBE_TARGETS, folds: int = 5, seed: int = 0,
+    slots: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
     """Per target and layer, probe accuracy on test clips of a probe fitted on train clips.
 
@@ -162,13 +173,15 @@ def probe_report(
         targets: a subset of `PROBE_TARGETS`.
         folds: cross-validation folds on train for choosing the layer and C (fewer when a class is rare).
         seed: fold and solver seed.
+        slots: {target: pooled slot names the probe reads}; None = `DEFAULT_SLOTS`.
     Returns:
-        {target: {"selected_layer", "selected_c", "cv_accuracy", "test_accuracy" (at the selection),
-        "per_layer": [test accuracy at C = selected_c, for layer 0 (embeddings) .. L], "n_train",
-        "n_test", "majority_test_accuracy" (always predicting the train majority class)}}; a target with
-        fewer than two train classes or no test sample maps to {"skipped": reason}.
+        {target: {"slots", "selected_layer", "selected_c", "cv_accuracy", "test_accuracy" (at the
+        selection), "per_subset": {subset: test accuracy at the selection}, "per_layer": [test accuracy
+        at C = selected_c, for layer 0 (embeddings) .. L], "n_train", "n_test", "majority_test_accuracy"
+        (always predicting the train majority class)}}; a target with fewer than two train classes or no
+        test sample maps to {"skipped": reason}.
     Raises:
-        ValueError: ids of the features and the samples differ.
+        ValueError: ids of the features and the samples differ, or an unknown target or slot name.
     """
     for name, feats, samples in (("train", train, train_samples), ("test", test, test_samples)):
         if feats.ids != [s.id for s in samples]:
@@ -176,11 +189,16 @@ def probe_report(
     unknown = [t for t in targets if t not in PROBE_TARGETS]
     if unknown:
         raise ValueError(f"unknown probe targets {unknown}; valid: {list(PROBE_TARGETS)}")
+    slots = {**DEFAULT_SLOTS, **(slots or {})}
+    bad = sorted({n for t in targets for n in slots[t] if n not in POOLED_SLOTS})
+    if bad:
+        raise ValueError(f"unknown pooled slots {bad}; valid: {list(POOLED_SLOTS)}")
     y_tr_all, y_te_all = probe_targets(train_samples), probe_targets(test_samples)
-    x_tr_all = train.features.flatten(2).numpy()  # (N, L + 1, S * D)
-    x_te_all = test.features.flatten(2).numpy()
     report: dict = {}
     for target in targets:
+        index = [POOLED_SLOTS.index(n) for n in slots[target]]
+        x_tr_all = train.features[:, :, index].flatten(2).numpy()  # (N, L + 1, len(index) * D)
+        x_te_all = test.features[:, :, index].flatten(2).numpy()
         i_tr = [i for i, v in enumerate(y_tr_all[target]) if v is not None]
         i_te = [i for i, v in enumerate(y_te_all[target]) if v is not None]
         y_tr = [y_tr_all[target][i] for i in i_tr]
@@ -194,16 +212,21 @@ def probe_report(
         layer, c = max(cv, key=lambda k: (np.nan_to_num(cv[k], nan=-1.0), -k[0]))
         per_layer = [fit_probe(x_tr_all[i_tr, l_], y_tr, x_te_all[i_te, l_], y_te, c, seed)["test_accuracy"]
                      for l_ in range(layers)]
+        hits = _probe(c, seed).fit(x_tr_all[i_tr, layer], y_tr).predict(x_te_all[i_te, layer]) == np.asarray(y_te)
+        subsets = [test_samples[i].subset for i in i_te]
+        per_subset = {name: float(np.mean([h for h, s in zip(hits, subsets, strict=True) if s == name]))
+                      for name in dict.fromkeys(s for s in subsets if s is not None)}
         majority = max(set(y_tr), key=y_tr.count)
         report[target] = {
-            "selected_layer": layer, "selected_c": c, "cv_accuracy": cv[layer, c],
-            "test_accuracy": per_layer[layer], "per_layer": per_layer, "n_train": len(y_tr), "n_test": len(y_te),
+            "slots": list(slots[target]), "selected_layer": layer, "selected_c": c, "cv_accuracy": cv[layer, c],
+            "test_accuracy": per_layer[layer], "per_subset": per_subset, "per_layer": per_layer,
+            "n_train": len(y_tr), "n_test": len(y_te),
             "majority_test_accuracy": float(np.mean([v == majority for v in y_te])),
         }
     return report
 
 
 __all__ = [
-    "C_GRID", "POOLED_SLOTS", "PROBE_TARGETS", "PooledFeatures", "fit_probe", "genuine_modality",
+    "C_GRID", "DEFAULT_SLOTS", "POOLED_SLOTS", "PROBE_TARGETS", "PooledFeatures", "fit_probe", "genuine_modality",
     "pooled_hidden_states", "probe_report", "probe_targets",
 ]

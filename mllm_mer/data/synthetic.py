@@ -14,10 +14,16 @@ s = masking_intensity + U(-0.05, 0.05), clipped to [0, 1]) scales how strongly a
 
 - face: every geometric deviation from the neutral face (mouth curvature, mouth opening and width,
   brow height and slant, eye opening) is multiplied by ``s``, and the features' contrast against the
-  skin is ``0.55 + 0.45 s`` of full contrast;
-- voice: the pitch-contour excursion (semitones around the class pitch level) is multiplied by ``s``
-  and the loudness is ``class_gain * (0.35 + 0.65 s)``. The class pitch level, syllable rate and
-  timbre are the class's identity and do not depend on ``s``.
+  skin is ``0.3 + 0.7 s`` of full contrast;
+- voice: the pitch-contour excursion (semitones around the class pitch level) is multiplied by ``s``,
+  the loudness is ``class_gain * (0.2 + 0.8 s)`` and the spectral tilt grows by ``0.8 (1 - s)`` (a
+  weak voice is duller as well as quieter). The class pitch level and syllable rate are the class's
+  identity and do not depend on ``s``.
+
+(Version 2 widened the intensity effects: contrast was ``0.55 + 0.45 s``, loudness ``0.35 + 0.65 s``,
+tilt fixed. Intensity must survive the towers' normalisation layers, which remove much of a pure level
+change; a spectral-shape change and stronger contrast made the intensity word linearly decodable from
+crude features at 0.86 (face) / 0.94 (voice) instead of 0.76 / 0.90, emotion still at 0.97 / 1.0.)
 
 So a model that notices which display is genuine (the vivid one) can beat 0.5 on conflicts when
 masking_intensity < 1, while one that always follows one modality cannot.
@@ -456,9 +462,9 @@ def render_face_frames(
     background = rng.uniform(0.25, 0.75, 3) * rng.uniform(0.6, 1.0)
     skin = np.array([rng.uniform(0.75, 1.0), rng.uniform(0.55, 0.8), rng.uniform(0.4, 0.65)])
     ink_full = rng.uniform(0.0, 0.15, 3)
-    ink = skin + (0.55 + 0.45 * intensity) * (ink_full - skin)  # feature contrast grows with intensity
+    ink = skin + (0.3 + 0.7 * intensity) * (ink_full - skin)  # feature contrast grows with intensity
     sclera = np.array([0.97, 0.97, 0.95])
-    sclera = skin + (0.55 + 0.45 * intensity) * (sclera - skin)
+    sclera = skin + (0.3 + 0.7 * intensity) * (sclera - skin)
     cast = rng.uniform(0.0, 1.0, 3)
     bob_phase = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres, each (H, W)
@@ -528,7 +534,7 @@ def render_voice(
     A glottal-like source (fundamental + harmonics up to 0.45 * sample_rate, amplitude k**-tilt)
     gated into syllables with a raised-sine envelope. Class identity: pitch level (+-0.5 semitone
     jitter), syllable rate (+-10%), spectral tilt. Intensity scales the contour excursion and the
-    loudness (gain * (0.35 + 0.65 s)).
+    loudness (gain * (0.2 + 0.8 s)) and dulls the spectrum (tilt + 0.8 (1 - s)).
 
     Args:
         emotion: one of MER2023_LABELS.
@@ -555,12 +561,12 @@ def render_voice(
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
     wave = np.zeros(num_samples)
     for k in range(1, 9):
-        amp = k ** -v["tilt"]
+        amp = k ** -(v["tilt"] + 0.8 * (1.0 - intensity))
         wave += np.where(k * f0 < 0.45 * sample_rate, amp, 0.0) * np.sin(
             k * phase + rng.uniform(0, 2 * np.pi)
         )
     wave /= max(np.abs(wave).max(), 1e-9)
-    gain = v["gain"] * (0.35 + 0.65 * intensity)
+    gain = v["gain"] * (0.2 + 0.8 * intensity)
     audio = gain * envelope * wave + rng.normal(0.0, 0.003 + 0.25 * noise, num_samples)
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 

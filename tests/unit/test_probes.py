@@ -69,6 +69,17 @@ def test_probe_report_picks_the_informative_layer_from_train_only():
     assert report["genuine"]["n_train"] == 120 and report["genuine"]["n_test"] == 60
     assert len(report["genuine"]["per_layer"]) == 3 and report["genuine"]["per_layer"][0] < 0.75
     assert report["video_cue"]["test_accuracy"] < 0.5  # nothing encodes the video cue
+    assert report["audio_cue"]["slots"] == ["audio"] and report["genuine"]["slots"] == ["text", "audio", "video", "last"]
+    assert set(report["genuine"]["per_subset"]) == {"video_aligned", "audio_aligned"}
+    assert set(report["audio_cue"]["per_subset"]) == {"consistent", "video_aligned", "audio_aligned"}
+    n_sub = {s: sum(x.subset == s for x in test) for s in ("video_aligned", "audio_aligned")}
+    overall = sum(report["genuine"]["per_subset"][s] * n for s, n in n_sub.items()) / sum(n_sub.values())
+    assert overall == pytest.approx(report["genuine"]["test_accuracy"])
+    # The audio cue is in the audio slot only: read from the video slot, the probe is at chance.
+    other = probe_report(f_train, train, f_test, test, targets=("audio_cue",), slots={"audio_cue": ("video",)})
+    assert other["audio_cue"]["test_accuracy"] < 0.4
+    with pytest.raises(ValueError, match="unknown pooled slots"):
+        probe_report(f_train, train, f_test, test, targets=("audio_cue",), slots={"audio_cue": ("face",)})
     # The choice never reads test targets: scrambling them changes the scores, not the selection.
     flipped = [Sample(id=s.id, video=None, label=s.label, subset={"video_aligned": "audio_aligned",
                "audio_aligned": "video_aligned"}.get(s.subset, s.subset), cues=s.cues) for s in test]
