@@ -1,17 +1,23 @@
 """Explanation quality on the synthetic conflict set: which cues and intensities an explanation names.
 
 A deterministic stand-in for EMER's clue overlap, possible because the synthetic clips have designed
-cues. The synthetic explanations (`mllm_mer.data.synthetic`) describe each display in its own sentence:
+cues. The synthetic explanations (`mllm_mer.data.synthetic`) read
 
-    The face shows <description> (<video cue>), a <intensity> display.
-    The voice is <description> (<audio cue>), a <intensity> display.
+    The face is a <intensity> display and the voice a <intensity> one.
+    The face shows <description> (<video cue>). The voice is <description> (<audio cue>). ...
 
-`cue_mentions` reads a (generated or reference) explanation back: the *face sentence* is the first
-sentence containing the word "face" (not "facial"), the *voice sentence* the first containing "voice"
-(not "vocal"). The cue a sentence names is its last non-negated label mention (`mllm_mer.labels`
-rules: label words and synonyms, so "(happy)" and "joyful" both name happy); its intensity is the last
-intensity word in it. The label of the whole text is `parse_label` (strict), so "Emotion: <label>" or
-"the emotion is <label>" decides.
+`cue_mentions` reads a (generated or reference) explanation back, per display ("face" for the video,
+"voice" for the audio; whole words, so "facial" and "vocal" do not count):
+
+- its intensity is the first intensity word after the first mention of its keyword, in that sentence
+  and before the other display's keyword;
+- its cue is the last non-negated label mention (`mllm_mer.labels` rules: label words and synonyms, so
+  "(happy)" and "joyful" both name happy) of the first sentence that mentions its keyword and names an
+  emotion of the label set.
+
+The same rules read the earlier layout ("The face shows <description> (<cue>), a <intensity>
+display."). The label of the whole text is `parse_label` (strict), so "Emotion: <label>" or "the
+emotion is <label>" decides.
 
 `full_displays` tells, from the reference explanations, which clips show a modality at full ("strong")
 intensity (the clips on which unimodal answers are scored against that modality's own cue).
@@ -55,26 +61,28 @@ class CueMentions:
     label: str
 
 
-def _sentence(text: str, modality: str) -> str | None:
-    for sentence in _SENTENCE_END.split(text):
-        if _CUE_WORD[modality].search(sentence):
-            return sentence
+def _sentences(text: str, modality: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text) if _CUE_WORD[modality].search(s)]
+
+
+def _named(sentences: list[str], labels: Sequence[str]) -> str | None:
+    for sentence in sentences:
+        # "(happy)" -> " happy ": a bare mention, not read as an answer field of the whole text
+        label = parse_label(sentence.replace("(", " ").replace(")", " "), labels)
+        if label != UNKNOWN_LABEL:
+            return label
     return None
 
 
-def _named(sentence: str | None, labels: Sequence[str]) -> str | None:
-    if sentence is None:
+def _intensity(sentences: list[str], modality: str, words: Sequence[str]) -> str | None:
+    if not sentences:
         return None
-    # "(happy)" -> " happy ": a bare mention, not read as an answer field of the whole text
-    label = parse_label(sentence.replace("(", " ").replace(")", " "), labels)
-    return None if label == UNKNOWN_LABEL else label
-
-
-def _intensity(sentence: str | None, words: Sequence[str]) -> str | None:
-    if sentence is None:
-        return None
-    found = [m.group(0).lower() for m in re.finditer(r"\w+", sentence) if m.group(0).lower() in words]
-    return found[-1] if found else None
+    sentence = sentences[0]
+    start = _CUE_WORD[modality].search(sentence).end()
+    other = _CUE_WORD["audio" if modality == "video" else "video"].search(sentence, start)
+    span = sentence[start: other.start() if other else len(sentence)]
+    found = [m.group(0).lower() for m in re.finditer(r"\w+", span) if m.group(0).lower() in words]
+    return found[0] if found else None
 
 
 def cue_mentions(
@@ -89,12 +97,12 @@ def cue_mentions(
     Returns:
         `CueMentions` (see module docstring for the rules).
     """
-    face, voice = _sentence(text, "video"), _sentence(text, "audio")
+    face, voice = _sentences(text, "video"), _sentences(text, "audio")
     return CueMentions(
         video=_named(face, labels),
         audio=_named(voice, labels),
-        video_intensity=_intensity(face, intensity_words),
-        audio_intensity=_intensity(voice, intensity_words),
+        video_intensity=_intensity(face, "video", intensity_words),
+        audio_intensity=_intensity(voice, "audio", intensity_words),
         label=parse_label(text, labels),
     )
 

@@ -58,16 +58,20 @@ Recorded cues: ``cues["video"]`` and ``cues["audio"]`` are the *designed* cues o
 (what a noise-free rendering shows; a noise draw may have replaced the displayed emotion), so
 ``video_aligned`` always has cues.video == label != cues.audio. ``cues["text"]`` is the emotion the
 written subtitle actually expresses ("neutral" for filler). The explanation describes the designed
-face and voice cues and the actual subtitle, each display with its intensity word, and always ends
-with "Overall the emotion is <label>.", e.g.
+face and voice cues and the actual subtitle, opens with each display's intensity word, and always
+ends with "Overall the emotion is <label>.", e.g.
 
-    The face shows raised mouth corners in a broad smile and slightly narrowed, smiling eyes (happy), a
-    strong display. The voice is high, bright and bouncy (happy), a faint display. The subtitle says
-    "Okay, so that is the plan.", which carries little emotion. Both displays agree. Overall the
-    emotion is happy.
+    The face is a strong display and the voice a faint one. The face shows raised mouth corners in a
+    broad smile and slightly narrowed, smiling eyes (happy). The voice is high, bright and bouncy
+    (happy). The subtitle says "Okay, so that is the plan.", which carries little emotion. Both
+    displays agree. Overall the emotion is happy.
 
-The face sentence is the only one with the word "face", the voice sentence the only one with "voice";
-each names its cue as "(<emotion>)" and one intensity word (`mllm_mer.explanations` reads them back).
+The intensities come first on purpose: a word the model must read off the media is learned where the
+media were just attended to (right after the prompt); stage-0 models trained with the intensity word at
+the end of each cue's sentence, 20-40 tokens into the answer, never learned it (they always wrote the
+most frequent word), although their prompt states encoded it. The face's intensity word is the first
+one after the word "face", the voice's the first after "voice"; each cue is named as "(<emotion>)" in
+the first sentence about that display that names an emotion (`mllm_mer.explanations` reads them back).
 
 Layout written by `make_synthetic_set`: ``OUT/{train,dev,test}.jsonl`` (fields ``id, video, audio,
 subtitle, label, explanation, subset, cues``; ``video`` relative to OUT, ``audio`` null = the video's
@@ -343,8 +347,8 @@ def explanation_corpus() -> list[str]:
         other = MER2023_LABELS[(i + 1) % len(MER2023_LABELS)]
         word, word2 = INTENSITY_WORDS[i % 3], INTENSITY_WORDS[(i + 1) % 3]
         lines.append(
-            f"The face shows {_FACE_WORDS[emotion]} ({emotion}), a {word} display. The voice is "
-            f"{_VOICE_WORDS[other]} ({other}), a {word2} display. Both displays agree. "
+            f"The face is a {word} display and the voice a {word2} one. The face shows {_FACE_WORDS[emotion]} "
+            f"({emotion}). The voice is {_VOICE_WORDS[other]} ({other}). Both displays agree. "
             f"The subtitle says it, which carries little emotion. Overall the emotion is {emotion}."
         )
         lines += [f'The subtitle says "{phrase}", which sounds {emotion}.' for phrase in _PHRASES[emotion]]
@@ -708,11 +712,13 @@ def intensity_word(intensity: float) -> str:
 
 
 def _explain(clip: _Clip) -> str:
-    """EMER-style explanation citing the designed face / voice cues with their intensity, and the subtitle."""
-    face = f"The face shows {_FACE_WORDS[clip.video_cue]} ({clip.video_cue}), "
-    face += f"a {intensity_word(clip.video_intensity)} display."
-    voice = f"The voice is {_VOICE_WORDS[clip.audio_cue]} ({clip.audio_cue}), "
-    voice += f"a {intensity_word(clip.audio_intensity)} display."
+    """EMER-style explanation: both displays' intensity, the designed face / voice cues, the subtitle, the label."""
+    intensity = (
+        f"The face is a {intensity_word(clip.video_intensity)} display "
+        f"and the voice a {intensity_word(clip.audio_intensity)} one."
+    )
+    face = f"The face shows {_FACE_WORDS[clip.video_cue]} ({clip.video_cue})."
+    voice = f"The voice is {_VOICE_WORDS[clip.audio_cue]} ({clip.audio_cue})."
     if clip.text_cue == "neutral":
         text = f'The subtitle says "{clip.subtitle}", which carries little emotion.'
     else:
@@ -723,7 +729,7 @@ def _explain(clip: _Clip) -> str:
         reason = "The full facial display looks genuine, while the weaker vocal one seems to mask it."
     else:
         reason = "The full vocal display sounds genuine, while the weaker facial one seems to mask it."
-    return f"{face} {voice} {text} {reason} Overall the emotion is {clip.label}."
+    return f"{intensity} {face} {voice} {text} {reason} Overall the emotion is {clip.label}."
 
 
 def _record(clip: _Clip) -> dict:

@@ -10,9 +10,14 @@ from mllm_mer.explanations import CueMentions, cue_mentions, explanation_quality
 from mllm_mer.labels import UNKNOWN_LABEL
 
 REF_HAPPY = (
-    "The face shows raised mouth corners in a broad smile and slightly narrowed, smiling eyes (happy), a strong "
-    "display. The voice is high, bright and bouncy (happy), a faint display. The subtitle says \"Wait, you're "
-    "here? I had no idea!\", which sounds surprise. Both displays agree. Overall the emotion is happy."
+    "The face is a strong display and the voice a faint one. The face shows raised mouth corners in a broad "
+    "smile and slightly narrowed, smiling eyes (happy). The voice is high, bright and bouncy (happy). The "
+    "subtitle says \"Wait, you're here? I had no idea!\", which sounds surprise. Both displays agree. Overall "
+    "the emotion is happy."
+)
+OLD_LAYOUT = (  # the first synthetic layout: intensity at the end of each display's sentence
+    "The face shows downturned mouth corners (sad), a clear display. The voice is loud, forceful and fast "
+    "(angry), a strong display. Overall the emotion is angry."
 )
 
 
@@ -25,6 +30,15 @@ def test_mentions_of_a_reference_explanation():
     m = cue_mentions(REF_HAPPY + "\nEmotion: happy", MER2023_LABELS)
     assert m == CueMentions(video="happy", audio="happy", video_intensity="strong", audio_intensity="faint",
                             label="happy")
+
+
+def test_mentions_of_the_old_layout_and_of_garbled_headers():
+    m = cue_mentions(OLD_LAYOUT, MER2023_LABELS)
+    assert m == CueMentions(video="sad", audio="angry", video_intensity="clear", audio_intensity="strong",
+                            label="angry")
+    # The face's intensity stops at the voice's keyword: "the voice a faint one" is not the face's.
+    m = cue_mentions("The face is a display and the voice a faint one. The face shows (sad).", MER2023_LABELS)
+    assert (m.video_intensity, m.audio_intensity, m.video, m.audio) == (None, "faint", "sad", None)
 
 
 def test_mentions_tolerate_synonyms_missing_sentences_and_negation():

@@ -159,8 +159,8 @@ def test_cues_follow_the_conflict_construction(small_set: Path):
             _check_construction(row["label"], row["subset"], row["cues"]["video"], row["cues"]["audio"])
         for row in _rows(small_set, split):
             if row["subset"] == "video_aligned":  # the masking voice is named with its faint intensity
-                assert f"({row['cues']['audio']}), a faint display." in row["explanation"]
-                assert f"({row['cues']['video']}), a strong display." in row["explanation"]
+                assert row["explanation"].startswith("The face is a strong display and the voice a faint one.")
+                assert f"({row['cues']['audio']})." in row["explanation"]
     cfg = SyntheticConfig(seed=1, train_size=300, dev_size=30, test_size=30, train_conflict_rate=0.5)
     for split in ("train", "dev", "test"):
         for c in _plan_split(cfg, split):
@@ -211,9 +211,9 @@ def test_explanations_name_each_cue_with_its_intensity_and_parse():
                           weak_display_rate=0.5)
     for c in _plan_split(cfg, "train"):
         text = _explain(c)
-        face, voice = (s for s in text.split(". ") if " face " in f" {s} " or " voice " in f" {s} ")
-        assert f"({c.video_cue}), a {intensity_word(c.video_intensity)} display" in face
-        assert f"({c.audio_cue}), a {intensity_word(c.audio_intensity)} display" in voice
+        words = intensity_word(c.video_intensity), intensity_word(c.audio_intensity)
+        assert text.startswith("The face is a {} display and the voice a {} one. The face shows ".format(*words))
+        assert f"({c.video_cue}). The voice is " in text and f"({c.audio_cue}). The subtitle says " in text
         assert text.endswith(f"Overall the emotion is {c.label}.")
         assert parse_label(text + f"\nEmotion: {c.label}", MER2023_LABELS) == c.label
         assert parse_label(text, MER2023_LABELS) == c.label
