@@ -41,10 +41,11 @@ import torch  # noqa: E402
 
 from mllm_mer.backbone import load_backbone  # noqa: E402
 from mllm_mer.config import load_config  # noqa: E402
+from mllm_mer.data.loading import build_loader, ensure_inputs, read_splits  # noqa: E402
 from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set  # noqa: E402
 from mllm_mer.model import build_mer_model  # noqa: E402
 from mllm_mer.trainable import apply_trainable  # noqa: E402
-from mllm_mer.training import build_loader, build_optimizer, ensure_inputs, read_splits  # noqa: E402
+from mllm_mer.training.loop import build_optimizer  # noqa: E402
 
 CLIPS_ROOT = Path(".cache/mllm_mer/bench_clips")
 """Where the camera-sized clip sets are built (once per clip geometry and sample count)."""

@@ -67,16 +67,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mllm_mer.backbone.modality import token_modality
+from mllm_mer.config import frozen_encoder_problems
 from mllm_mer.data.collate import IGNORE_INDEX, MerCollator
-from mllm_mer.data.dataset import file_state
+from mllm_mer.data.dataset import decode_cache_dir, decode_options, file_state, load_media_on_ranks
+from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.schema import Sample
 from mllm_mer.encoders import check_supported, encode_audio, encode_video_full, is_zero3
+from mllm_mer.fusion.dcr.collate import PATH_INPUTS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from mllm_mer.backbone.loader import Backbone
-    from mllm_mer.config import FreezeConfig, RunConfig
+    from mllm_mer.config import RunConfig
     from mllm_mer.data.dataset import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,6 @@ INDEX_PREFIX = "index-rank"
 SHARD_SUFFIX = ".safetensors"
 MAX_SHARD_BYTES = 256 * 2**20
 """A rank starts a new shard once the pending tensors exceed this size."""
-_ENCODER_PARTS = ("audio_tower", "audio_projector", "vision_tower", "vision_projector")
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -228,16 +230,6 @@ def _content_hash(hashes: MediaHashes, path: str | Path) -> str:
 def layout_key(feature: str, layout_fp: str, has_video: bool, has_audio: bool, prompt_text: str) -> str:
     """Key of a layout entry: the sample's feature key + the rendered prompt + which media it keeps."""
     return "l" + _digest(feature, layout_fp, has_video, has_audio, prompt_text)
-
-
-def frozen_encoder_problems(freeze: FreezeConfig) -> list[str]:
-    """One line per unfrozen tower/projector (the cache needs them all frozen); empty = cacheable."""
-    return [
-        f"data.feature_cache=true needs model.freeze.{part}=true: an unfrozen {part.replace('_', ' ')} "
-        "changes its outputs during training, so they cannot be cached"
-        for part in _ENCODER_PARTS
-        if not getattr(freeze, part)
-    ]
 
 
 def check_cacheable(cfg: RunConfig) -> None:
@@ -493,16 +485,6 @@ class CacheSpec:
     variants: tuple[tuple[bool, bool], ...]
 
 
-def run_variants(cfg: RunConfig) -> tuple[tuple[bool, bool], ...]:
-    """The (use_video, use_audio) prompt variants a run renders (fused; modality dropout; DCR paths)."""
-    variants = [(True, True)]
-    if cfg.data.modality_dropout > 0 or cfg.dcr.enabled:
-        variants += [(True, False), (False, True)]
-    if cfg.dcr.enabled:
-        variants.append((False, False))
-    return tuple(variants)
-
-
 def prompt_text(collator: MerCollator, sample: Sample, media: Any, use_video: bool, use_audio: bool) -> str:
     """The rendered prompt (through the generation prompt) exactly as the collator renders it."""
     return collator.processor.apply_chat_template(
@@ -642,8 +624,6 @@ def fill_cache(
         MediaError: a sample's media cannot be used (skip_bad=False).
         RuntimeError: entries still missing after every rank's fill.
     """
-    from mllm_mer.training import load_media_on_ranks
-
     check_supported(thinker)
     start = time.perf_counter()
     rank = accelerator.process_index if accelerator is not None else 0
@@ -765,8 +745,6 @@ class CachedCollator:
         use_video, use_audio = self.base._batch_modalities(items)
         batch = self.collate(items, use_video, use_audio, train=self.base.train)
         if self.paths:
-            from mllm_mer.fusion.dcr.collate import PATH_INPUTS
-
             batch["paths"] = {
                 path: self.collate(items, uv, ua, train=False) for path, (uv, ua) in PATH_INPUTS.items()
             }
@@ -866,13 +844,14 @@ class CachedCollator:
 
 # -------------------------------------------------------------------------------------------- the loader
 def build_spec(
-    cfg: RunConfig, backbone: Backbone, options: DecodeOptions, mixed_precision: str = "no"
+    backbone: Backbone, options: DecodeOptions, variants: Sequence[tuple[bool, bool]], mixed_precision: str = "no"
 ) -> CacheSpec:
-    """The run's `CacheSpec` (fingerprints of its towers, processor, decode options and tokenizer)."""
+    """The run's `CacheSpec` (fingerprints of its towers, processor, decode options and tokenizer; the
+    (use_video, use_audio) prompt `variants` its batches render, `mllm_mer.data.loading.prompt_variants`)."""
     return CacheSpec(
         encoder_fp=encoder_fingerprint(backbone.model, backbone.processor, options, mixed_precision),
         layout_fp=layout_fingerprint(backbone.processor),
-        variants=run_variants(cfg),
+        variants=tuple(variants),
     )
 
 
@@ -881,6 +860,7 @@ def prepare_cache(
     backbone: Backbone,
     samples: list[Sample],
     collator: Any,
+    variants: Sequence[tuple[bool, bool]],
     accelerator: Accelerator | None = None,
 ) -> tuple[list[Sample], CachedCollator, dict[str, CachedMedia], FillReport]:
     """Fill the run's cache for `samples` (missing entries only) and build the collator that reads it.
@@ -889,7 +869,8 @@ def prepare_cache(
         cfg: the run config (`data.feature_cache_dir`, `data.cache_dir`, `data.on_error`, freeze switches).
         backbone: the loaded backbone (its thinker's towers fill the cache).
         samples: the split's samples.
-        collator: `training.build_collator`'s result (a `MerCollator`, or a `UnimodalPathCollator` with DCR).
+        collator: `data.loading.build_collator`'s result (a `MerCollator`, or a `UnimodalPathCollator` with DCR).
+        variants: the (use_video, use_audio) prompt variants to cache layouts of.
         accelerator: ranks, device, autocast (None: one process).
     Returns:
         (the samples served, the `CachedCollator`, {sample id: CachedMedia}, the fill report).
@@ -897,13 +878,11 @@ def prepare_cache(
         ValueError: a tower or projector is unfrozen (`model.freeze.*`), or the thinker is of no supported family.
     """
     check_cacheable(cfg)
-    from mllm_mer.training import decode_cache_dir, decode_options
-
     base = getattr(collator, "base", collator)
     options = decode_options(cfg, backbone.processor)
     mixed = accelerator.mixed_precision if accelerator is not None else "no"
     check_supported(backbone.model)
-    spec = build_spec(cfg, backbone, options, mixed)
+    spec = build_spec(backbone, options, variants, mixed)
     cache = FeatureCache(cfg.data.feature_cache_dir, rank=accelerator.process_index if accelerator else 0)
     served, presence, fill = fill_cache(
         cache,
@@ -926,6 +905,7 @@ def build_cached_loader(
     collator: Any,
     *,
     train: bool,
+    variants: Sequence[tuple[bool, bool]] = ((True, True),),
     accelerator: Accelerator | None = None,
     report: dict[str, list[str]] | None = None,
     split: str = "train",
@@ -933,9 +913,7 @@ def build_cached_loader(
     """A DataLoader over cached features (filling missing entries first, `prepare_cache`) and the samples
     it serves; `train` shuffles and uses `train.batch_size` (else `train.eval_batch_size`); problems of
     skipped samples (data.on_error=skip) are appended to `report[split]`."""
-    from mllm_mer.data.jsonl import DataError
-
-    served, collate, presence, fill = prepare_cache(cfg, backbone, samples, collator, accelerator)
+    served, collate, presence, fill = prepare_cache(cfg, backbone, samples, collator, variants, accelerator)
     log.info(
         "feature cache %s (%s): %d samples, %d reused, %d feature and %d layout entries computed in %.1f s",
         collate.cache.root,

@@ -63,9 +63,10 @@ def export_backbone(run_dir: str | Path, out_dir: str | Path) -> Path:
     from mllm_mer.generation import load_for_inference
 
     model = load_for_inference(run_dir=run_dir)
-    if model.cfg.lora.enabled or model.cfg.mose.enabled:
+    if model.cfg.adapter != "none":
         raise ValueError(
-            f"{run_dir} trained adapters (LoRA or MoSE); export needs a run that trained the base weights"
+            f"{run_dir} trained an adapter (adapter={model.cfg.adapter}); export needs a run that trained the "
+            "base weights (adapter=none)"
         )
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -29,6 +29,18 @@ from mllm_mer.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
 
+MODEL_INPUT_KEYS: tuple[str, ...] = (
+    "input_ids", "attention_mask", "input_features", "feature_attention_mask", "pixel_values_videos",
+    "video_grid_thw", "video_second_per_grid", "pixel_values", "image_grid_thw",
+)
+"""The batch keys the thinker's forward / generate take (processor outputs); everything else a batch carries
+(`labels`, `class_id`, `token_modality`, `prompt_mask`, `sample_ids`, DCR `paths`, cached features) is ours."""
+
+
+def model_inputs(batch: dict) -> dict:
+    """The thinker's keyword arguments from a collated (uncached) batch: `MODEL_INPUT_KEYS` that are set."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+
 
 @dataclass
 class MerCollator:

@@ -18,7 +18,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from mllm_mer.config import RunConfig
 from mllm_mer.data.media import DecodedMedia, MediaError, decode_sample_media
 from mllm_mer.data.schema import Sample
 
@@ -258,3 +261,42 @@ class MerDataset(torch.utils.data.Dataset):
         return sample, DecodedMedia(
             frames=frames, audio=audio, fps=self.options.fps, sample_rate=self.options.sample_rate
         )
+
+
+def decode_options(cfg: RunConfig, processor) -> DecodeOptions:
+    """The run's decoding settings (`data.*`) with the processor's audio sample rate and window."""
+    fe = processor.feature_extractor
+    window = float(fe.chunk_length)
+    return DecodeOptions(
+        fps=cfg.data.fps,
+        max_frames=cfg.data.max_frames,
+        sample_rate=int(fe.sampling_rate),
+        max_audio_seconds=min(window, cfg.data.max_audio_seconds or window),
+        allow_silent_audio=cfg.data.allow_silent_audio,
+    )
+
+
+def decode_cache_dir(cfg: RunConfig) -> str | None:
+    """The `datasets` decode cache of the run (`data.cache_dir`), or None with `data.decode_cache=false`."""
+    return cfg.data.cache_dir if cfg.data.decode_cache else None
+
+
+def load_media_on_ranks(
+    samples: list[Sample],
+    options: DecodeOptions,
+    cache_dir: str | None,
+    skip_bad: bool,
+    accelerator: Accelerator | None,
+) -> tuple[list[Sample], torch.utils.data.Dataset, list[str]]:
+    """`load_media` for every rank: with a decode cache the main process decodes first and the others read
+    the cache; without one (`cache_dir` None) the ranks split the checking pass and share what they found.
+    `accelerator` None: one process."""
+    if accelerator is None:
+        return load_media(samples, options, cache_dir, skip_bad=skip_bad)
+    if cache_dir is not None:
+        with accelerator.main_process_first():
+            return load_media(samples, options, cache_dir, skip_bad=skip_bad)
+    bad = check_share(samples, options, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        bad = gather_object(bad)
+    return streamed_media(samples, options, bad, skip_bad=skip_bad)

@@ -20,13 +20,15 @@ from mllm_mer import cache as C
 from mllm_mer import encoders
 from mllm_mer.backbone import family_of, load_backbone
 from mllm_mer.config import ConfigError, load_config
-from mllm_mer.data.dataset import MerDataset, build_media_dataset
+from mllm_mer.data.collate import MODEL_INPUT_KEYS
+from mllm_mer.data.dataset import MerDataset, build_media_dataset, decode_options
 from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.loading import build_collator, prompt_variants
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.schema import MER2023_LABELS
-from mllm_mer.model import _MODEL_INPUTS, build_mer_model
+from mllm_mer.model import build_mer_model
 from mllm_mer.trainable import apply_trainable
-from mllm_mer.training import build_collator, build_optimizer, decode_options
+from mllm_mer.training.loop import build_optimizer
 
 
 def cfg_for(tiny_dir: Path, tmp_path: Path, *overrides: str):
@@ -57,7 +59,7 @@ def fill(cfg, bb, samples, cache_dir: Path | None = None, processor=None, accele
     collator = build_collator(cfg, bb, train=True)
     base = getattr(collator, "base", collator)
     options = decode_options(cfg, bb.processor)
-    spec = C.build_spec(cfg, bb, options)
+    spec = C.build_spec(bb, options, prompt_variants(cfg))
     cache = C.FeatureCache(cache_dir or cfg.data.feature_cache_dir, rank=rank)
     decoded = cfg.data.cache_dir if cfg.data.decode_cache else None
     served, presence, report = C.fill_cache(
@@ -241,7 +243,7 @@ def test_unreadable_media_file_is_reported_not_crashed_on(tiny_dir, syn_dir, tmp
         fill(cfg, bb, samples)
     collator = build_collator(cfg, bb, train=True)
     options = decode_options(cfg, bb.processor)
-    spec = C.build_spec(cfg, bb, options)
+    spec = C.build_spec(bb, options, prompt_variants(cfg))
     cache = C.FeatureCache(cfg.data.feature_cache_dir)
     served, _, report = C.fill_cache(
         cache, samples, collator, bb.model, spec, options, cfg.data.cache_dir, skip_bad=True
@@ -370,13 +372,13 @@ def test_every_tower_path_equals_the_thinkers_forward(tiny_backbone_dir, syn_dir
         with torch.no_grad():
             monkeypatch.setattr(encoders, "is_zero3", lambda m: False)
             plain = bb.model(
-                **encoders.backbone_inputs(bb.model, batch, _MODEL_INPUTS),
+                **encoders.backbone_inputs(bb.model, batch, MODEL_INPUT_KEYS),
                 use_audio_in_video=batch["use_audio_in_video"],
             )
             monkeypatch.setattr(encoders, "is_zero3", lambda m: True)
             calls.clear()
             every = bb.model(
-                **encoders.backbone_inputs(bb.model, batch, _MODEL_INPUTS),
+                **encoders.backbone_inputs(bb.model, batch, MODEL_INPUT_KEYS),
                 use_audio_in_video=batch["use_audio_in_video"],
             )
         assert calls == ["audio", "video"], (use_video, use_audio)  # both towers, in a fixed order
