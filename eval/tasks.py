@@ -17,7 +17,7 @@ References per task:
   with `read_dfew`'s row rules. Numeric names are zero-padded to 5 digits on both sides (`1` and
   `00001` are the same clip, as in `read_dfew`); a predicted label may be a name or an id 1..7.
 - ``emer-ov``: `name,openset` CSVs (`read_openset_csv`), scored with `emotion_wheel_score`.
-  Predictions may also be our JSONL: `labels_ov`, else `text` split with `mllm_mer.labels.parse_openset`.
+  Predictions may also be our JSONL: `labels_ov`, else `text` split with `mllm_mer.labels.parse_openset_answer`.
 - ``emer-judge``: an EMER CSV, v1 (`names,emotions,subtitles,reasons`: the reference is `reasons`) or
   v2 (`name,chinese,english`: the reference is the `EvalOptions.emer_language` column), read without
   media; rows with an empty reference are skipped with a warning. Predictions need `text`. Scored by
@@ -83,7 +83,7 @@ from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
 from mllm_mer.fusion.dcr.ada import ARMS
 from mllm_mer.fusion.dcr.report import fuse_or_drop_report
 from mllm_mer.labels import LABEL_MODES, UNKNOWN_LABEL, parse_label
-from mllm_mer.labels import parse_openset as parse_openset_answer
+from mllm_mer.labels import parse_openset_answer
 from mllm_mer.metrics import audio_dominance, classification_metrics
 
 JUDGES: tuple[str, ...] = ("openai", "local", "embedding")
