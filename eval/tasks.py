@@ -75,9 +75,9 @@ from mllm_mer.data.readers import (
     dfew_label_rows,
     mer2023_label_rows,
     named_csv_rows,
-    parse_openset,
     read_camer,
     sample_name,
+    split_openset_cell,
 )
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
 from mllm_mer.fusion.dcr.ada import ARMS
@@ -319,7 +319,7 @@ def _read_prediction_csv(path: Path) -> dict[str, PredictionRow]:
             words: tuple[str, ...] | None = None
             if i_set is not None:
                 try:
-                    words = tuple(parse_openset(row[i_set]))
+                    words = tuple(split_openset_cell(row[i_set]))
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from None
             rows[sid] = PredictionRow(
