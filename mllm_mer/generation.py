@@ -26,7 +26,7 @@ from mllm_mer.data.collate import model_inputs
 from mllm_mer.data.loading import build_inference_loader
 from mllm_mer.data.schema import Sample
 from mllm_mer.fusion.dcr.ada import Arbiter, add_arbiter_path, load_run_arbiter
-from mllm_mer.labels import parse_label, parse_openset
+from mllm_mer.labels import parse_label, parse_openset_answer
 from mllm_mer.model import MerModel, active_methods, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
 
@@ -131,7 +131,7 @@ def generate_rows(
             row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text.strip(),
                    "label": parse_label(text, labels, mode=options.label_mode)}
             if prompt.name == "ov":
-                row["labels_ov"] = parse_openset(text)
+                row["labels_ov"] = parse_openset_answer(text)
             if probs is not None:
                 row["probs"] = {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}
             if arms is not None:

@@ -12,7 +12,7 @@
         --output judge.json --judge openai --judge-model gpt-4o-mini --judge-cache .cache/judge
     python scripts/evaluate.py emer-judge ... --judge embedding     # offline PROXY, never an EMER score
 
-Tasks: synthetic, ca-mer, emer-ov, emer-judge, mer2023, dfew (see eval/tasks.py for the reference
+Tasks: synthetic, ca-mer, emer-ov, emer-judge, mer2023, dfew (see eval/tasks/ for the reference
 formats). Predictions: our generation JSONL (`id`, `label`, `text`, optional `labels_ov`, `probs`) or a
 CSV `name,label` / `name,discrete` / `name,openset`.
 
