@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from mllm_mer.attention.stats import MODALITIES, collect_attention_shares, plot_shares
 from mllm_mer.config import ConfigError, dump_config, load_config, load_run_config, shorthand_overrides
 from mllm_mer.data.jsonl import DataError, read_jsonl
