@@ -19,11 +19,12 @@ from pathlib import Path
 import yaml
 
 import mllm_mer
+from mllm_mer import model as mer_model
 from mllm_mer.backbone.families import QWEN2_5_OMNI, family_named
 from mllm_mer.config import RUN_CONFIG, RunConfig, load_run_config
 from mllm_mer.fusion.dcr.ada import ARBITER_FILE
 from mllm_mer.generation import load_for_inference
-from mllm_mer.model import BASE_FILE, HEADS_FILE, METHODS, active_methods
+from mllm_mer.model import BASE_FILE, HEADS_FILE, active_methods
 
 RUN_FILES = (HEADS_FILE, BASE_FILE, ARBITER_FILE, "gate_stats.json", RUN_CONFIG, "run_info.json",
              "final_metrics.json")
@@ -32,7 +33,7 @@ RUN_FILES = (HEADS_FILE, BASE_FILE, ARBITER_FILE, "gate_stats.json", RUN_CONFIG,
 
 def methods_on(cfg: RunConfig) -> dict[str, bool]:
     """Which methods a run used, by name (every method of `mllm_mer.model.METHODS`)."""
-    return {m.name: m.enabled(cfg) for m in METHODS}
+    return {m.name: m.enabled(cfg) for m in mer_model.METHODS}
 
 
 def needs_mllm_mer(cfg: RunConfig) -> list[str]:

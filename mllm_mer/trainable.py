@@ -13,22 +13,25 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from mllm_mer import model as mer_model
 from mllm_mer.backbone.families import BACKBONE_PARTS, backbone_part
 from mllm_mer.config import RunConfig
 from mllm_mer.methods import Method
-from mllm_mer.model import METHODS, active_methods
 
 HEADS = "heads"
 
 
-def parts(methods: Sequence[Method] = METHODS) -> tuple[str, ...]:
-    """Table order: the methods that own backbone parameters, then heads, then the backbone's parts."""
+def parts(methods: Sequence[Method] | None = None) -> tuple[str, ...]:
+    """Table order: the methods that own backbone parameters (default: every method of
+    `mllm_mer.model.METHODS`), then heads, then the backbone's parts."""
+    methods = mer_model.METHODS if methods is None else methods
     return (*(m.name for m in methods if m.param_marker), HEADS, *BACKBONE_PARTS)
 
 
-def part_of(name: str, methods: Sequence[Method] = METHODS) -> str:
-    """Which part a parameter belongs to, from its full name in MerModel."""
-    for m in methods:
+def part_of(name: str, methods: Sequence[Method] | None = None) -> str:
+    """Which part a parameter belongs to, from its full name in MerModel (`methods`: those that may own it,
+    default every method of `mllm_mer.model.METHODS`)."""
+    for m in mer_model.METHODS if methods is None else methods:
         if m.param_marker and m.param_marker in name:
             return m.name
     if name.startswith("fusion_"):
@@ -46,7 +49,7 @@ def apply_trainable(model: nn.Module, cfg: RunConfig) -> dict[str, tuple[int, in
     Returns:
         {part: (trainable, total)} in `parts()` order (parts with no parameters omitted).
     """
-    methods = getattr(model, "methods", None) or active_methods(cfg)
+    methods = getattr(model, "methods", None) or mer_model.active_methods(cfg)
     frozen = cfg.model.freeze
     unfrozen = {m.name: True for m in methods} | {HEADS: True}
     unfrozen |= {p: not getattr(frozen, p) for p in BACKBONE_PARTS}

@@ -62,6 +62,7 @@ def ablation(
     return json.loads((root / "report.json").read_text()), proc.stdout, root
 
 
+@pytest.mark.slow
 def test_report_schema_and_plain_lora_row(ablation, tiny_dir: Path):
     report, stdout, root = ablation
     assert set(report) == {"rows", "skipped"}
@@ -111,6 +112,7 @@ def test_rows_with_unknown_keys_are_skipped_and_real_errors_raise(tiny_dir: Path
         harness.plan_rows(config, [*base, "train.lr=fast"], rows[:1])
 
 
+@pytest.mark.slow
 def test_bias_report_on_the_plain_lora_run(ablation, tiny_dir: Path, syn_dir: Path):
     """scripts/bias_report.py with --run: attention shares of backbone and run, accuracy, unimodal."""
     _, _, root = ablation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -22,11 +23,12 @@ def to_sharegpt(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "swift"])
 def test_train_and_generate_on_peer_format(fmt, tiny_dir, syn_dir, tmp_path):
+    shutil.copytree(syn_dir / "media", tmp_path / "media")  # the peer files live in tmp_path, beside the clips
     files = {}
     for split in ("train", "dev"):
         rows = [json.loads(line) for line in (syn_dir / f"{split}.jsonl").read_text().splitlines()][:8]
         records = to_sharegpt(rows)
-        path = syn_dir / f"{split}.{fmt}.{'json' if fmt == 'sharegpt' else 'jsonl'}"
+        path = tmp_path / f"{split}.{fmt}.{'json' if fmt == 'sharegpt' else 'jsonl'}"
         if fmt == "sharegpt":
             path.write_text(json.dumps(records))
         else:
