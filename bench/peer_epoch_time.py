@@ -31,8 +31,9 @@ its own decode cache and feature cache, so nothing computed by an earlier run is
 CPU time = user + sys of the whole process tree (`resource.getrusage(RUSAGE_CHILDREN)` around each
 subprocess: the launcher, every Python it starts, DataLoader workers, ffmpeg); wall time beside it.
 The per-epoch figure is the marginal epoch, (CPU of the M-epoch run - CPU of the N-epoch run) / (M - N),
-taken per round; the table shows the median over rounds (min-max in the JSON), the ratio ours / peer of
-those medians, and the whole 1-epoch (N-epoch) run's CPU and wall time. Rows:
+taken per round; the table shows its median over rounds with the min-max, the ratio ours / peer (taken
+per round, pairing the runs of one round, then the median over rounds), and the whole N-epoch run's CPU
+and wall time. Rows:
 
 - `llamafactory`: `llamafactory-cli train <yaml>`;
 - `swift`: `swift sft ...`;
@@ -51,6 +52,11 @@ Differences that remain (also printed under the table):
   default); their CPU is in the process tree either way.
 - Versions: each framework runs with the transformers / peft / accelerate its own pins resolve to
   (printed from each venv), all with torch 2.14.1.
+- Start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch);
+  `llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python.
+  mllm_mer runs in the interpreter that runs this script: in the project's dev venv the `qlora` and
+  `deepspeed` extras are installed, so peft imports bitsandbytes at start-up and the final save imports
+  deepspeed; the peers' venvs have neither.
 
 Without the peers' venvs (no `--setup` yet) the script says how to create them and measures the rows it
 can (`--only ours` skips the peers on purpose). Venvs, clips and runs live under `--root` (default
@@ -573,6 +579,15 @@ def summarize(results: list[RunResult], rows: list[str], clip_sets: list[str], n
                 "run_wall_s_min_max": [min(r.wall for r in short), max(r.wall for r in short)],
                 f"run{m}_cpu_s": statistics.median(r.cpu for r in long),
             }
+        for row in [r for r in rows if r.startswith("ours") and r in out[clips]]:
+            mine = out[clips][row]["epoch_cpu_s_rounds"]
+            ratios = {  # paired: each round's ours / the same round's peer, then the median
+                p: [a / b for a, b in zip(mine, out[clips][p]["epoch_cpu_s_rounds"], strict=False)]
+                for p in PEERS
+                if p in out[clips]
+            }
+            out[clips][row]["epoch_ratio_to"] = {p: statistics.median(r) for p, r in ratios.items()}
+            out[clips][row]["epoch_ratio_to_rounds"] = ratios
     return out
 
 
@@ -585,6 +600,11 @@ DIFFERENCES = (
     "DataLoader workers: each framework's default (mllm_mer's config: 1, LLaMA-Factory: 0, ms-swift: its "
     "default); worker CPU is in the process tree",
     "each peer runs with the transformers / peft / accelerate its own pins resolve to (see 'versions')",
+    "start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch); "
+    "`llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python",
+    "mllm_mer runs in the interpreter that runs this script: in the project's dev venv bitsandbytes and "
+    "deepspeed are installed too (the qlora / deepspeed extras), so peft imports bitsandbytes at start-up and "
+    "the final save imports deepspeed; the peers' venvs have neither",
 )
 
 
@@ -595,7 +615,8 @@ def print_table(summary: dict, rows: list[str], n: int, m: int) -> None:
         geo = CLIPS[clips]
         print(
             f"\n{clips} clips ({geo['frame_size']} px, {geo['fps']} fps, {geo['clip_seconds']:g} s): "
-            f"marginal epoch = (CPU of {m} epochs - CPU of {n}) / {m - n}, median over rounds"
+            f"marginal epoch = (CPU of {m} epochs - CPU of {n}) / {m - n}, median over rounds; "
+            "'/ peer' = median over rounds of (ours / that peer in the same round)"
         )
         head = f"{'row':36s} {'CPU s/epoch':>12s} {'(min-max)':>15s} {f'{n}-ep run CPU s':>16s} {f'{n}-ep wall s':>13s}"
         head += "".join(f" {'/ ' + p:>16s}" for p in peers)
@@ -611,8 +632,8 @@ def print_table(summary: dict, rows: list[str], n: int, m: int) -> None:
             )
             if row in ours:
                 for p in peers:
-                    if p in by_row:
-                        line += f" {s['epoch_cpu_s'] / by_row[p]['epoch_cpu_s']:15.2f}x"
+                    if p in s.get("epoch_ratio_to", {}):
+                        line += f" {s['epoch_ratio_to'][p]:15.2f}x"
             print(line)
     print("\ndifferences that remain:")
     for d in DIFFERENCES:
