@@ -42,6 +42,7 @@ def test_peers_missing_says_how_to_set_them_up(tmp_path):
     assert not (tmp_path / "peers" / "llamafactory" / "venv").exists()  # nothing installed without --setup
 
 
+@pytest.mark.slow  # two real runs of ours (~90 s CPU): the bench tier
 def test_ours_only_measures_the_marginal_epoch(tiny_dir, tmp_path):
     root, report = tmp_path / "peers", tmp_path / "report.json"
     proc = run_bench(
