@@ -36,14 +36,11 @@ from mllm_mer.cache.keys import (
     MediaHashes,
     check_cacheable,
     encoder_fingerprint,
-    feature_key,
     layout_fingerprint,
-    layout_key,
     tower_fingerprint,
 )
 from mllm_mer.cache.loader import CachedCollator, CachedSampleDataset, build_spec, load_cached, prepare_cache
-from mllm_mer.cache.store import CACHE_VERSION, FeatureCache, ShardWriter, check_shard_header, file_checksum
-from mllm_mer.cache.towers import towers_ready
+from mllm_mer.cache.store import CACHE_VERSION, FeatureCache, file_checksum
 
 __all__ = [
     "CACHE_VERSION",
@@ -54,18 +51,13 @@ __all__ = [
     "FeatureCache",
     "FillReport",
     "MediaHashes",
-    "ShardWriter",
     "build_spec",
     "check_cacheable",
-    "check_shard_header",
     "encoder_fingerprint",
-    "feature_key",
     "file_checksum",
     "fill_cache",
     "layout_fingerprint",
-    "layout_key",
     "load_cached",
     "prepare_cache",
     "tower_fingerprint",
-    "towers_ready",
 ]

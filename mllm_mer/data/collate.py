@@ -207,6 +207,8 @@ class MerCollator:
         return torch.tensor(ids, dtype=torch.long)
 
     def __call__(self, items: Sequence[tuple[Sample, DecodedMedia]]) -> dict:
+        """One batch: the processor's outputs (features, `input_ids` of prompt + answer as one text), then
+        `assemble_batch` on its per-sample prompt and answer ids (the answer's tokens are checked)."""
         use_video, use_audio = self._batch_modalities(items)
         presence = self.presence(items, use_video, use_audio)
         use_audio_in_video = audio_in_video(presence)

@@ -4,6 +4,7 @@ both backbone families (`tiny_backbone_dir`: Qwen2.5-Omni, and Qwen3-Omni with i
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
@@ -418,3 +419,35 @@ def test_every_tower_path_equals_the_thinkers_forward(tiny_backbone_dir, syn_dir
             )
         assert calls == ["audio", "video"], (use_video, use_audio)  # both towers, in a fixed order
         torch.testing.assert_close(every.logits, plain.logits, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ imports
+def _module_file(module: str) -> Path | None:
+    base = Path(C.__file__).parents[2] / module.replace(".", "/")  # the directory holding mllm_mer/
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def _imports_of(module: str) -> set[str]:
+    """The `mllm_mer` modules `module` imports (every import statement in its source, at any depth)."""
+    found = set()
+    for node in ast.walk(ast.parse(_module_file(module).read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mllm_mer"):
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}")}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mllm_mer")}
+    return found
+
+
+def test_the_cache_imports_neither_the_loaders_nor_the_model_nor_the_methods():
+    """`data.loading` imports the cache, never the reverse (no cycle); the cache names no method."""
+    seen, todo = set(), ["mllm_mer.cache"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imports_of(module))
+    forbidden = ("mllm_mer.data.loading", "mllm_mer.model", "mllm_mer.training", "mllm_mer.methods",
+                 "mllm_mer.fusion.dcr.collate", "mllm_mer.fusion.dcr.paths")
+    assert {"mllm_mer.cache.fill", "mllm_mer.data.collate"} <= seen
+    assert not [m for m in seen if m.startswith(forbidden)], sorted(seen)
