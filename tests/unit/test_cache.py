@@ -184,6 +184,21 @@ def test_cached_dcr_paths_match_uncached(tiny_backbone_dir, syn_dir, tmp_path):
         assert "video_deepstack" not in fast_batch
 
 
+def test_cached_collator_refuses_items_it_was_not_prepared_for(tiny_dir, syn_dir, tmp_path):
+    cfg = cfg_for(tiny_dir, tmp_path)  # the fused prompt variant only
+    bb = load_backbone(tiny_dir)
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
+    _, cached, items, _ = fill(cfg, bb, samples)
+    assert type(cached) is C.CachedCollator
+    relabelled = dataclasses.replace(cached, labels=tuple(reversed(cached.labels)))
+    with pytest.raises(ValueError, match="another prompt, system prompt or label set"):
+        relabelled(items)
+    with pytest.raises(KeyError, match=r"\(has_video, has_audio\)=\(False, False\) was not cached"):
+        UnimodalPathCollator(cached)(items)  # DCR's text-only variant was not filled
+    with pytest.raises(TypeError, match="wrap the CachedCollator"):
+        C.prepare_cache(cfg, bb, samples, UnimodalPathCollator(base_collator(cfg, bb, True)), [(True, True)])
+
+
 # ------------------------------------------------------------------------------------------ invalidation
 def test_changed_media_file_invalidates_only_its_entry(tiny_backbone_dir, syn_dir, tmp_path):
     samples = copy_samples(syn_dir, tmp_path / "data", 3)
