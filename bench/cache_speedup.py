@@ -35,6 +35,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -58,14 +59,10 @@ class _Local:
 
     @staticmethod
     def main_process_first():
-        from contextlib import nullcontext
-
         return nullcontext()
 
     @staticmethod
     def autocast():
-        from contextlib import nullcontext
-
         return nullcontext()
 
     @staticmethod

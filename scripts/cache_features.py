@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.quantization
         )
         for split, samples in splits.items():
-            collator = D.build_collator(cfg, backbone, train=split == "train")
+            collator = D.base_collator(cfg, backbone, train=split == "train")
             served, collate, _, report = prepare_cache(cfg, backbone, samples, collator, D.prompt_variants(cfg),
                                                        accelerator)
             if accelerator.is_main_process:

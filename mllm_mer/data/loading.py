@@ -3,9 +3,10 @@
 Everything a script needs between a `RunConfig` and a DataLoader: `ensure_inputs` (build the tiny backbone /
 synthetic set on first use), `read_splits` (every row checked before the model loads), the decode options and
 caches (`decode_options`, `decode_cache_dir`, `load_media_on_ranks`), data checks (`check_data`,
-`check_all_data`), collators (`build_collator`: the run's prompt plus each active method's `wrap_collator`) and
-loaders (`build_loader(s)` for training / dev, `build_inference_loader` for generation and prediction). With
-`data.feature_cache` the training loaders serve the frozen towers' cached outputs (`mllm_mer.cache`).
+`check_all_data`), collators (`base_collator`: the run's prompt; `build_collator`: wrapped by each active
+method's `wrap_collator`) and loaders (`build_loader(s)` for training / dev, `build_inference_loader` for
+generation and prediction). With `data.feature_cache` the training loaders serve the frozen towers' cached
+outputs (`mllm_mer.cache`), through a collator the methods wrap the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import AutoProcessor
 
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.backbone.tiny import ensure_tiny_thinker
-from mllm_mer.cache import build_cached_loader
+from mllm_mer.cache import load_cached
 from mllm_mer.config import RunConfig
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import (
@@ -97,10 +98,10 @@ def check_all_data(cfg: RunConfig) -> tuple[list[str], int, int]:
     return problems, n, len(samples)
 
 
-def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None):
-    """The collator for training (`train=True`, answers + modality dropout) or dev evaluation, wrapped by each
-    active method (`Method.wrap_collator`; e.g. DCR adds the unimodal sub-batches)."""
-    collator = MerCollator(
+def base_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None) -> MerCollator:
+    """The fused-path collator for training (`train=True`: modality dropout) or dev evaluation (both carry the
+    answer), before the methods wrap it."""
+    return MerCollator(
         processor=backbone.processor,
         token_ids=backbone.token_ids,
         prompt=load_prompt(prompt or cfg.data.prompt),
@@ -109,7 +110,12 @@ def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str 
         train=True,  # dev batches carry the answer too (dev LM loss)
         modality_dropout=cfg.data.modality_dropout if train else 0.0,
     )
-    return wrap_collator(cfg, collator)
+
+
+def build_collator(cfg: RunConfig, backbone: Backbone, train: bool, prompt: str | None = None):
+    """The collator for training (`train=True`, answers + modality dropout) or dev evaluation, wrapped by each
+    active method (`Method.wrap_collator`; e.g. DCR adds the unimodal sub-batches)."""
+    return wrap_collator(cfg, base_collator(cfg, backbone, train, prompt))
 
 
 def wrap_collator(cfg: RunConfig, collator: MerCollator):
@@ -138,16 +144,19 @@ def build_loader(
 
     Decoding is cached once per sample; the main process decodes first, the others read the cache
     (`data.decode_cache=false`: the ranks split one checking pass, then items are decoded when read). With
-    `data.feature_cache` the loader serves the frozen towers' cached outputs instead (`mllm_mer.cache`).
+    `data.feature_cache` the loader serves the frozen towers' cached outputs instead (`mllm_mer.cache`: the
+    missing entries are filled first). Either way the active methods wrap the collator (`wrap_collator`).
     """
+    collator = base_collator(cfg, backbone, train=train)
     if cfg.data.feature_cache:
-        collator = build_collator(cfg, backbone, train=train)
-        return build_cached_loader(cfg, backbone, samples, collator, train=train, variants=prompt_variants(cfg),
-                                   accelerator=accelerator, report=report, split=split)
-    options = decode_options(cfg, backbone.processor)
-    samples, dataset, problems = load_media_on_ranks(
-        samples, options, decode_cache_dir(cfg), cfg.data.on_error == "skip", accelerator
-    )
+        samples, dataset, collator, problems = load_cached(
+            cfg, backbone, samples, collator, prompt_variants(cfg), accelerator, split=split
+        )
+    else:
+        options = decode_options(cfg, backbone.processor)
+        samples, dataset, problems = load_media_on_ranks(
+            samples, options, decode_cache_dir(cfg), cfg.data.on_error == "skip", accelerator
+        )
     if problems and report is not None:
         report.setdefault(split, []).extend(problems)
     if not samples:
@@ -156,7 +165,7 @@ def build_loader(
         dataset,
         batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
         shuffle=train,
-        collate_fn=build_collator(cfg, backbone, train=train),
+        collate_fn=wrap_collator(cfg, collator),
         num_workers=cfg.data.num_workers,
         drop_last=False,
     )
