@@ -538,12 +538,13 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """A finished run's saved config with dotted overrides deep-merged (`load_config` on `<run_dir>/config.yaml`).
 
     Raises:
-        ConfigError: not a run directory (no config.yaml), or a bad override (every problem listed).
+        FileNotFoundError: not a run directory (no config.yaml; one line).
+        ConfigError: a bad override or saved value (every problem listed).
     """
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
-        raise ConfigError([f"{run_dir} is not a run directory (no {RUN_CONFIG}); give the folder a training run "
-                           "wrote (train.output_dir)"], str(run_dir))
+        raise FileNotFoundError(f"{run_dir} is not a run directory ({path} is missing): give the folder a "
+                                "training run wrote (train.output_dir), or restore its config.yaml from a copy")
     return load_config(path, overrides, saved_run=True)
 
 

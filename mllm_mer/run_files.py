@@ -66,7 +66,8 @@ def expected_files(cfg: RunConfig) -> dict[str, Callable[[str], bool] | None]:
 def fix_hint(run_dir: Path) -> str:
     """What to do about a damaged or missing final file of the run in `run_dir`."""
     return ("restore it from a copy, or write the run's final files again from its last checkpoint: "
-            f"accelerate launch scripts/finetune.py --config {run_dir / RUN_CONFIG} train.resume_from=latest")
+            f"accelerate launch scripts/finetune.py --config {run_dir / RUN_CONFIG} train.output_dir={run_dir} "
+            "train.resume_from=latest")
 
 
 def check_run_files(run_dir: str | Path, cfg: RunConfig, also: Sequence[str] = ()) -> None:
@@ -78,8 +79,9 @@ def check_run_files(run_dir: str | Path, cfg: RunConfig, also: Sequence[str] = (
     """
     run_dir = Path(run_dir)
     problems = []
-    optional = {name: None for name in also if (run_dir / name).exists()}
-    for name, names_ok in {**expected_files(cfg), **optional}.items():
+    files = expected_files(cfg)
+    files.update({name: None for name in also if name not in files and (run_dir / name).exists()})
+    for name, names_ok in files.items():
         problem = file_problem(run_dir / name, names_ok)
         if problem:
             problems.append(f"{run_dir / name} is {'missing' if problem == 'missing' else f'damaged ({problem})'}")
