@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.smoke.conftest import REPO, base_args, check
+from tests.smoke.conftest import REPO, base_args, check, run_finetune
 
 pytestmark = pytest.mark.smoke
 
@@ -111,3 +111,15 @@ def test_a_truncated_adapter_is_named_by_every_reader(syn_dir, trained_run, tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run} is not a run directory ({run / 'config.yaml'} is missing)"), err
     assert err.count("\n") == 1
+
+
+def test_ddp_ranks_share_the_refusal_and_leave_no_lock(tiny_dir, syn_dir, tmp_path):
+    x = tmp_path / "X"
+    x.mkdir()
+    (x / "notes.txt").write_text("not a run")
+    launch = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml")]
+    proc = run_finetune([*base_args(tiny_dir, syn_dir, x, tmp_path / "c"), "train.max_steps=2"], launch, timeout=300)
+    assert proc.returncode != 0  # both ranks exit (none waits for the other), within the timeout
+    assert proc.stderr.count(f"error: train.output_dir={x} is not empty: it holds files that are not an mllm_mer "
+                             "run (notes.txt)") == 2, proc.stderr[-3000:]
+    assert sorted(p.name for p in x.iterdir()) == ["notes.txt"]
