@@ -152,7 +152,8 @@ def write_run_start(
     if not accelerator.is_main_process:
         return
     print(trainable_table)
-    extra = {"backbone_family": backbone.family.name, "num_processes": accelerator.num_processes}
+    extra = {"backbone_family": backbone.family.name, "num_processes": accelerator.num_processes,
+             "distributed_type": str(accelerator.distributed_type.value)}
     write_run_info(cfg, backbone.path, {**extra, "total_steps": total})
     write_data_report(cfg, samples, skipped)
 
