@@ -199,7 +199,11 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (also at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     resume_from: str | None = None
-    """None, "latest" or a checkpoint directory."""
+    """None, "latest" or a checkpoint directory. A resumed run may change only a few settings
+    (`mllm_mer.training.identity.RESUME_MAY_CHANGE`); the checkpoint must belong to this run."""
+    overwrite: bool = False
+    """Start a new run in an `output_dir` that holds another: its contents are first moved aside into
+    `<output_dir>.replaced-<time>` (never mixed, nothing deleted). False: such a directory is refused."""
     log_every: int = 10
     eval_batch_size: int = 16
     max_minutes: float = 0.0
@@ -223,6 +227,9 @@ class TrainConfig:
         })
         if self.max_steps == 0:
             errors.append("train.max_steps=0: use -1 (train for train.epochs) or a positive number of steps")
+        if self.overwrite and self.resume_from is not None:
+            errors.append(f"train.overwrite=true and train.resume_from={self.resume_from} contradict each other: "
+                          "overwrite starts a new run, resume continues the one there; set only one")
         if self.lm_loss_weight == 0 and self.cls_loss_weight == 0:
             errors.append("train.lm_loss_weight and train.cls_loss_weight are both 0: nothing would be trained")
         return errors
@@ -531,12 +538,13 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """A finished run's saved config with dotted overrides deep-merged (`load_config` on `<run_dir>/config.yaml`).
 
     Raises:
-        ConfigError: not a run directory (no config.yaml), or a bad override (every problem listed).
+        FileNotFoundError: not a run directory (no config.yaml; one line).
+        ConfigError: a bad override or saved value (every problem listed).
     """
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
-        raise ConfigError([f"{run_dir} is not a run directory (no {RUN_CONFIG}); give the folder a training run "
-                           "wrote (train.output_dir)"], str(run_dir))
+        raise FileNotFoundError(f"{run_dir} is not a run directory ({path} is missing): give the folder a "
+                                "training run wrote (train.output_dir), or restore its config.yaml from a copy")
     return load_config(path, overrides, saved_run=True)
 
 

@@ -25,6 +25,7 @@ from mllm_mer.config import RUN_CONFIG, RunConfig, load_run_config
 from mllm_mer.fusion.dcr.ada import ARBITER_FILE
 from mllm_mer.generation import load_for_inference
 from mllm_mer.model import BASE_FILE, HEADS_FILE, active_methods
+from mllm_mer.run_files import RunFileError, check_run_files, file_problem
 
 RUN_FILES = (HEADS_FILE, BASE_FILE, ARBITER_FILE, "gate_stats.json", RUN_CONFIG, "run_info.json",
              "final_metrics.json")
@@ -49,6 +50,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
     Raises:
         FileNotFoundError: `run_dir` is not a finished run.
         FileExistsError: `out_dir` exists.
+        RunFileError: a file of the run is missing or damaged (`mllm_mer.run_files`).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / HEADS_FILE).is_file():
@@ -56,6 +58,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; choose a new output directory")
     cfg = load_run_config(run_dir)
+    check_run_files(run_dir, cfg, also=RUN_FILES)  # every file copied or read below, before anything loads
     methods = methods_on(cfg)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
@@ -105,6 +108,10 @@ def _metrics_table(run_dir: Path) -> list[str]:
     for path in sources:
         if not path.is_file():
             continue
+        problem = file_problem(path)
+        if problem:
+            raise RunFileError(f"{path} is damaged ({problem}): write it again (scripts/evaluate.py) or move it "
+                               "out of the run directory")
         data = json.loads(path.read_text())
         block = data.get("dev") if "dev" in data else data.get("metrics")
         if not isinstance(block, dict) or "accuracy" not in block:

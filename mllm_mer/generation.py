@@ -25,10 +25,11 @@ from mllm_mer.config import GenerateConfig, RunConfig, config_from_dict, config_
 from mllm_mer.data.collate import model_inputs
 from mllm_mer.data.loading import build_inference_loader
 from mllm_mer.data.schema import Sample
-from mllm_mer.fusion.dcr.ada import Arbiter, add_arbiter_path, load_run_arbiter
+from mllm_mer.fusion.dcr.ada import ARBITER_FILE, Arbiter, add_arbiter_path, load_run_arbiter
 from mllm_mer.labels import parse_label, parse_openset_answer
 from mllm_mer.model import MerModel, active_methods, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
+from mllm_mer.run_files import check_run_files
 
 
 @dataclass
@@ -50,11 +51,16 @@ class InferenceModel:
 def load_for_inference(
     run_dir: str | Path | None = None, model_path: str | None = None, cfg: RunConfig | None = None
 ) -> InferenceModel:
-    """Load a trained run (`run_dir`) or a base model (`model_path`, zero-shot) for generation."""
+    """Load a trained run (`run_dir`) or a base model (`model_path`, zero-shot) for generation.
+
+    Raises:
+        RunFileError: a file of the run is missing or damaged (checked before the backbone loads).
+    """
     if (run_dir is None) == (model_path is None):
         raise ValueError("give exactly one of run_dir (a trained run) or model_path (zero-shot base model)")
     if run_dir is not None:
         cfg = cfg or load_run_config(run_dir)
+        check_run_files(run_dir, cfg, also=(ARBITER_FILE,))  # complete files, before anything loads
         backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
                                  cfg.model.quantization)  # a QLoRA run's adapter belongs to the 4-bit base
         mer = build_mer_model(backbone, cfg, run_dir=run_dir)

@@ -76,6 +76,8 @@ class Method:
         weights_file: the safetensors file (relative to the run directory) that `save` writes and `load`
             reads by default; None = nothing saved besides the heads.
         merges_into_base: its weights can be merged into the base model's weights on export (plain LoRA).
+        inference_only: it acts only when generating / predicting (no weights, no loss): its settings are not
+            part of a run's identity, so a resumed run may change them (`mllm_mer.training.identity`).
     """
 
     name: str = ""
@@ -83,6 +85,7 @@ class Method:
     param_marker: str | None = None
     weights_file: str | None = None
     merges_into_base: bool = False
+    inference_only: bool = False
 
     # ------------------------------------------------------------------------------ settings
     def settings(self, cfg: RunConfig) -> Any:

@@ -256,4 +256,8 @@ def load_run_weights(model: MerModel, run_dir: str | Path) -> None:
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise ValueError(f"weights in {run_dir} name parameters this model does not have: {unknown[:5]}")
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatch, e.g. other data.labels (torch's message spans lines)
+        detail = " ".join(str(exc).split())[:300]
+        raise ValueError(f"the weights in {run_dir} do not fit the configured model: {detail}") from None

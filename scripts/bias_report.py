@@ -36,6 +36,7 @@ from mllm_mer.data.schema import MER2023_LABELS, SUBSETS, Sample
 from mllm_mer.generation import InferenceModel, inference_loader, load_for_inference, predict_rows
 from mllm_mer.metrics import audio_dominance, classification_metrics
 from mllm_mer.prompts import load_prompt
+from mllm_mer.run_files import check_run_files
 
 UNIMODAL = {"audio_only": {"use_video": False}, "video_only": {"use_audio": False}}
 """`predict_rows` flags of the unimodal conditions (the removed modality is absent from the prompt)."""
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(run_cfg or load_config(None, overrides)), end="")
             return 0
+        if args.run:
+            check_run_files(args.run, run_cfg)  # before the long pass over the bare backbone
         backbone = args.backbone or run_cfg.model.path
         prompt = args.prompt or (run_cfg.data.prompt if run_cfg else "label")
         labels = run_cfg.data.labels if run_cfg else MER2023_LABELS

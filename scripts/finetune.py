@@ -4,12 +4,14 @@
     accelerate launch scripts/finetune.py --config configs/tiny_cpu.yaml train.lr=5e-4 train.max_steps=50
     accelerate launch --config_file configs/accelerate/ddp_cpu.yaml scripts/finetune.py
     accelerate launch scripts/finetune.py train.resume_from=latest
+    accelerate launch scripts/finetune.py train.overwrite=true             # move the run in output_dir aside
     python scripts/finetune.py --check-data data.train=my/train.jsonl      # decode every sample, list problems
 
 Only `--config`, `--check-data`, `--print-config` and dotted `key.path=value` overrides are accepted. The run
 directory (`train.output_dir`) receives config.yaml, run_info.json, the methods' weights (adapter/ with
 adapter=lora; mose.safetensors and gate_stats.json with adapter=mose), heads.safetensors, checkpoints/, tb/,
-train_log.jsonl and final_metrics.json.
+train_log.jsonl and final_metrics.json. A run owns that directory: one holding another run is refused
+(see `mllm_mer.training.ownership`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -33,6 +36,7 @@ from mllm_mer.training import checkpoint as C
 from mllm_mer.training import loop as L
 from mllm_mer.training import run_dir as R
 from mllm_mer.training.evaluate import report_dev
+from mllm_mer.training.ownership import claim_output_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
 
@@ -61,6 +65,11 @@ def train(cfg: RunConfig) -> dict:
     if missing:
         raise ConfigError(missing, "the run config")
     accelerator = L.build_accelerator(cfg)
+    with claim_output_dir(cfg, accelerator):  # lock train.output_dir; refuse one holding another run
+        return run_training(cfg, accelerator)
+
+
+def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
     main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(message)s")
     if cfg.train.torch_threads > 0:
@@ -122,7 +131,7 @@ def train(cfg: RunConfig) -> dict:
             if dev_dl is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total:
-                C.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+                C.save_checkpoint(accelerator, cfg, state)
             if guard.out_of_time(state) or state.step >= total:  # out_of_time announces the early stop
                 break
         else:
@@ -131,7 +140,7 @@ def train(cfg: RunConfig) -> dict:
             if dev_dl is not None and not cfg.train.eval_every and state.step < total:
                 dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     bar.close()
-    C.save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+    C.save_checkpoint(accelerator, cfg, state)
     if dev_dl is not None:
         dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     final = {"dev": dev_metrics, "step": state.step, **guard.summary()}

@@ -16,6 +16,7 @@ class ARMethod(Method):
 
     name = "ar"
     section = "ar"
+    inference_only = True
 
     def inference_scope(self, model: nn.Module, batch: dict, cfg: RunConfig) -> AbstractContextManager:
         return attention_reallocation(model, batch["token_modality"], cfg.ar)

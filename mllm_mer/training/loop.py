@@ -29,9 +29,16 @@ log = logging.getLogger(__name__)
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's `Accelerator`: `train.grad_accum`, `train.mixed_precision`, seedable samplers, gloo when
-    several processes run without CUDA."""
+    several processes run without CUDA.
+
+    Several processes without CUDA and without DeepSpeed also get `cpu=True`: accelerate's multi-GPU launcher
+    (`configs/accelerate/ddp_cpu.yaml`) does not pass the config's `use_cpu` on, and without it accelerate
+    treats every process as a run of its own (no DDP wrapping, so no gradient sync; gathers, reductions and
+    broadcasts do nothing). DeepSpeed keeps `cpu=False` (`cpu=True` would switch it off)."""
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return Accelerator(
+        cpu=distributed_cpu and not deepspeed,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],

@@ -7,9 +7,11 @@ own files, `Method.save`), `save_run` (final weights + `final_metrics.json` + `g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from safetensors.torch import save_file
 import mllm_mer
 from mllm_mer.adapters.mose.model import GateStatsMean
 from mllm_mer.backbone.loader import Backbone
-from mllm_mer.config import RunConfig, config_to_dict, save_config
+from mllm_mer.config import RUN_CONFIG, RunConfig, config_to_dict, save_config
 from mllm_mer.data.schema import Sample
 from mllm_mer.model import BASE_FILE, HEAD_PREFIX, HEADS_FILE, MerModel
 from mllm_mer.prompts import load_prompt
@@ -40,10 +42,14 @@ def git_sha() -> str | None:
 
 
 def write_run_info(cfg: RunConfig, backbone_path: str, extra: dict | None = None) -> None:
-    """`config.yaml` (resolved) and `run_info.json` (version, git sha, seed, prompt names and hashes)."""
+    """`config.yaml` (resolved) and `run_info.json` (version, git sha, seed, prompt names and hashes).
+
+    The saved config has `train.overwrite: false`: overwriting was an instruction about the directory's
+    previous contents, already carried out; running the saved config again must not move its own run aside.
+    """
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=False)), out / RUN_CONFIG)
     prompts = {name: load_prompt(name, kind=kind).sha256 for name, kind in ((cfg.data.prompt, "task"), ("system", "free"))}
     info = {
         "package": "mllm_mer",
@@ -62,22 +68,55 @@ def write_run_info(cfg: RunConfig, backbone_path: str, extra: dict | None = None
 def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig) -> None:
     """The run's weights into the run directory: every head (`heads.safetensors`), any unfrozen base weights
     (`trainable_base.safetensors`) and each active method's own files (`Method.save`, e.g. the peft adapter
-    or `mose.safetensors`). All ranks call it (ZeRO-3 gathers the weights); the main process writes."""
+    or `mose.safetensors`). All ranks call it (ZeRO-3 gathers the weights); the main process writes.
+
+    Everything is written into `<output_dir>/.tmp-final` first, then each file or folder replaces its old
+    version with one rename: a write that fails (an exception, a full disk) removes the temporary folder
+    and leaves the previous final files, if any, as they were; a half-written `adapter/` never appears."""
     out = Path(cfg.train.output_dir)
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; full on the main process
     if not accelerator.is_main_process:
         return
     mer: MerModel = accelerator.unwrap_model(model)
-    for method in mer.methods:
-        method.save(mer, state, out, cfg)
-    heads = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    save_file(heads, str(out / HEADS_FILE))
-    trainable = {n for n, p in mer.named_parameters() if p.requires_grad}
-    owned = tuple(m.param_marker for m in mer.methods if m.param_marker)
-    base = {k: v.detach().cpu().contiguous() for k, v in state.items()
-            if k in trainable and not k.startswith(HEAD_PREFIX) and not any(mark in k for mark in owned)}
-    if base:
-        save_file(base, str(out / BASE_FILE))
+    tmp = out / FINAL_TMP
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for method in mer.methods:
+            method.save(mer, state, tmp, cfg)
+        heads = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        save_file(heads, str(tmp / HEADS_FILE))
+        trainable = {n for n, p in mer.named_parameters() if p.requires_grad}
+        owned = tuple(m.param_marker for m in mer.methods if m.param_marker)
+        base = {k: v.detach().cpu().contiguous() for k, v in state.items()
+                if k in trainable and not k.startswith(HEAD_PREFIX) and not any(mark in k for mark in owned)}
+        if base:
+            save_file(base, str(tmp / BASE_FILE))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for entry in sorted(tmp.iterdir()):
+        replace_entry(entry, out / entry.name)
+    tmp.rmdir()
+
+
+FINAL_TMP = ".tmp-final"
+"""Where `save_final` writes before renaming into the run directory."""
+
+
+def replace_entry(new: Path, target: Path) -> None:
+    """Put the file or folder `new` at `target` with one rename; an old folder there is renamed aside first
+    and removed after (a folder cannot be replaced by a rename while it exists)."""
+    if new.is_dir() and target.exists():
+        old = target.with_name(f".old-{target.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)
 
 
 def write_data_report(cfg: RunConfig, samples: dict[str, list[Sample]], skipped: dict[str, list[str]]) -> None:
@@ -113,7 +152,8 @@ def write_run_start(
     if not accelerator.is_main_process:
         return
     print(trainable_table)
-    extra = {"backbone_family": backbone.family.name, "num_processes": accelerator.num_processes}
+    extra = {"backbone_family": backbone.family.name, "num_processes": accelerator.num_processes,
+             "distributed_type": str(accelerator.distributed_type.value)}
     write_run_info(cfg, backbone.path, {**extra, "total_steps": total})
     write_data_report(cfg, samples, skipped)
 

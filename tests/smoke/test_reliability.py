@@ -94,8 +94,12 @@ def test_pickled_code_in_checkpoint_is_refused(tiny_dir, syn_dir, trained_run, t
     ref, _ = trained_run
     out = tmp_path / "evil"
     shutil.copytree(ref / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000002")
-    with open(out / "checkpoints" / "step_00000002" / "optimizer.bin", "wb") as fh:
+    ckpt = out / "checkpoints" / "step_00000002"
+    with open(ckpt / "optimizer.bin", "wb") as fh:
         pickle.dump({"state": _Evil()}, fh)
+    marker = json.loads((ckpt / "mllm_mer_state.json").read_text())  # a crafted checkpoint: sizes consistent
+    marker["files"]["optimizer.bin"] = (ckpt / "optimizer.bin").stat().st_size
+    (ckpt / "mllm_mer_state.json").write_text(json.dumps(marker))
     proc = subprocess.run(  # the script itself (accelerate's launcher adds its own traceback on failure)
         [sys.executable, str(REPO / "scripts" / "finetune.py"), *base_args(tiny_dir, syn_dir, out, tmp_path / "c"),
          "train.max_steps=4", "train.resume_from=latest"], capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -81,8 +81,9 @@ def load_adapter_weights(model: peft.PeftModel, folder: Path, adapter_name: str,
     own = {k: v for k, v in model.state_dict().items() if ".lora_" in k and marker in k}
     try:
         result = set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
-    except RuntimeError as exc:  # size mismatch
-        raise ValueError(f"{path} does not fit the configured adapter '{adapter_name}': {exc}") from None
+    except RuntimeError as exc:  # size mismatch (torch's message spans lines: one line here)
+        detail = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path} does not fit the configured adapter '{adapter_name}': {detail}") from None
     unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
     missing = [k for k in result.missing_keys if k in own]
     if unexpected or missing or len(saved) != len(own):

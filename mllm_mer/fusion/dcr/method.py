@@ -65,7 +65,8 @@ class DCRMethod(Method):
     def files(self, cfg: RunConfig) -> tuple[str, ...]:
         if cfg.adapter != "lora":  # the paths share the backbone's adapter (see attach_path_adapters)
             return ()
-        return tuple(f"{ADAPTER_DIR}/{adapter_name(p)}/{ADAPTER_WEIGHTS}" for p in PATHS)
+        return tuple(f"{ADAPTER_DIR}/{adapter_name(p)}/{name}" for p in PATHS
+                     for name in ("adapter_config.json", ADAPTER_WEIGHTS))
 
     def load(self, mer: nn.Module, run_dir: Path, cfg: RunConfig) -> None:
         if isinstance(mer.backbone, peft.PeftModel):
