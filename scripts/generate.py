@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(cfg), end="")
             return 0
         samples = read_samples(args.data, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field,
-                               require_label=False)
+                               require_label=False, media_root=cfg.data.media_root)
         model = load_for_inference(run_dir=args.run, model_path=args.model, cfg=cfg)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

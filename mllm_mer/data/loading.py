@@ -21,7 +21,7 @@ from transformers import AutoProcessor
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.backbone.tiny import ensure_tiny_thinker
 from mllm_mer.cache import build_cached_loader
-from mllm_mer.config import RunConfig
+from mllm_mer.config import RunConfig, feature_cache_enabled, feature_cache_note
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import (
     DecodeOptions,
@@ -35,6 +35,7 @@ from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.schema import Sample
 from mllm_mer.data.sources import read_samples
 from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
+from mllm_mer.logs import say
 from mllm_mer.model import active_methods
 from mllm_mer.prompts import PromptTemplate, load_prompt
 
@@ -67,9 +68,10 @@ def read_splits(
         try:
             if cfg.data.format == "mer_jsonl":
                 out[split] = read_jsonl(path, cfg.data.labels, max_subtitle_chars=cfg.data.max_subtitle_chars,
-                                        skipped=skipped if skip else None)
+                                        skipped=skipped if skip else None, media_root=cfg.data.media_root)
             else:
-                out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field)
+                out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field,
+                                          media_root=cfg.data.media_root)
         except (ValueError, FileNotFoundError) as exc:
             errors.append(f"data.{split}: {exc}")
         if skipped and report is not None:
@@ -140,7 +142,7 @@ def build_loader(
     (`data.decode_cache=false`: the ranks split one checking pass, then items are decoded when read). With
     `data.feature_cache` the loader serves the frozen towers' cached outputs instead (`mllm_mer.cache`).
     """
-    if cfg.data.feature_cache:
+    if feature_cache_enabled(cfg):
         collator = build_collator(cfg, backbone, train=train)
         return build_cached_loader(cfg, backbone, samples, collator, train=train, variants=prompt_variants(cfg),
                                    accelerator=accelerator, report=report, split=split)
@@ -170,12 +172,16 @@ def build_loaders(
     accelerator: Accelerator,
     report: dict[str, list[str]],
 ) -> tuple[DataLoader, DataLoader | None, dict[str, list[Sample]]]:
-    """Train and (when `samples` has "dev") dev loaders via `build_loader`.
+    """Train and (when `samples` has "dev") dev loaders via `build_loader`; says once (main process) why the
+    frozen-encoder cache is off when a tower or projector trains (`config.feature_cache_note`).
 
     Returns:
         (train loader, dev loader or None, the samples each split serves: under `data.on_error=skip`
         the bad ones are dropped and their problems appended to `report[split]`).
     """
+    note = feature_cache_note(cfg)  # why the frozen-encoder cache is off, when towers train
+    if note and accelerator.is_main_process:
+        say(note)
     kept = dict(samples)
     train_dl, kept["train"] = build_loader(
         cfg, backbone, samples["train"], train=True, accelerator=accelerator, report=report, split="train"

@@ -18,6 +18,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from mllm_mer.config import RunConfig
+from mllm_mer.logs import say
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Tra
         done = sorted(d for d in root.glob(f"{CKPT_PREFIX}*") if (d / CKPT_DONE).is_file())
         for old in done[:-keep]:
             shutil.rmtree(old)
+        say(f"saved checkpoint {final}")  # the one line of a save (accelerate's own lines are INFO)
     accelerator.wait_for_everyone()
     return final
 
