@@ -8,7 +8,8 @@ outside it):
 - quiet (default): the `mllm_mer` loggers print warnings; the root logger, `transformers` / `datasets`
   progress bars and log levels stay as they were, except that `transformers`' own progress bars (e.g.
   "Writing model shards" of the tiny builder) are off inside the block; the third-party warnings in
-  `KNOWN_NOISE` (each says why it is noise) are ignored inside a `warnings.catch_warnings()` block.
+  `KNOWN_NOISE` are ignored inside a `warnings.catch_warnings()` block and the log records in `LOG_NOISE`
+  dropped by a filter on their logger (each entry says why it is noise).
 - verbose (`--verbose`, `train.verbose=true`): no warning filter, the root logger and `transformers` at INFO,
   `mllm_mer` at INFO: accelerate's save lines, the loader's timing lines and every library warning return.
 
@@ -55,6 +56,33 @@ KNOWN_NOISE: tuple[Noise, ...] = (
 """Warnings ignored inside a quiet `run_output` block, each with the reason it is noise."""
 
 
+@dataclass(frozen=True)
+class LogNoise:
+    """A third-party log record that asks nothing of our users (dropped in quiet runs only)."""
+
+    logger: str
+    message: str
+    """Start of the record's message."""
+    why: str
+
+
+LOG_NOISE: tuple[LogNoise, ...] = (
+    LogNoise("DeepSpeed", "Setting accelerator to CPU",
+             "deepspeed (when installed) is imported by accelerate's unwrap_model (a DeepSpeedEngine check) and "
+             "guesses its accelerator; on a CPU run CPU is right (DS_ACCELERATOR=cpu says so up front)"),
+)
+"""Log records dropped inside a quiet `run_output` block (a filter on the named logger, removed on exit)."""
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
 def main_process() -> bool:
     """True on rank 0 of an `accelerate launch` / `torchrun` job, or in a single process (reads `RANK`, which
     both set; no distributed state is touched)."""
@@ -87,17 +115,16 @@ def say(message: str) -> None:
 def datasets_bars_off() -> Iterator[None]:
     """The `datasets` progress bars off inside the block (our own bar reports the phase); their previous
     state is restored after, so code running later still sees its own setting."""
-    from datasets.utils import tqdm as dtqdm
+    import datasets
 
-    was_disabled = dtqdm.are_progress_bars_disabled()
-    if not was_disabled and os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is None:
-        dtqdm.disable_progress_bars()
-        try:
-            yield
-        finally:
-            dtqdm.enable_progress_bars()
-    else:
+    if datasets.are_progress_bars_disabled() or os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is not None:
+        yield  # already off, or the environment decides (the variable wins over code)
+        return
+    datasets.disable_progress_bars()
+    try:
         yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 @contextmanager
@@ -139,6 +166,16 @@ def _logger_level(logger: logging.Logger, level: int, handler: logging.Handler |
 
 
 @contextmanager
+def _logger_filter(logger: logging.Logger, drop: logging.Filter) -> Iterator[None]:
+    """`drop` filters `logger`'s records inside the block; removed after."""
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+@contextmanager
 def run_output(verbose: bool = False, main: bool | None = None) -> Iterator[None]:
     """What a script's run prints (see the module docstring); every change is undone on exit.
 
@@ -153,6 +190,10 @@ def run_output(verbose: bool = False, main: bool | None = None) -> Iterator[None
             for noise in KNOWN_NOISE:
                 warnings.filterwarnings("ignore", message=noise.message, category=noise.category)
         stack.enter_context(_transformers_output(verbose and main))
+        if not verbose:
+            for name in dict.fromkeys(n.logger for n in LOG_NOISE):
+                stack.enter_context(_logger_filter(logging.getLogger(name), _DropNoise(
+                    tuple(n.message for n in LOG_NOISE if n.logger == name))))
         ours = logging.StreamHandler(sys.stderr)
         ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         level = logging.INFO if (verbose and main) else logging.WARNING
@@ -169,12 +210,12 @@ def library_state() -> dict[str, Any]:
     """The output settings `run_output` may touch, for tests that check nothing leaks after a run:
     warning filters, the root / `mllm_mer` / accelerate loggers, transformers verbosity and progress bars,
     `datasets` progress bars."""
-    from datasets.utils import tqdm as dtqdm
+    import datasets
     from transformers.utils import logging as tlog
 
     def logger(name: str | None) -> tuple:
         lg = logging.getLogger(name)
-        return lg.level, lg.propagate, tuple(lg.handlers)
+        return lg.level, lg.propagate, tuple(lg.handlers), tuple(lg.filters)
 
     return {
         "warnings.filters": list(warnings.filters),
@@ -182,7 +223,8 @@ def library_state() -> dict[str, Any]:
         "root": logger(None),
         PACKAGE_LOGGER: logger(PACKAGE_LOGGER),
         "accelerate": logger("accelerate"),
+        **{f"logger {n.logger}": logger(n.logger) for n in LOG_NOISE},
         "transformers.verbosity": tlog.get_verbosity(),
         "transformers.progress_bars": tlog.is_progress_bar_enabled(),
-        "datasets.progress_bars": not dtqdm.are_progress_bars_disabled(),
+        "datasets.progress_bars": not datasets.are_progress_bars_disabled(),
     }

@@ -164,7 +164,7 @@ def next_commands(cfg: RunConfig, scripts_dir: str | Path, python: str | None = 
         cmds.append(("evaluate", f"{py} {shell_path(scripts / 'evaluate.py')} synthetic --run {shell_path(run)} "
                      f"--predictions {shell_path(preds)} --references {shell_path(data)} "
                      f"--output {shell_path(run / f'eval_{split}.json')}"))
-    export = free_path(Path("exports") / run.name)
+    export = free_path(run / "export")
     cmds.append(("export", f"{py} {shell_path(scripts / 'export.py')} --run {shell_path(run)} "
                  f"--out {shell_path(export)}"))
     return cmds
@@ -188,9 +188,10 @@ def format_summary(
         commands: `next_commands`' pairs.
         curves: the written `curves.png`, if any.
     """
-    lines = [f"run finished at step {final['step']}: {shell_path(cfg.train.output_dir)}"]
+    cache = f"on ({shell_path(cfg.data.feature_cache_dir)})" if cfg.data.feature_cache else "off"
+    lines = [f"run {shell_path(cfg.train.output_dir)} finished at step {final['step']}; frozen-encoder cache {cache}"]
     if final.get("stopped_early"):
-        lines[0] += " (stopped early by train.max_minutes; continue with train.resume_from=latest)"
+        lines.append("  stopped early by train.max_minutes; continue with train.resume_from=latest")
     dev = final.get("dev") or {}
     if dev:
         chance = chance_levels(dev_samples)
