@@ -103,6 +103,9 @@ def write_curves(run_dir: str | Path) -> Path | None:
             if all(part in r for r in train):
                 loss_ax.plot(steps, [r[part] for r in train], label=part, alpha=0.7)
         loss_ax.legend(fontsize=8)
+    else:
+        loss_ax.text(0.5, 0.5, "no rows logged\n(one every train.log_every steps)", ha="center", va="center",
+                     transform=loss_ax.transAxes)
     loss_ax.set(title="training loss", xlabel="step")
     if dev:
         steps = [r["step"] for r in dev]
