@@ -43,7 +43,7 @@ class Bench:
 
 BENCHES: tuple[Bench, ...] = (
     Bench("cache_speedup", (), ("--samples", "4", "--rounds", "1", "--clips", "config"),
-          "training-epoch CPU time: no cache / decode cache / warm frozen-encoder cache (camera-sized clips)"),
+          "training-epoch CPU time: no cache / decode cache / warm frozen-encoder cache (camera-sized clips; --quick: the toy clips)"),
     Bench("stack_overhead", (), ("--rounds", "1", "--batch-size", "2"),
           "training-step CPU time of MoSE, DnR, DCR and all together / plain LoRA"),
     Bench("ar_overhead", (), ("--rounds", "2", "--new-tokens", "8"),

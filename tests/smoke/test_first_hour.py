@@ -83,3 +83,20 @@ def test_quiet_run_prints_our_lines_and_a_summary_whose_commands_work(trained_ru
         check(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600))
     assert (copy / "preds_dev.jsonl").is_file() and (copy / "eval_dev.json").is_file()
     assert (copy / "export" / "config.json").is_file()
+
+
+def test_summary_explanations_hook_generates_for_dev_clips_beside_their_cues(trained_run, syn_dir):
+    """`train.summary_explanations=N` (off by default until the backbone can speak): N dev clips' answers."""
+    from mllm_mer.config import load_run_config
+    from mllm_mer.data.jsonl import read_jsonl
+    from mllm_mer.training.summary import sample_explanations
+
+    run, _ = trained_run
+    cfg = load_run_config(run, ["generate.max_new_tokens=6"])
+    dev = read_jsonl(syn_dir / "dev.jsonl", cfg.data.labels)
+    lines = sample_explanations(cfg, dev, 2).splitlines()
+    assert lines[0] == "explanations of 2 dev clip(s) (prompt explain):" and len(lines) == 5
+    for sample, (head, said) in zip(dev[:2], (lines[1:3], lines[3:5]), strict=True):
+        cues = ", ".join(f"{k}={v}" for k, v in sample.cues.items())
+        assert head.startswith(f"  {sample.id} [{sample.subset}] true {sample.label} (cues: {cues}) -> answered ")
+        assert said.startswith('    "') and said.endswith('"')
