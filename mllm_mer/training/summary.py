@@ -23,6 +23,7 @@ from typing import Any
 
 from mllm_mer.config import RunConfig
 from mllm_mer.data.schema import Sample
+from mllm_mer.generation import generate_rows, load_for_inference
 
 DEV_LOG = "dev_log.jsonl"
 """Every dev evaluation of a run, one JSON row per evaluation: step, accuracy, weighted_f1, loss, per_subset."""
@@ -239,8 +240,6 @@ def sample_explanations(cfg: RunConfig, samples: Sequence[Sample], n: int) -> st
     Meant for a backbone that can speak (e.g. the testbed's stage-0 backbone); `train.summary_explanations`
     switches it on. Loads the run from disk (`generation.load_for_inference`), so call it after the weights
     are saved, on the main process."""
-    from mllm_mer.generation import generate_rows, load_for_inference
-
     chosen = list(samples)[:n]
     if not chosen:
         return ""
