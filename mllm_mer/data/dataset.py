@@ -108,12 +108,13 @@ def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
 
 
 def check_share(
-    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1
+    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1, desc: str = "check media"
 ) -> list[tuple[str, str]]:
     """Decode this rank's share of `samples` (every `world`-th, from `rank`) once: (sample id, problem line)
-    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`."""
+    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`.
+    The main process shows a progress bar labelled `desc`."""
     bad = []
-    for s in progress(samples[rank::world], desc="check media", unit="clip"):
+    for s in progress(samples[rank::world], desc=desc, unit="clip"):
         try:
             decode(s, options)
         except MediaError as exc:
@@ -121,9 +122,9 @@ def check_share(
     return bad
 
 
-def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
+def check_media(samples: Sequence[Sample], options: DecodeOptions, desc: str = "check media") -> list[str]:
     """Decode every sample once and return one problem line per bad sample (empty list = all good)."""
-    return [problem for _, problem in check_share(samples, options)]
+    return [problem for _, problem in check_share(samples, options, desc=desc)]
 
 
 def streamed_media(

@@ -83,7 +83,8 @@ def read_splits(
 
 def check_data(samples: dict[str, list[Sample]], options: DecodeOptions) -> list[str]:
     """Decode every sample of every split; one problem line per bad sample, prefixed by the split."""
-    return [f"{split}: {p}" for split, ss in samples.items() for p in check_media(ss, options)]
+    return [f"{split}: {p}" for split, ss in samples.items()
+            for p in check_media(ss, options, desc=f"check media ({split})")]
 
 
 def check_all_data(cfg: RunConfig) -> tuple[list[str], int, int]:
