@@ -115,9 +115,11 @@ def main() -> None:
     acc = _Local()
     with tempfile.TemporaryDirectory(prefix="mllm_mer_bench_cache_") as tmp:
         data = cfg.data
-        variants = {
-            "uncached": dataclasses.replace(cfg, data=dataclasses.replace(data, decode_cache=False)),
-            "decode_cached": cfg,
+        variants = {  # the feature cache is on by default with frozen towers: the first two switch it off
+            "uncached": dataclasses.replace(
+                cfg, data=dataclasses.replace(data, decode_cache=False, feature_cache=False)
+            ),
+            "decode_cached": dataclasses.replace(cfg, data=dataclasses.replace(data, feature_cache=False)),
             "cached": dataclasses.replace(
                 cfg,
                 data=dataclasses.replace(data, feature_cache=True, feature_cache_dir=args.cache_dir or tmp),

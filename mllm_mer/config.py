@@ -35,7 +35,8 @@ from mllm_mer.labels import LABEL_MODES
 __all__ = [
     "LM_TARGETS", "ARConfig", "ConfigError", "DCRConfig", "DataConfig", "DnRConfig", "EvalConfig",
     "FreezeConfig", "GenerateConfig", "LoraConfig", "ModelConfig", "MoSEConfig", "RunConfig", "TrainConfig",
-    "config_from_dict", "config_to_dict", "dump_config", "frozen_encoder_problems", "load_config",
+    "config_from_dict", "config_to_dict", "dump_config", "feature_cache_enabled", "feature_cache_note",
+    "frozen_encoder_problems", "load_config",
     "load_run_config", "parse_overrides", "shorthand_overrides",
     "save_config",
 ]
@@ -126,6 +127,10 @@ class DataConfig:
     """File format of train/dev/test: our JSONL, LLaMA-Factory sharegpt, or ms-swift messages JSONL."""
     label_field: str | None = None
     """Peer formats: record key holding the label (None = last label word of the assistant answer)."""
+    media_root: str | None = None
+    """Folder that media paths in train/dev/test are relative to, and that absolute ones must lie in (None =
+    each data file's own folder). For LLaMA-Factory `media_dir` / ms-swift files whose clips live beside,
+    not below, the file. Paths that leave it are refused."""
     synthetic_dir: str | None = None
     """If set, build the synthetic conflict set here on first use; empty train/dev/test default into it."""
     synthetic_seed: int = 0
@@ -152,9 +157,11 @@ class DataConfig:
     """Keep every sample's decoded frames and audio in the `datasets` cache (`data.cache_dir`), decoded once.
     False: decode in the DataLoader every epoch (after one checking pass), for sets whose raw frames would
     not fit on disk; raise `data.num_workers`, or use `data.feature_cache`, which stores tower outputs only."""
-    feature_cache: bool = False
+    feature_cache: bool | None = None
     """Cache the frozen towers' outputs per sample (`mllm_mer.cache`): computed once before the first epoch,
-    then no decoding, feature extraction or tower runs. Needs every tower and projector frozen."""
+    then no decoding, feature extraction or tower runs. Needs every tower and projector frozen. None (the
+    default) = on exactly when every tower and projector is frozen (`feature_cache_enabled`); an explicit
+    false always wins."""
     feature_cache_dir: str = ".cache/mllm_mer/features"
     """Where the frozen-encoder cache (safetensors shards + one JSON index per rank) lives."""
 
@@ -214,6 +221,12 @@ class TrainConfig:
     """With nan_policy=skip: stop anyway after this many skipped batches."""
     torch_threads: int = 0
     """torch intra-op threads per process; 0 = torch's default (1 is fastest for tiny models on shared CPUs)."""
+    verbose: bool = False
+    """Print every library's log lines and warnings (`scripts/finetune.py --verbose`); false = only our progress
+    bars, metric lines and warnings that ask for action (`mllm_mer.logs`)."""
+    summary_explanations: int = 0
+    """End-of-run summary: generate explanations for this many dev clips and print them beside their true
+    cues (0 = none; useful once the backbone can speak, e.g. the testbed's stage-0 backbone)."""
 
     def problems(self) -> list[str]:
         """Every problem with these values, one line each (empty = valid)."""
@@ -223,7 +236,7 @@ class TrainConfig:
             "max_grad_norm": (0, None), "lm_loss_weight": (0, None), "cls_loss_weight": (0, None),
             "eval_every": (0, None), "save_every": (0, None), "keep_checkpoints": (1, None), "log_every": (1, None),
             "eval_batch_size": (1, None), "torch_threads": (0, None), "max_minutes": (0, None),
-            "max_nonfinite_skips": (0, None),
+            "max_nonfinite_skips": (0, None), "summary_explanations": (0, None),
         })
         if self.max_steps == 0:
             errors.append("train.max_steps=0: use -1 (train for train.epochs) or a positive number of steps")
@@ -310,17 +323,38 @@ class RunConfig:
     """Options of `scripts/evaluate.py`."""
 
     def resolved(self) -> RunConfig:
-        """Fill paths derived from `data.synthetic_dir` (empty train/dev/test point into it)."""
-        if self.data.synthetic_dir is None:
-            return self
-        root = Path(self.data.synthetic_dir)
-        data = dataclasses.replace(
-            self.data,
-            train=self.data.train or str(root / "train.jsonl"),
-            dev=self.data.dev or str(root / "dev.jsonl"),
-            test=self.data.test or str(root / "test.jsonl"),
-        )
+        """Fill what derives from other fields: empty train/dev/test point into `data.synthetic_dir`, and
+        `data.feature_cache` None becomes `feature_cache_enabled(self)`."""
+        data = dataclasses.replace(self.data, feature_cache=feature_cache_enabled(self))
+        if self.data.synthetic_dir is not None:
+            root = Path(self.data.synthetic_dir)
+            data = dataclasses.replace(
+                data,
+                train=self.data.train or str(root / "train.jsonl"),
+                dev=self.data.dev or str(root / "dev.jsonl"),
+                test=self.data.test or str(root / "test.jsonl"),
+            )
         return dataclasses.replace(self, data=data)
+
+
+def feature_cache_enabled(cfg: RunConfig) -> bool:
+    """Whether the run uses the frozen-encoder cache: `data.feature_cache` when set, else (None, the default)
+    exactly when every tower and projector is frozen."""
+    if cfg.data.feature_cache is not None:
+        return cfg.data.feature_cache
+    return not frozen_encoder_problems(cfg.model.freeze)
+
+
+def feature_cache_note(cfg: RunConfig) -> str | None:
+    """One line saying why the frozen-encoder cache is off when a tower or projector trains (None otherwise:
+    the cache is on, or the user switched it off with the towers frozen)."""
+    if feature_cache_enabled(cfg):
+        return None
+    unfrozen = [f"model.freeze.{part}=false" for part in ENCODER_PARTS if not getattr(cfg.model.freeze, part)]
+    if not unfrozen:
+        return None
+    return (f"frozen-encoder cache (data.feature_cache) off: {', '.join(unfrozen)} trains, so tower outputs "
+            "change every step; media are decoded and encoded every epoch")
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -6,18 +6,19 @@
     accelerate launch scripts/finetune.py train.resume_from=latest
     accelerate launch scripts/finetune.py train.overwrite=true             # move the run in output_dir aside
     python scripts/finetune.py --check-data data.train=my/train.jsonl      # decode every sample, list problems
+    accelerate launch scripts/finetune.py --verbose                        # every library's log and warning
 
-Only `--config`, `--check-data`, `--print-config` and dotted `key.path=value` overrides are accepted. The run
-directory (`train.output_dir`) receives config.yaml, run_info.json, the methods' weights (adapter/ with
-adapter=lora; mose.safetensors and gate_stats.json with adapter=mose), heads.safetensors, checkpoints/, tb/,
-train_log.jsonl and final_metrics.json. A run owns that directory: one holding another run is refused
-(see `mllm_mer.training.ownership`).
+Only `--config`, `--check-data`, `--print-config`, `--verbose` (= `train.verbose=true`) and dotted
+`key.path=value` overrides are accepted. The run directory (`train.output_dir`) receives config.yaml,
+run_info.json, the methods' weights (adapter/ with adapter=lora; mose.safetensors and gate_stats.json with
+adapter=mose), heads.safetensors, checkpoints/, tb/, train_log.jsonl, dev_log.jsonl, final_metrics.json and
+curves.png; the run ends with a summary (dev metrics beside chance and the best evaluation, the next commands).
+A run owns that directory: one holding another run is refused (see `mllm_mer.training.ownership`).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -28,13 +29,15 @@ from tqdm.auto import tqdm
 
 from mllm_mer.adapters.mose.model import GateStatsMean
 from mllm_mer.backbone import load_backbone
-from mllm_mer.config import ConfigError, RunConfig, dump_config, load_config
+from mllm_mer.config import ConfigError, RunConfig, dump_config, load_config, shorthand_overrides
 from mllm_mer.data import loading as D
+from mllm_mer.logs import run_output, say
 from mllm_mer.model import build_mer_model
 from mllm_mer.trainable import apply_trainable, format_trainable_table
 from mllm_mer.training import checkpoint as C
 from mllm_mer.training import loop as L
 from mllm_mer.training import run_dir as R
+from mllm_mer.training import summary as S
 from mllm_mer.training.evaluate import report_dev
 from mllm_mer.training.ownership import claim_output_dir
 
@@ -46,9 +49,11 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, argparse.Namespace]:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: configs/tiny_cpu.yaml)")
     parser.add_argument("--check-data", action="store_true", help="decode every sample, list problems, exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", help="train.verbose: every library's log and warning")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides), args
+    flags = shorthand_overrides({"train.verbose": args.verbose})
+    return load_config(args.config, [*flags, *args.overrides]), args
 
 
 def check_data_only(cfg: RunConfig) -> int:
@@ -71,7 +76,6 @@ def train(cfg: RunConfig) -> dict:
 
 def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
     main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(message)s")
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
     set_seed(cfg.train.seed)
@@ -147,6 +151,7 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
     R.save_run(accelerator, model, cfg, final, gate_mean)  # weights, final_metrics.json, gate_stats.json
     if main:
         writer.close()
+        say(S.write_summary(cfg, final, samples.get("dev", []), Path(__file__).resolve().parent))  # + curves.png
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -158,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        if args.check_data:
-            return check_data_only(cfg)
-        train(cfg)
+        with run_output(cfg.train.verbose):  # what other libraries may print; restored on exit
+            if args.check_data:
+                return check_data_only(cfg)
+            train(cfg)
     except (ConfigError, ValueError, FileNotFoundError, L.NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

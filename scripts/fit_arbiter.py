@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.run} was trained without dcr.enabled=true: it has no unimodal paths to arbitrate"
             )
         labels = list(cfg.data.labels)
-        samples = read_samples(args.data, cfg.data.format, labels, label_field=cfg.data.label_field)
+        samples = read_samples(args.data, cfg.data.format, labels, label_field=cfg.data.label_field,
+                               media_root=cfg.data.media_root)
         if not cfg.data.train or not Path(cfg.data.train).is_file():
             raise FileNotFoundError(
                 f"the run's training data {cfg.data.train!r} (data.train) is not readable, so {args.data} "
                 "cannot be checked to be held out; pass data.train=PATH to point at it"
             )
-        train = read_samples(cfg.data.train, cfg.data.format, labels, label_field=cfg.data.label_field)
+        train = read_samples(cfg.data.train, cfg.data.format, labels, label_field=cfg.data.label_field,
+                             media_root=cfg.data.media_root)
         check_held_out(args.data, [s.id for s in samples], cfg.data.train, [s.id for s in train])
         model = load_for_inference(run_dir=args.run, cfg=cfg)
         model.arbiter = None  # predictions of the paths themselves (a previous arbiter is replaced)

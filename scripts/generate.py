@@ -34,6 +34,7 @@ from mllm_mer.data.media import MediaError
 from mllm_mer.data.sources import read_samples
 from mllm_mer.generation import generate_rows, generation_record, load_for_inference
 from mllm_mer.labels import LABEL_MODES
+from mllm_mer.logs import run_output
 
 SHORTHANDS = ("prompt", "batch_size", "max_new_tokens", "do_sample", "temperature", "top_p", "label_mode")
 """Flags that are shorthands for the `generate.*` key of the same name (an explicit dotted override wins)."""
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, help="generate.top_p")
     p.add_argument("--label-mode", choices=LABEL_MODES, help="generate.label_mode")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true", help="every library's log and warning (mllm_mer.logs)")
     p.add_argument("overrides", nargs="*", help="key.path=value deep-merged into the config")
     args = p.parse_args(argv)
     if not args.print_config and (args.data is None or args.output is None):
@@ -73,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(cfg), end="")
             return 0
         samples = read_samples(args.data, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field,
-                               require_label=False)
-        model = load_for_inference(run_dir=args.run, model_path=args.model, cfg=cfg)
+                               require_label=False, media_root=cfg.data.media_root)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        with tmp.open("w") as fh:
-            for row in generate_rows(model, samples):
-                fh.write(json.dumps(row) + "\n")
+        with run_output(args.verbose):  # what other libraries may print; restored on exit
+            model = load_for_inference(run_dir=args.run, model_path=args.model, cfg=cfg)
+            with tmp.open("w") as fh:
+                for row in generate_rows(model, samples):
+                    fh.write(json.dumps(row) + "\n")
         os.replace(tmp, out)
         meta = generation_record(model) | {"data": str(args.data), "run": args.run}
         out.with_name(out.name + ".meta.json").write_text(json.dumps(meta, indent=2))

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 from mllm_mer.config import RunConfig
 from mllm_mer.data.media import DecodedMedia, MediaError, decode_sample_media
 from mllm_mer.data.schema import Sample
+from mllm_mer.logs import datasets_bars_off, progress
 
 _FEATURES = datasets.Features(
     {
@@ -69,7 +70,7 @@ def _file_key(path: Path | None) -> list:
 
 def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator[dict]:
     problems: list[str] = []
-    for row in rows:
+    for row in progress(rows, desc="decode media", unit="clip"):  # runs only when the cache misses
         try:
             media = decode_sample_media(
                 row["id"],
@@ -107,12 +108,13 @@ def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
 
 
 def check_share(
-    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1
+    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1, desc: str = "check media"
 ) -> list[tuple[str, str]]:
     """Decode this rank's share of `samples` (every `world`-th, from `rank`) once: (sample id, problem line)
-    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`."""
+    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`.
+    The main process shows a progress bar labelled `desc`."""
     bad = []
-    for s in samples[rank::world]:
+    for s in progress(samples[rank::world], desc=desc, unit="clip"):
         try:
             decode(s, options)
         except MediaError as exc:
@@ -120,9 +122,9 @@ def check_share(
     return bad
 
 
-def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
+def check_media(samples: Sequence[Sample], options: DecodeOptions, desc: str = "check media") -> list[str]:
     """Decode every sample once and return one problem line per bad sample (empty list = all good)."""
-    return [problem for _, problem in check_share(samples, options)]
+    return [problem for _, problem in check_share(samples, options, desc=desc)]
 
 
 def streamed_media(
@@ -165,18 +167,18 @@ def build_media_dataset(
         }
         for s in samples
     ]
-    datasets.disable_progress_bars()
     try:
-        ds = datasets.Dataset.from_generator(
-            _generate,
-            gen_kwargs={
-                "rows": tuple(rows),
-                "options": options.__dict__,
-                "skip_bad": skip_bad,
-            },  # no list: sharded
-            features=_FEATURES,
-            cache_dir=str(cache_dir),
-        )
+        with datasets_bars_off():  # our "decode media" bar reports the phase
+            ds = datasets.Dataset.from_generator(
+                _generate,
+                gen_kwargs={
+                    "rows": tuple(rows),
+                    "options": options.__dict__,
+                    "skip_bad": skip_bad,
+                },  # no list: sharded
+                features=_FEATURES,
+                cache_dir=str(cache_dir),
+            )
     except datasets.exceptions.DatasetGenerationError as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, MediaError):
@@ -254,10 +256,12 @@ class MerDataset(torch.utils.data.Dataset):
             raise RuntimeError(
                 f"decoded cache out of order: row {idx} is '{row['id']}', expected '{sample.id}'"
             )
+        # one copy into a writable buffer: the processor hands the arrays to torch.from_numpy, which warns
+        # (UserWarning, once per process) on the read-only views np.frombuffer gives of the Arrow bytes
         frames = None
         if row["frames_shape"]:
-            frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
-        audio = np.frombuffer(row["audio"], dtype=np.float32) if row["audio"] else None
+            frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
+        audio = np.frombuffer(bytearray(row["audio"]), dtype=np.float32) if row["audio"] else None
         return sample, DecodedMedia(
             frames=frames, audio=audio, fps=self.options.fps, sample_rate=self.options.sample_rate
         )

@@ -86,6 +86,7 @@ def read_jsonl(
     require_label: bool = True,
     max_subtitle_chars: int = 4000,
     skipped: list[str] | None = None,
+    media_root: str | Path | None = None,
 ) -> list[Sample]:
     """Read and validate a sample JSONL file.
 
@@ -96,6 +97,7 @@ def read_jsonl(
         require_label: rows must carry a label (False for unlabelled inference data).
         max_subtitle_chars: longer subtitles are a problem.
         skipped: when given, bad rows are skipped and their problems appended here instead of raising.
+        media_root: the dataset root media paths are relative to and must stay inside (None: the file's folder).
     Returns:
         The (good) samples in file order.
     Raises:
@@ -105,7 +107,7 @@ def read_jsonl(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    root = path.resolve().parent
+    root = Path(media_root).resolve() if media_root is not None else path.resolve().parent
     label_set = set(labels)
     problems: list[str] = []
     samples: list[Sample] = []

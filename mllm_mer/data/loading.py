@@ -22,7 +22,7 @@ from transformers import AutoProcessor
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.backbone.tiny import ensure_tiny_thinker
 from mllm_mer.cache import load_cached
-from mllm_mer.config import RunConfig
+from mllm_mer.config import RunConfig, feature_cache_enabled, feature_cache_note
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import (
     DecodeOptions,
@@ -36,6 +36,7 @@ from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.schema import Sample
 from mllm_mer.data.sources import read_samples
 from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set
+from mllm_mer.logs import say
 from mllm_mer.model import active_methods
 from mllm_mer.prompts import PromptTemplate, load_prompt
 
@@ -68,9 +69,10 @@ def read_splits(
         try:
             if cfg.data.format == "mer_jsonl":
                 out[split] = read_jsonl(path, cfg.data.labels, max_subtitle_chars=cfg.data.max_subtitle_chars,
-                                        skipped=skipped if skip else None)
+                                        skipped=skipped if skip else None, media_root=cfg.data.media_root)
             else:
-                out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field)
+                out[split] = read_samples(path, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field,
+                                          media_root=cfg.data.media_root)
         except (ValueError, FileNotFoundError) as exc:
             errors.append(f"data.{split}: {exc}")
         if skipped and report is not None:
@@ -82,7 +84,8 @@ def read_splits(
 
 def check_data(samples: dict[str, list[Sample]], options: DecodeOptions) -> list[str]:
     """Decode every sample of every split; one problem line per bad sample, prefixed by the split."""
-    return [f"{split}: {p}" for split, ss in samples.items() for p in check_media(ss, options)]
+    return [f"{split}: {p}" for split, ss in samples.items()
+            for p in check_media(ss, options, desc=f"check media ({split})")]
 
 
 def check_all_data(cfg: RunConfig) -> tuple[list[str], int, int]:
@@ -148,7 +151,7 @@ def build_loader(
     missing entries are filled first). Either way the active methods wrap the collator (`wrap_collator`).
     """
     collator = base_collator(cfg, backbone, train=train)
-    if cfg.data.feature_cache:
+    if feature_cache_enabled(cfg):
         samples, dataset, collator, problems = load_cached(
             cfg, backbone, samples, collator, prompt_variants(cfg), accelerator, split=split
         )
@@ -179,12 +182,16 @@ def build_loaders(
     accelerator: Accelerator,
     report: dict[str, list[str]],
 ) -> tuple[DataLoader, DataLoader | None, dict[str, list[Sample]]]:
-    """Train and (when `samples` has "dev") dev loaders via `build_loader`.
+    """Train and (when `samples` has "dev") dev loaders via `build_loader`; says once (main process) why the
+    frozen-encoder cache is off when a tower or projector trains (`config.feature_cache_note`).
 
     Returns:
         (train loader, dev loader or None, the samples each split serves: under `data.on_error=skip`
         the bad ones are dropped and their problems appended to `report[split]`).
     """
+    note = feature_cache_note(cfg)  # why the frozen-encoder cache is off, when towers train
+    if note and accelerator.is_main_process:
+        say(note)
     kept = dict(samples)
     train_dl, kept["train"] = build_loader(
         cfg, backbone, samples["train"], train=True, accelerator=accelerator, report=report, split="train"

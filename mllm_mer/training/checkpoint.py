@@ -22,6 +22,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from mllm_mer.config import RUN_CONFIG, ConfigError, RunConfig, load_config
+from mllm_mer.logs import say
 from mllm_mer.run_files import RunFileError, file_problem
 from mllm_mer.training.identity import differences, run_record, run_settings, summarize
 
@@ -129,6 +130,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: RunConfig, state: TrainState)
         if old.exists():
             shutil.rmtree(old)
         rotate_checkpoints(root.parent, record["fingerprint"], cfg.train.keep_checkpoints, keep_path=final)
+        say(f"saved checkpoint {final}")  # the one line of a save (accelerate's own lines are INFO)
     accelerator.wait_for_everyone()
     return final
 

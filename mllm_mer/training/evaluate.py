@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader
 
 from mllm_mer.config import RunConfig
 from mllm_mer.data.schema import Sample
+from mllm_mer.logs import progress, say
 from mllm_mer.metrics import classification_metrics
+from mllm_mer.training.summary import append_dev_row
 
 
 @torch.no_grad()
@@ -22,7 +24,7 @@ def evaluate(
     ids: list[str] = []
     preds: list[int] = []
     losses: list[float] = []
-    for batch in loader:
+    for batch in progress(loader, desc="dev", unit="batch", leave=False, enabled=accelerator.is_main_process):
         out = model(batch)
         pred = out.cls_logits["fused"].argmax(dim=-1)
         ids.extend(batch["sample_ids"])
@@ -45,11 +47,13 @@ def evaluate(
 
 def report_dev(model, dev_dl, accelerator: Accelerator, cfg: RunConfig, samples: list[Sample], step: int,
                writer) -> dict:
-    """Dev metrics on every rank; the main process prints them and writes them to TensorBoard."""
+    """Dev metrics on every rank; the main process prints them and writes them to TensorBoard and
+    `<output_dir>/dev_log.jsonl` (the end-of-run summary and `curves.png` read it)."""
     m = evaluate(model, dev_dl, accelerator, cfg, samples)
     if accelerator.is_main_process:
         subsets = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in m["per_subset"].items())
-        print(f"[dev step {step}] accuracy={m['accuracy']:.3f} weighted_f1={m['weighted_f1']:.3f} {subsets}")
+        say(f"[dev step {step}] accuracy={m['accuracy']:.3f} weighted_f1={m['weighted_f1']:.3f} {subsets}")
+        append_dev_row(cfg.train.output_dir, step, m)
         writer.add_scalar("dev/accuracy", m["accuracy"], step)
         writer.add_scalar("dev/weighted_f1", m["weighted_f1"], step)
         for k, v in m["per_subset"].items():

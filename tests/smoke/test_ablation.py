@@ -52,6 +52,7 @@ def ablation(
         "--workdir",
         str(root / "runs"),
         f"data.cache_dir={root / 'cache'}",
+        f"data.feature_cache_dir={root / 'features'}",  # on by default (frozen towers): kept per test
         "data.num_workers=0",
         "train.batch_size=4",
         "train.eval_batch_size=12",

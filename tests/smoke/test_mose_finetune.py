@@ -49,7 +49,8 @@ def test_mose_ddp_two_processes_on_cpu(tiny_dir, syn_dir, tmp_path):
     run = tmp_path / "ddp"
     launch = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml")]
     check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "c"), "adapter=mose",
-                        "train.max_steps=2", "data.modality_dropout=0.5", "data.decode_cache=false"], launch))
+                        "train.max_steps=2", "data.modality_dropout=0.5", "data.decode_cache=false",
+                        "data.feature_cache=false"], launch))  # the uncached path: decoded when read
     assert json.loads((run / "run_info.json").read_text())["num_processes"] == 2
     assert not (tmp_path / "c").exists()  # data.decode_cache=false: the ranks decode when they read
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 2

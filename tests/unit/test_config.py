@@ -67,3 +67,19 @@ def test_every_shipped_config_loads(path):
     data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
     given = data.get("train") or data.get("synthetic_dir")
     load_config(path, [] if given else ["data.train=given_on_the_command_line.jsonl"])
+
+
+def test_feature_cache_defaults_on_exactly_when_every_encoder_part_is_frozen():
+    from mllm_mer.config import feature_cache_enabled, feature_cache_note
+
+    cfg = load_config(None, ["data.train=x.jsonl"])
+    assert cfg.data.feature_cache is True and feature_cache_note(cfg) is None  # resolved: frozen towers
+    assert feature_cache_enabled(RunConfig()) is True  # None (a config built in code) means the same
+    off = load_config(None, ["data.train=x.jsonl", "data.feature_cache=false"])
+    assert off.data.feature_cache is False and feature_cache_note(off) is None  # the user's explicit choice
+    tower = load_config(None, ["data.train=x.jsonl", "model.freeze.vision_tower=false"])
+    assert tower.data.feature_cache is False
+    note = feature_cache_note(tower)
+    assert note is not None and "model.freeze.vision_tower=false" in note and "\n" not in note
+    with pytest.raises(ConfigError, match="data.feature_cache=true needs model.freeze.audio_projector=true"):
+        load_config(None, ["data.train=x.jsonl", "data.feature_cache=true", "model.freeze.audio_projector=false"])
