@@ -29,9 +29,10 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from mllm_mer.config import load_config  # noqa: E402
-from mllm_mer.generation import build_inference_loader, load_for_inference, reallocation_scope  # noqa: E402
+from mllm_mer.data.collate import model_inputs  # noqa: E402
+from mllm_mer.data.loading import ensure_inputs, read_splits  # noqa: E402
+from mllm_mer.generation import inference_loader, inference_scope, load_for_inference  # noqa: E402
 from mllm_mer.prompts import load_prompt  # noqa: E402
-from mllm_mer.training import ensure_inputs, read_splits  # noqa: E402
 
 
 def main() -> None:
@@ -47,16 +48,15 @@ def main() -> None:
     ensure_inputs(cfg)
     samples = read_splits(cfg, ("test",))["test"][: args.batch_size]
     model = load_for_inference(model_path=cfg.model.path, cfg=cfg)
-    batch = next(iter(build_inference_loader(model, samples, load_prompt("label"), args.batch_size)))
-    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
-              and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
+    batch = next(iter(inference_loader(model, samples, load_prompt("label"), args.batch_size)))
+    inputs = model_inputs(batch)
     variants = {"off": dataclasses.replace(model, cfg=dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, enabled=False))),
                 "on": dataclasses.replace(model, cfg=dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, enabled=True)))}
 
     @torch.no_grad()
     def timed(variant: str) -> tuple[float, float]:
         start, start_cpu = time.perf_counter(), time.thread_time()
-        with reallocation_scope(variants[variant], batch):
+        with inference_scope(variants[variant], batch):
             model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], do_sample=False,
                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                      pad_token_id=model.backbone.token_ids.pad)

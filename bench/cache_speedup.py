@@ -35,16 +35,18 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from mllm_mer.backbone import load_backbone  # noqa: E402
 from mllm_mer.config import load_config  # noqa: E402
+from mllm_mer.data.loading import build_loader, ensure_inputs, read_splits  # noqa: E402
 from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set  # noqa: E402
 from mllm_mer.model import build_mer_model  # noqa: E402
 from mllm_mer.trainable import apply_trainable  # noqa: E402
-from mllm_mer.training import build_loader, build_optimizer, ensure_inputs, read_splits  # noqa: E402
+from mllm_mer.training.loop import build_optimizer  # noqa: E402
 
 CLIPS_ROOT = Path(".cache/mllm_mer/bench_clips")
 """Where the camera-sized clip sets are built (once per clip geometry and sample count)."""
@@ -57,14 +59,10 @@ class _Local:
 
     @staticmethod
     def main_process_first():
-        from contextlib import nullcontext
-
         return nullcontext()
 
     @staticmethod
     def autocast():
-        from contextlib import nullcontext
-
         return nullcontext()
 
     @staticmethod
@@ -117,9 +115,11 @@ def main() -> None:
     acc = _Local()
     with tempfile.TemporaryDirectory(prefix="mllm_mer_bench_cache_") as tmp:
         data = cfg.data
-        variants = {
-            "uncached": dataclasses.replace(cfg, data=dataclasses.replace(data, decode_cache=False)),
-            "decode_cached": cfg,
+        variants = {  # the feature cache is on by default with frozen towers: the first two switch it off
+            "uncached": dataclasses.replace(
+                cfg, data=dataclasses.replace(data, decode_cache=False, feature_cache=False)
+            ),
+            "decode_cached": dataclasses.replace(cfg, data=dataclasses.replace(data, feature_cache=False)),
             "cached": dataclasses.replace(
                 cfg,
                 data=dataclasses.replace(data, feature_cache=True, feature_cache_dir=args.cache_dir or tmp),

@@ -4,7 +4,7 @@
     python bench/conflict_ablation.py --data data/syn --seed 1 --steps 120 --output runs/ablation/report.json
     python bench/conflict_ablation.py --configs plain_lora,mose --workdir runs/ablation train.batch_size=4
 
-Rows (`ROWS`): plain_lora (no overrides), mose (`mose.enabled=true`), ar (the plain_lora run with
+Rows (`ROWS`): plain_lora (no overrides), mose (`adapter=mose`), ar (the plain_lora run with
 `ar.enabled=true` at inference), mose_ar, dcr (`dcr.enabled=true`), dnr (`dnr.enabled=true`) and full
 (all of them). A row whose keys the config does not know yet (`load_config` raises "unknown key") is
 skipped, with a printed line, and listed under `skipped`. Rows with the same training overrides share one
@@ -63,14 +63,14 @@ class Row:
 
 ROWS: tuple[Row, ...] = (
     Row("plain_lora"),
-    Row("mose", train=("mose.enabled=true",)),
+    Row("mose", train=("adapter=mose",)),
     Row("ar", infer=("ar.enabled=true",)),
-    Row("mose_ar", train=("mose.enabled=true",), infer=("ar.enabled=true",)),
+    Row("mose_ar", train=("adapter=mose",), infer=("ar.enabled=true",)),
     Row("dcr", train=("dcr.enabled=true",)),
     Row("dnr", train=("dnr.enabled=true",)),
     Row(
         "full",
-        train=("mose.enabled=true", "dcr.enabled=true", "dnr.enabled=true"),
+        train=("adapter=mose", "dcr.enabled=true", "dnr.enabled=true"),
         infer=("ar.enabled=true",),
     ),
 )
@@ -199,13 +199,13 @@ def median_step_time(run_dir: Path) -> float:
 
 def evaluate_row(row: Row, run_dir: Path, test_file: Path, batch_size: int) -> dict:
     """Fused-head predictions on the test set with the row's inference overrides; metrics for the table."""
-    from mllm_mer.config import parse_overrides
+    from mllm_mer.config import load_run_config
     from mllm_mer.data.jsonl import read_jsonl
-    from mllm_mer.generation import load_for_inference, load_run_config, predict_rows
+    from mllm_mer.generation import load_for_inference, predict_rows
     from mllm_mer.metrics import audio_dominance, classification_metrics
     from mllm_mer.trainable import apply_trainable
 
-    cfg = load_run_config(run_dir, parse_overrides(list(row.infer)))
+    cfg = load_run_config(run_dir, list(row.infer))
     model = load_for_inference(run_dir=run_dir, cfg=cfg)
     samples = read_jsonl(test_file, cfg.data.labels)
     preds = [r["label"] for r in predict_rows(model, samples, batch_size=batch_size)]
@@ -245,7 +245,9 @@ def ensure_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     if missing:
         raise FileNotFoundError(f"--data {data}: missing {missing}")
     if args.backbone is None:
-        from mllm_mer.testbed import ensure_stage0_backbone
+        if str(REPO / "scripts") not in sys.path:
+            sys.path.insert(0, str(REPO / "scripts"))  # scripts/ is not installed
+        from pretrain_tiny import ensure_stage0_backbone
 
         backbone = ensure_stage0_backbone(REPO / ".cache" / "mllm_mer")
     else:

@@ -7,7 +7,7 @@ Variants, each its own model on the same frozen backbone weights, all trained on
 (processor outputs; the towers run in every variant, and DCR's unimodal paths run them again):
 
     lora   plain LoRA (peft) + fused head                      (the baseline)
-    mose   MoSE experts instead of LoRA                        (mose.enabled)
+    mose   MoSE experts instead of LoRA                        (adapter=mose)
     dnr    LoRA + DnR divide/refine heads                      (dnr.enabled)
     dcr    LoRA + DCR unimodal paths, path adapters, AFD       (dcr.enabled)
     full   MoSE + DnR + DCR                                    (every part this package has)
@@ -34,23 +34,18 @@ import torch  # noqa: E402
 
 from mllm_mer.backbone import load_backbone  # noqa: E402
 from mllm_mer.config import load_config  # noqa: E402
-from mllm_mer.data.dataset import MerDataset, build_media_dataset  # noqa: E402
+from mllm_mer.data.dataset import MerDataset, build_media_dataset, decode_options  # noqa: E402
+from mllm_mer.data.loading import build_collator, ensure_inputs, read_splits  # noqa: E402
 from mllm_mer.model import build_mer_model  # noqa: E402
 from mllm_mer.trainable import apply_trainable  # noqa: E402
-from mllm_mer.training import (  # noqa: E402
-    build_collator,
-    build_optimizer,
-    decode_options,
-    ensure_inputs,
-    read_splits,
-)
+from mllm_mer.training.loop import build_optimizer  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "lora": (),
-    "mose": ("mose.enabled=true",),
+    "mose": ("adapter=mose",),
     "dnr": ("dnr.enabled=true",),
     "dcr": ("dcr.enabled=true",),
-    "full": ("mose.enabled=true", "dnr.enabled=true", "dcr.enabled=true"),
+    "full": ("adapter=mose", "dnr.enabled=true", "dcr.enabled=true"),
 }
 
 

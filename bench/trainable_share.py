@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = {"3B": "qwen2_5_omni_3b_thinker.json", "7B": "qwen2_5_omni_7b_thinker.json"}
 METHODS: dict[str, tuple[str, ...]] = {
     "lora": (),
-    "mose": ("mose.enabled=true",),
+    "mose": ("adapter=mose",),
     "dnr": ("dnr.enabled=true",),
     "dcr": ("dcr.enabled=true",),
-    "full": ("mose.enabled=true", "dnr.enabled=true", "dcr.enabled=true"),
+    "full": ("adapter=mose", "dnr.enabled=true", "dcr.enabled=true"),
 }
 
 

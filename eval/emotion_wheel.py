@@ -16,7 +16,7 @@ the `string_to_list` parser it uses. Per wheel (`wheel1` ... `wheel5`) and ring 
 6. the reported F, P and R of a level are the means over the five wheels. Level 1 is the headline.
 
 MERTools quirks reproduced on purpose:
-- List strings are split the MERTools way, not by Python syntax (`parse_openset`, shared with the
+- List strings are split the MERTools way, not by Python syntax (`split_openset_cell`, shared with the
   dataset readers in `mllm_mer.data.readers`): one leading "[" and one trailing "]" are removed and the
   rest is split on every `'`, `"` and `,`. So "['happy, excited']" gives ["happy", "excited"] and
   "[happy, sad]" (no quotes) is accepted. `ast.literal_eval` is used only to reject well-formed
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_mer.data.readers import parse_openset
+from mllm_mer.data.readers import split_openset_cell
 
 WHEELS: tuple[str, ...] = ("wheel1", "wheel2", "wheel3", "wheel4", "wheel5")
 """The five emotion wheels, in MERTools' order."""
@@ -102,7 +102,7 @@ def load_wheel_tables() -> WheelTables:
 def read_openset_csv(path: str | Path) -> dict[str, list[str]]:
     """Read a `name,openset` CSV (ground truth or predictions) into name -> word list.
 
-    Other columns are ignored. Cells are parsed with `parse_openset`; an empty cell gives [].
+    Other columns are ignored. Cells are split with `split_openset_cell`; an empty cell gives [].
 
     Args:
         path: CSV file with a header containing `name` and `openset`.
@@ -138,7 +138,7 @@ def read_openset_csv(path: str | Path) -> dict[str, list[str]]:
                     f"{path}, line {line}: duplicate name {name!r} (first on line {first_line[name]})"
                 )
             try:
-                out[name] = parse_openset(row[i_set])
+                out[name] = split_openset_cell(row[i_set])
             except ValueError as err:
                 raise ValueError(f"{path}, line {line}, name {name!r}: {err}") from None
             first_line[name] = line
@@ -189,7 +189,7 @@ def _check_lists(name2words: Mapping[str, list[str]], what: str) -> None:
         if isinstance(words, str) or not all(isinstance(w, str) for w in words):
             raise TypeError(
                 f"{what}[{name!r}] must be a list of strings, got {words!r}; parse list strings with "
-                "parse_openset / read_openset_csv first"
+                "split_openset_cell / read_openset_csv first"
             )
 
 

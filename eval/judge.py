@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mllm_mer.labels import parse_openset
+from mllm_mer.labels import parse_openset_answer
 from mllm_mer.prompts import PromptTemplate, load_prompt
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class Judge(ABC):
             JudgeError: the backend failed.
         """
         prompt = self.openset_prompt.render(explanation=explanation)
-        return parse_openset(self.complete(prompt, self.openset_prompt.name, self.openset_prompt.sha256))
+        return parse_openset_answer(self.complete(prompt, self.openset_prompt.name, self.openset_prompt.sha256))
 
     def describe(self) -> dict[str, Any]:
         """Everything needed to reproduce the judgments: backend, model, decoding, prompt hashes."""

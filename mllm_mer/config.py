@@ -1,8 +1,14 @@
 """Typed run configuration: nested frozen dataclasses loaded from YAML plus `key.path=value` overrides.
 
-`load_config(path, overrides)` is the one entry point. Loading checks every key and value before any
+`load_config(path, overrides)` is the one entry point, for every script: a run YAML, or a finished run's
+saved `config.yaml`, deep-merged with dotted overrides. Loading checks every key and value before any
 model or data is touched and reports all problems at once in a `ConfigError`: unknown keys name their
-dotted path and the closest valid name, values are checked against the field's type and range.
+dotted path and the closest valid name, values are checked against the field's type, and every section's
+`problems()` (its ranges and cross-field rules) runs.
+
+Method sections (`lora`, `mose`, `ar`, `dcr`, `dnr`) are defined next to their method (e.g.
+`mllm_mer.adapters.mose.config`); each has `problems()` and `loss_weights`. `adapter: lora | mose | none`
+picks the language model's adapter. This module, and every config module it imports, imports no torch.
 """
 
 from __future__ import annotations
@@ -17,13 +23,33 @@ from typing import Any, Literal
 
 import yaml
 
+from mllm_mer.adapters.lora.config import LM_TARGETS, LoraConfig
 from mllm_mer.adapters.mose.config import MoSEConfig
+from mllm_mer.attention.config import ARConfig
+from mllm_mer.checks import range_problems
 from mllm_mer.data.schema import MER2023_LABELS
 from mllm_mer.fusion.dcr.config import DCRConfig
-from mllm_mer.fusion.dnr import DnRConfig
+from mllm_mer.fusion.dnr.config import DnRConfig
+from mllm_mer.labels import LABEL_MODES
 
-LM_TARGETS = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-"""LoRA target regex: the language model's attention projections only (never the audio/vision towers)."""
+__all__ = [
+    "LM_TARGETS", "ARConfig", "ConfigError", "DCRConfig", "DataConfig", "DnRConfig", "EvalConfig",
+    "FreezeConfig", "GenerateConfig", "LoraConfig", "ModelConfig", "MoSEConfig", "RunConfig", "TrainConfig",
+    "config_from_dict", "config_to_dict", "dump_config", "feature_cache_enabled", "feature_cache_note",
+    "frozen_encoder_problems", "load_config",
+    "load_run_config", "parse_overrides", "shorthand_overrides",
+    "save_config",
+]
+
+ADAPTERS: tuple[str, ...] = ("lora", "mose", "none")
+"""Values of `adapter`: plain LoRA (`lora.*`), MoSE experts (`mose.*`), or no adapter (heads only, or a
+full fine-tune with `model.freeze.*` off)."""
+JUDGES: tuple[str, ...] = ("openai", "local", "embedding")
+"""`eval.judge` backends of the EMER judge task (see eval/judge.py)."""
+EMER_LANGUAGES: tuple[str, ...] = ("english", "chinese")
+"""`eval.emer_language`: EMER v2 reference columns."""
+ENCODER_PARTS: tuple[str, ...] = ("audio_tower", "audio_projector", "vision_tower", "vision_projector")
+"""The frozen-encoder cache's parts: all must be frozen for `data.feature_cache`."""
 
 
 class ConfigError(ValueError):
@@ -68,17 +94,27 @@ class ModelConfig:
     stay unquantized. Needs `freeze.language_model=true`."""
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
+    def problems(self) -> list[str]:
+        """Every problem with these values, one line each (empty = valid)."""
+        errors = []
+        if not self.path:
+            errors.append("model.path is empty: give a Qwen2.5-Omni or Qwen3-Omni checkpoint directory")
+        if self.quantization != "none" and not self.freeze.language_model:
+            errors.append(
+                f"model.quantization={self.quantization} keeps the language model in 4 bits, "
+                "which cannot train: set model.freeze.language_model=true (adapters still train)"
+            )
+        return errors
 
-@dataclass(frozen=True)
-class LoraConfig:
-    """Plain LoRA (peft) on the language model."""
 
-    enabled: bool = True
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: str = LM_TARGETS
-    """Regex over full module names; must match only language-model modules."""
+def frozen_encoder_problems(freeze: FreezeConfig) -> list[str]:
+    """One line per unfrozen tower/projector (the frozen-encoder cache needs them all frozen); empty = cacheable."""
+    return [
+        f"data.feature_cache=true needs model.freeze.{part}=true: an unfrozen {part.replace('_', ' ')} "
+        "changes its outputs during training, so they cannot be cached"
+        for part in ENCODER_PARTS
+        if not getattr(freeze, part)
+    ]
 
 
 @dataclass(frozen=True)
@@ -91,6 +127,10 @@ class DataConfig:
     """File format of train/dev/test: our JSONL, LLaMA-Factory sharegpt, or ms-swift messages JSONL."""
     label_field: str | None = None
     """Peer formats: record key holding the label (None = last label word of the assistant answer)."""
+    media_root: str | None = None
+    """Folder that media paths in train/dev/test are relative to, and that absolute ones must lie in (None =
+    each data file's own folder). For LLaMA-Factory `media_dir` / ms-swift files whose clips live beside,
+    not below, the file. Paths that leave it are refused."""
     synthetic_dir: str | None = None
     """If set, build the synthetic conflict set here on first use; empty train/dev/test default into it."""
     synthetic_seed: int = 0
@@ -117,11 +157,29 @@ class DataConfig:
     """Keep every sample's decoded frames and audio in the `datasets` cache (`data.cache_dir`), decoded once.
     False: decode in the DataLoader every epoch (after one checking pass), for sets whose raw frames would
     not fit on disk; raise `data.num_workers`, or use `data.feature_cache`, which stores tower outputs only."""
-    feature_cache: bool = False
+    feature_cache: bool | None = None
     """Cache the frozen towers' outputs per sample (`mllm_mer.cache`): computed once before the first epoch,
-    then no decoding, feature extraction or tower runs. Needs every tower and projector frozen."""
+    then no decoding, feature extraction or tower runs. Needs every tower and projector frozen. None (the
+    default) = on exactly when every tower and projector is frozen (`feature_cache_enabled`); an explicit
+    false always wins."""
     feature_cache_dir: str = ".cache/mllm_mer/features"
     """Where the frozen-encoder cache (safetensors shards + one JSON index per rank) lives."""
+
+    def problems(self) -> list[str]:
+        """Every problem with these values, one line each (empty = valid)."""
+        errors = range_problems("data", self, {
+            "fps": (1e-3, None), "max_frames": (2, None), "max_audio_seconds": (1e-3, None),
+            "num_workers": (0, None), "modality_dropout": (0, 1), "max_subtitle_chars": (1, None),
+        })
+        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+            errors.append(f"data.labels must hold at least 2 distinct labels, got {list(self.labels)}")
+        return errors
+
+    def training_problems(self) -> list[str]:
+        """What training additionally needs (`scripts/finetune.py` checks it; inference does not)."""
+        if not self.train and self.synthetic_dir is None:
+            return ["data.train is empty: give a JSONL path (data.train=PATH) or data.synthetic_dir"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -148,7 +206,11 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (also at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     resume_from: str | None = None
-    """None, "latest" or a checkpoint directory."""
+    """None, "latest" or a checkpoint directory. A resumed run may change only a few settings
+    (`mllm_mer.training.identity.RESUME_MAY_CHANGE`); the checkpoint must belong to this run."""
+    overwrite: bool = False
+    """Start a new run in an `output_dir` that holds another: its contents are first moved aside into
+    `<output_dir>.replaced-<time>` (never mixed, nothing deleted). False: such a directory is refused."""
     log_every: int = 10
     eval_batch_size: int = 16
     max_minutes: float = 0.0
@@ -159,178 +221,183 @@ class TrainConfig:
     """With nan_policy=skip: stop anyway after this many skipped batches."""
     torch_threads: int = 0
     """torch intra-op threads per process; 0 = torch's default (1 is fastest for tiny models on shared CPUs)."""
+    verbose: bool = False
+    """Print every library's log lines and warnings (`scripts/finetune.py --verbose`); false = only our progress
+    bars, metric lines and warnings that ask for action (`mllm_mer.logs`)."""
+    summary_explanations: int = 0
+    """End-of-run summary: generate explanations for this many dev clips and print them beside their true
+    cues (0 = none; useful once the backbone can speak, e.g. the testbed's stage-0 backbone)."""
+
+    def problems(self) -> list[str]:
+        """Every problem with these values, one line each (empty = valid)."""
+        errors = range_problems("train", self, {
+            "epochs": (1, None), "max_steps": (-1, None), "batch_size": (1, None), "grad_accum": (1, None),
+            "lr": (0, None), "head_lr": (0, None), "weight_decay": (0, None), "warmup_ratio": (0, 1),
+            "max_grad_norm": (0, None), "lm_loss_weight": (0, None), "cls_loss_weight": (0, None),
+            "eval_every": (0, None), "save_every": (0, None), "keep_checkpoints": (1, None), "log_every": (1, None),
+            "eval_batch_size": (1, None), "torch_threads": (0, None), "max_minutes": (0, None),
+            "max_nonfinite_skips": (0, None), "summary_explanations": (0, None),
+        })
+        if self.max_steps == 0:
+            errors.append("train.max_steps=0: use -1 (train for train.epochs) or a positive number of steps")
+        if self.overwrite and self.resume_from is not None:
+            errors.append(f"train.overwrite=true and train.resume_from={self.resume_from} contradict each other: "
+                          "overwrite starts a new run, resume continues the one there; set only one")
+        if self.lm_loss_weight == 0 and self.cls_loss_weight == 0:
+            errors.append("train.lm_loss_weight and train.cls_loss_weight are both 0: nothing would be trained")
+        return errors
 
 
 @dataclass(frozen=True)
-class ARConfig:
-    """Attention reallocation (AR) at inference: training-free, no parameters; the formula is ours.
+class GenerateConfig:
+    """Decoding settings of `scripts/generate.py` and `mllm_mer.generation.generate_rows` (`generate.*`)."""
 
-    At the chosen language-model layers, heads and query positions, the share of attention mass on audio
-    keys within the audio + video mass is moved a fraction `strength` of the way toward
-    `target_audio_share` (see `mllm_mer.attention.realloc` for the exact formula). Honoured by
-    `generation.generate_rows` / `predict_rows` (hence `scripts/generate.py` and evaluation code);
-    training ignores it.
-    """
+    prompt: str = "explain"
+    """Prompt template (prompts/<name>.txt): explain, label or ov."""
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    """False = greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature (only with do_sample)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only with do_sample)."""
+    label_mode: Literal[LABEL_MODES] = "strict"  # type: ignore[valid-type]
+    """How the label is parsed from the generated text (`mllm_mer.labels.parse_label`)."""
+    batch_size: int = 8
 
-    enabled: bool = False
-    """Apply AR in `generate_rows` / `predict_rows`."""
-    strength: float = 0.5
-    """alpha in [0, 1]: fraction of the gap to the target share closed per layer, head and query row."""
-    target_audio_share: float = 0.5
-    """tau in (0, 1): target audio fraction of the audio + video attention mass (video's is 1 - tau)."""
-    layers: tuple[int, ...] | None = None
-    """Language-model layer indices (negative counts from the end); None = the middle half, L//4 .. 3L//4-1."""
-    heads: tuple[int, ...] | None = None
-    """Query-head indices to act on; None = every head."""
-    query: Literal["generated", "all"] = "generated"
-    """Query rows acted on: "generated" = the last prompt position and every generated position (the rows
-    that predict a token); "all" = every query position, prompt included."""
-    mode: Literal["probs", "scores"] = "probs"
-    """Where AR acts: "probs" = rescale the probabilities after softmax (text mass kept); "scores" = add a
-    log-odds bias to the under-attended modality's scores before softmax (text mass shrinks as it grows)."""
-    min_mass: float = 1e-6
-    """A row is left unchanged unless both its audio and its video mass exceed this (e.g. a clip without audio)."""
+    def problems(self) -> list[str]:
+        """Every problem with these values, one line each (empty = valid)."""
+        return range_problems("generate", self, {
+            "max_new_tokens": (1, None), "temperature": (1e-6, None), "top_p": (1e-6, 1), "batch_size": (1, None),
+        })
 
-    def problems(self, num_layers: int | None = None, num_heads: int | None = None) -> list[str]:
-        """Every problem with these values, one line each (empty = valid).
 
-        Args:
-            num_layers: the language model's layer count, to check `layers` (None = skip that check).
-            num_heads: its attention-head count, to check `heads` (None = skip that check).
-        """
-        errors = []
-        if not 0.0 <= self.strength <= 1.0:
-            errors.append(f"ar.strength={self.strength!r} is out of range [0, 1]")
-        if not 0.0 < self.target_audio_share < 1.0:
-            errors.append(
-                f"ar.target_audio_share={self.target_audio_share!r} must lie strictly between 0 and 1"
-            )
-        if not 0.0 <= self.min_mass < 0.5:
-            errors.append(f"ar.min_mass={self.min_mass!r} is out of range [0, 0.5)")
-        for name, values, size in (("layers", self.layers, num_layers), ("heads", self.heads, num_heads)):
-            if values is None:
-                continue
-            if not values:
-                errors.append(f"ar.{name} is empty: list at least one index, or null for the default")
-            if name == "layers":  # negative layer indices count from the end
-                low = -size if size is not None else None
-            else:
-                low = 0
-            bad = [v for v in values if (low is not None and v < low) or (size is not None and v >= size)]
-            if bad:
-                allowed = f"[{low}, {size})" if size is not None else ">= 0"
-                errors.append(f"ar.{name}={list(values)} has indices {bad} outside {allowed}")
-            if size is not None:
-                resolved = [v % size for v in values]
-                if len(set(resolved)) != len(resolved):
-                    errors.append(f"ar.{name}={list(values)} names the same index twice")
-        return errors
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of `scripts/evaluate.py` (`eval.*`); the task, predictions and references are its arguments."""
+
+    labels_mode: Literal[LABEL_MODES] = "strict"  # type: ignore[valid-type]
+    """How `text` is parsed when a prediction row has no `label`."""
+    reparse: bool = False
+    """Parse `text` even when a row carries `label`."""
+    allow_missing: bool = False
+    """Score reference ids without a prediction as wrong (with a warning) instead of failing."""
+    camer_annotation: str = "{subset}.json"
+    """CA-MER annotation file per subset under the CA-MER root (`{subset}` is filled in)."""
+    camer_media: str = "{subset}/{name}"
+    """CA-MER media path without extension (`{subset}`, `{name}` are filled in)."""
+    judge: Literal[JUDGES] | None = None  # type: ignore[valid-type]
+    """emer-judge backend (embedding = an offline PROXY, never an EMER score)."""
+    judge_url: str = "https://api.openai.com"
+    """OpenAI-compatible server root of the "openai" judge."""
+    judge_model: str | None = None
+    """openai: model name; local: model folder; embedding: MiniLM folder (optional)."""
+    judge_cache: str | None = None
+    """Folder caching the judge's replies."""
+    judge_device: str = "cpu"
+    """torch device of the local / embedding judges."""
+    emer_language: Literal[EMER_LANGUAGES] = "english"  # type: ignore[valid-type]
+    """EMER v2 reference column."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: Literal[ADAPTERS] = "lora"  # type: ignore[valid-type]
+    """The language model's adapter: "lora" (`lora.*`, peft), "mose" (`mose.*`, modality experts) or "none"."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """Plain LoRA settings (`mllm_mer.adapters.lora`), used with `adapter: lora`."""
+    mose: MoSEConfig = field(default_factory=MoSEConfig)
+    """MoSE settings (`mllm_mer.adapters.mose`), used with `adapter: mose`."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ar: ARConfig = field(default_factory=ARConfig)
-    mose: MoSEConfig = field(default_factory=MoSEConfig)
-    """MoSE (`mllm_mer.adapters.mose`); when enabled it replaces plain LoRA (`lora.*` is then unused)."""
+    """AR (`mllm_mer.attention`): attention reallocation at inference (`ar.enabled`)."""
     dcr: DCRConfig = field(default_factory=DCRConfig)
     """DCR (`mllm_mer.fusion.dcr`): unimodal paths with own adapters and heads, AFD, the ADA arbiter."""
     dnr: DnRConfig = field(default_factory=DnRConfig)
     """DnR (`mllm_mer.fusion.dnr`): divide-and-refine parts whose logits are added to the fused head's."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Decoding settings of generation (`scripts/generate.py`)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Options of `scripts/evaluate.py`."""
 
     def resolved(self) -> RunConfig:
-        """Fill paths derived from `data.synthetic_dir` (empty train/dev/test point into it)."""
-        if self.data.synthetic_dir is None:
-            return self
-        root = Path(self.data.synthetic_dir)
-        data = dataclasses.replace(
-            self.data,
-            train=self.data.train or str(root / "train.jsonl"),
-            dev=self.data.dev or str(root / "dev.jsonl"),
-            test=self.data.test or str(root / "test.jsonl"),
-        )
+        """Fill what derives from other fields: empty train/dev/test point into `data.synthetic_dir`, and
+        `data.feature_cache` None becomes `feature_cache_enabled(self)`."""
+        data = dataclasses.replace(self.data, feature_cache=feature_cache_enabled(self))
+        if self.data.synthetic_dir is not None:
+            root = Path(self.data.synthetic_dir)
+            data = dataclasses.replace(
+                data,
+                train=self.data.train or str(root / "train.jsonl"),
+                dev=self.data.dev or str(root / "dev.jsonl"),
+                test=self.data.test or str(root / "test.jsonl"),
+            )
         return dataclasses.replace(self, data=data)
 
 
+def feature_cache_enabled(cfg: RunConfig) -> bool:
+    """Whether the run uses the frozen-encoder cache: `data.feature_cache` when set, else (None, the default)
+    exactly when every tower and projector is frozen."""
+    if cfg.data.feature_cache is not None:
+        return cfg.data.feature_cache
+    return not frozen_encoder_problems(cfg.model.freeze)
+
+
+def feature_cache_note(cfg: RunConfig) -> str | None:
+    """One line saying why the frozen-encoder cache is off when a tower or projector trains (None otherwise:
+    the cache is on, or the user switched it off with the towers frozen)."""
+    if feature_cache_enabled(cfg):
+        return None
+    unfrozen = [f"model.freeze.{part}=false" for part in ENCODER_PARTS if not getattr(cfg.model.freeze, part)]
+    if not unfrozen:
+        return None
+    return (f"frozen-encoder cache (data.feature_cache) off: {', '.join(unfrozen)} trains, so tower outputs "
+            "change every step; media are decoded and encoded every epoch")
+
+
 # --------------------------------------------------------------------------------------------- checks
-_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "lora.r": (1, None),
-    "lora.alpha": (0, None),
-    "lora.dropout": (0, 0.999),
-    "data.fps": (1e-3, None),
-    "data.max_frames": (2, None),
-    "data.max_audio_seconds": (1e-3, None),
-    "data.num_workers": (0, None),
-    "data.modality_dropout": (0, 1),
-    "data.max_subtitle_chars": (1, None),
-    "train.epochs": (1, None),
-    "train.max_steps": (-1, None),
-    "train.batch_size": (1, None),
-    "train.grad_accum": (1, None),
-    "train.lr": (0, None),
-    "train.head_lr": (0, None),
-    "train.weight_decay": (0, None),
-    "train.warmup_ratio": (0, 1),
-    "train.max_grad_norm": (0, None),
-    "train.lm_loss_weight": (0, None),
-    "train.cls_loss_weight": (0, None),
-    "train.eval_every": (0, None),
-    "train.save_every": (0, None),
-    "train.keep_checkpoints": (1, None),
-    "train.log_every": (1, None),
-    "train.eval_batch_size": (1, None),
-    "train.torch_threads": (0, None),
-    "train.max_minutes": (0, None),
-    "train.max_nonfinite_skips": (0, None),
-    "mose.r": (1, None),
-    "mose.alpha": (0, None),
-    "mose.dropout": (0, 0.999),
-    "mose.experts": (1, None),
-    "mose.top_k": (1, None),
-    "mose.gate_init_scale": (0, None),
-    "mose.load_balance_weight": (0, None),
-    "mose.modality_balance_weight": (0, None),
-    "dcr.stage1_steps": (0, None),
-    "dcr.path_loss_weight": (0, None),
-    "dcr.afd_weight": (0, None),
-    "dcr.afd_temperature": (0.05, None),
-    "dcr.afd_agreement_power": (0, None),
-    "dcr.arbiter.ridge": (1e-6, None),
-    "dcr.arbiter.alpha": (0, None),
-    "dcr.arbiter.calibration_weight": (0, None),
-    "dcr.arbiter.epochs": (1, None),
-}
-
-
 def _cross_checks(cfg: RunConfig) -> list[str]:
+    """The rules that span sections (each section's own `problems()` runs when it is built)."""
     errors = []
-    if cfg.train.max_steps == 0:
-        errors.append("train.max_steps=0: use -1 (train for train.epochs) or a positive number of steps")
-    if cfg.train.lm_loss_weight == 0 and cfg.train.cls_loss_weight == 0:
-        errors.append("train.lm_loss_weight and train.cls_loss_weight are both 0: nothing would be trained")
-    if len(set(cfg.data.labels)) != len(cfg.data.labels) or len(cfg.data.labels) < 2:
-        errors.append(f"data.labels must hold at least 2 distinct labels, got {list(cfg.data.labels)}")
-    if not cfg.data.train and cfg.data.synthetic_dir is None:
-        errors.append("data.train is empty: give a JSONL path (data.train=PATH) or data.synthetic_dir")
     if cfg.model.dtype != "float32" and cfg.train.mixed_precision != "no":
         errors.append("model.dtype and train.mixed_precision are both set: choose one (keep dtype float32)")
-    if not cfg.model.path:
-        errors.append("model.path is empty: give a Qwen2.5-Omni checkpoint directory")
-    if cfg.model.quantization != "none" and not cfg.model.freeze.language_model:
-        errors.append(
-            f"model.quantization={cfg.model.quantization} keeps the language model in 4 bits, "
-            "which cannot train: set model.freeze.language_model=true (adapters still train)"
-        )
     if cfg.data.feature_cache:
-        from mllm_mer.cache import frozen_encoder_problems
-
         errors.extend(frozen_encoder_problems(cfg.model.freeze))
-    errors.extend(cfg.ar.problems())
-    errors.extend(cfg.dnr.problems())
     return errors
+
+
+LEGACY_KEYS: dict[str, str] = {
+    "lora.enabled": "adapter (lora.enabled=true -> adapter=lora, false -> adapter=none)",
+    "mose.enabled": "adapter (mose.enabled=true -> adapter=mose)",
+}
+"""Keys of mllm_mer 0.1 configs that were replaced, with what replaces them."""
+
+
+def _migrate_legacy(data: dict[str, Any], source: str, migrate: bool) -> dict[str, Any]:
+    """Map 0.1's `lora.enabled` / `mose.enabled` onto `adapter` (saved runs), or refuse them (user configs).
+
+    Args:
+        data: the raw nested dict.
+        source: where it came from (named in errors).
+        migrate: True for a finished run's saved `config.yaml` (translate: mose wins, as it did in 0.1);
+            False for user input (raise `ConfigError` naming the replacement).
+    """
+    found = {k: data[k.split(".")[0]][k.split(".")[1]] for k in LEGACY_KEYS
+             if isinstance(data.get(k.split(".")[0]), dict) and k.split(".")[1] in data[k.split(".")[0]]}
+    if not found:
+        return data
+    if not migrate:
+        raise ConfigError([f"'{k}' was replaced by {LEGACY_KEYS[k]} in mllm_mer 0.2" for k in found], source)
+    if "adapter" in data:
+        raise ConfigError([f"both 'adapter' and the replaced {sorted(found)} are set; keep 'adapter'"], source)
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key in found:
+        section, name = key.split(".")
+        del out[section][name]
+    out["adapter"] = "mose" if found.get("mose.enabled") else "lora" if found.get("lora.enabled", True) else "none"
+    return out
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -401,18 +468,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
             errors.append(f"unknown key '{path}'{hint} (valid: {', '.join(names)})")
             continue
         kwargs[key] = _coerce(value, hints[key], path, errors)
-    for name, (lo, hi) in _RANGES.items():
-        section, _, fname = name.rpartition(".")
-        if section == prefix and fname in kwargs and isinstance(kwargs[fname], (int, float)):
-            v = kwargs[fname]
-            if (lo is not None and v < lo) or (hi is not None and v > hi):
-                rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-                errors.append(f"{name}={v!r} is out of range {rng}")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:  # a wrong type, or a dataclass's own cross-field check
         errors.append(f"{prefix or 'config'}: {exc}")
         return cls()
+    if hasattr(obj, "problems"):  # the section's ranges and rules, reported with every other problem
+        errors.extend(obj.problems())
+    return obj
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -442,36 +505,97 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build and validate a `RunConfig`; raises `ConfigError` listing every problem."""
+def config_from_dict(data: dict[str, Any], source: str = "config", *, saved_run: bool = False) -> RunConfig:
+    """Build and validate a `RunConfig`; raises `ConfigError` listing every problem.
+
+    Args:
+        data: nested dict of sections.
+        source: where `data` came from (named in errors).
+        saved_run: `data` is a finished run's saved config (0.1 keys are migrated instead of refused).
+    """
+    data = _migrate_legacy(data, source, migrate=saved_run)
     errors: list[str] = []
     cfg = _build(RunConfig, data, "", errors)
-    if not errors:
-        errors.extend(_cross_checks(cfg))
+    errors.extend(_cross_checks(cfg))
     if errors:
         raise ConfigError(errors, source)
     return cfg.resolved()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML at `path` (None = all defaults), apply dotted overrides, validate, resolve."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, saved_run: bool | None = None
+) -> RunConfig:
+    """Load YAML at `path` (None = all defaults), deep-merge dotted overrides, validate, resolve.
+
+    The one loader of every script: `finetune` reads a run YAML; `generate`, `evaluate`, `fit_arbiter`,
+    `bias_report` and `export` read a finished run's `config.yaml` (overriding only the keys given, e.g.
+    `dcr.arbiter.alpha=1` keeps the rest of `dcr.arbiter`).
+
+    Args:
+        path: a YAML file.
+        overrides: ["section.key=value", ...]; values are parsed as YAML scalars.
+        saved_run: `path` is a run's saved config (migrate 0.1 keys); None = when `path` is named
+            config.yaml and a `run_info.json` sits beside it.
+    Raises:
+        ConfigError: every problem found, with the source named.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
+        path = Path(path)
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
+            loaded = yaml.safe_load(path.read_text())
+        except (FileNotFoundError, IsADirectoryError):
             raise ConfigError([f"config file not found: {path}"], source) from None
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError([f"not valid YAML: {exc}"], source) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(["top level must be a mapping of sections"], source)
         data = loaded or {}
+        if saved_run is None:
+            saved_run = path.name == "config.yaml" and (path.parent / "run_info.json").is_file()
+        data = _migrate_legacy(data, source, migrate=bool(saved_run))
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        extra = parse_overrides(overrides)
+        _migrate_legacy(extra, "command line", migrate=False)
+        data = _merge(data, extra)
         source += " + command-line overrides"
     return config_from_dict(data, source)
+
+
+RUN_CONFIG = "config.yaml"
+"""The resolved config every run writes into its directory."""
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A finished run's saved config with dotted overrides deep-merged (`load_config` on `<run_dir>/config.yaml`).
+
+    Raises:
+        FileNotFoundError: not a run directory (no config.yaml; one line).
+        ConfigError: a bad override or saved value (every problem listed).
+    """
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory ({path} is missing): give the folder a "
+                                "training run wrote (train.output_dir), or restore its config.yaml from a copy")
+    return load_config(path, overrides, saved_run=True)
+
+
+def shorthand_overrides(values: dict[str, Any]) -> list[str]:
+    """Dotted overrides for a script's shorthand flags: {config key: value}; None (flag not given) and False
+    (switch not given) are left out. Put explicit overrides after these so that they win."""
+    out = []
+    for key, value in values.items():
+        if value is None or value is False:
+            continue
+        out.append(f"{key}={'true' if value is True else value}")
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what the scripts' `--print-config` prints and runs save)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -488,4 +612,4 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_config(cfg))

@@ -19,34 +19,29 @@ from pathlib import Path
 import yaml
 
 import mllm_mer
+from mllm_mer import model as mer_model
 from mllm_mer.backbone.families import QWEN2_5_OMNI, family_named
-from mllm_mer.config import RunConfig
+from mllm_mer.config import RUN_CONFIG, RunConfig, load_run_config
+from mllm_mer.fusion.dcr.ada import ARBITER_FILE
+from mllm_mer.generation import load_for_inference
+from mllm_mer.model import BASE_FILE, HEADS_FILE, active_methods
+from mllm_mer.run_files import RunFileError, check_run_files, file_problem
 
-EXTRA_FILES = ("heads.safetensors", "mose.safetensors", "arbiter.json", "gate_stats.json", "config.yaml",
-               "run_info.json", "final_metrics.json")
+RUN_FILES = (HEADS_FILE, BASE_FILE, ARBITER_FILE, "gate_stats.json", RUN_CONFIG, "run_info.json",
+             "final_metrics.json")
+"""Run-directory files an export keeps (when present) besides the methods' own files (`Method.files`)."""
 
 
 def methods_on(cfg: RunConfig) -> dict[str, bool]:
-    """Which parts a run used (sections that do not exist in this version count as off)."""
-    out = {"lora": cfg.lora.enabled}
-    for name in ("mose", "ar", "dcr", "dnr"):
-        section = getattr(cfg, name, None)
-        out[name] = bool(getattr(section, "enabled", False))
-    return out
+    """Which methods a run used, by name (every method of `mllm_mer.model.METHODS`)."""
+    return {m.name: m.enabled(cfg) for m in mer_model.METHODS}
 
 
-def needs_mllm_mer(methods: dict[str, bool]) -> list[str]:
-    """Parts that need mllm_mer at inference (not expressible as base-model weights)."""
-    parts = ["classification heads (heads.safetensors)"]
-    if methods.get("mose"):
-        parts.append("MoSE modality-routed experts (mose.safetensors; routing needs token_modality)")
-    if methods.get("ar"):
-        parts.append("AR attention reallocation (an inference-time attention function, no weights)")
-    if methods.get("dcr"):
-        parts.append("DCR unimodal paths and the ADA arbiter (adapter/<path>, arbiter.json)")
-    if methods.get("dnr"):
-        parts.append("DnR divide-and-refine parts (in heads.safetensors)")
-    return parts
+def needs_mllm_mer(cfg: RunConfig) -> list[str]:
+    """Parts that need mllm_mer at inference (not expressible as base-model weights): the heads and each active
+    method's `export_note`."""
+    notes = [m.export_note(cfg) for m in active_methods(cfg)]
+    return ["classification heads (heads.safetensors)", *(n for n in notes if n)]
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
@@ -55,24 +50,27 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
     Raises:
         FileNotFoundError: `run_dir` is not a finished run.
         FileExistsError: `out_dir` exists.
+        RunFileError: a file of the run is missing or damaged (`mllm_mer.run_files`).
     """
-    from mllm_mer.generation import load_for_inference, load_run_config
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not (run_dir / "heads.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (no heads.safetensors)")
+    if not (run_dir / HEADS_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (no {HEADS_FILE})")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; choose a new output directory")
     cfg = load_run_config(run_dir)
+    check_run_files(run_dir, cfg, also=RUN_FILES)  # every file copied or read below, before anything loads
     methods = methods_on(cfg)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    mergeable = cfg.lora.enabled and not methods["mose"]
+    active = active_methods(cfg)
+    mergers = [m for m in active if m.merges_into_base]
     model = load_for_inference(run_dir=run_dir, cfg=cfg)
-    if mergeable:
-        merged = model.mer.backbone.merge_and_unload(adapter_names=["default"])
+    if mergers:  # e.g. plain LoRA: the "default" adapter merges into the weights
+        merged = model.mer.backbone
+        for m in mergers:
+            merged = m.merge(merged)
         merged.save_pretrained(tmp)
         mode = "merged"
     else:
@@ -82,17 +80,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
     model.backbone.processor.save_pretrained(tmp)
     extra = tmp / "mllm_mer"
     extra.mkdir(exist_ok=True)
-    for name in EXTRA_FILES:
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, extra / name)
-    if (run_dir / "adapter").is_dir():
-        shutil.copytree(run_dir / "adapter", extra / "adapter")
+    for name in (*RUN_FILES, *(f for m in active for f in m.files(cfg))):
+        source, target = run_dir / name, extra / name
+        if source.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    for folder in {Path(f).parts[0] for m in active for f in m.files(cfg) if len(Path(f).parts) > 1}:
+        if (run_dir / folder).is_dir():  # e.g. the whole peft adapter folder (configs + every adapter)
+            shutil.copytree(run_dir / folder, extra / folder, dirs_exist_ok=True)
     summary = {
         "mode": mode,
         "base_model": cfg.model.path,
         "base_family": model.backbone.family.name,
         "methods": methods,
-        "needs_mllm_mer": needs_mllm_mer(methods),
+        "needs_mllm_mer": needs_mllm_mer(cfg),
         "version": mllm_mer.__version__,
     }
     (extra / "export.json").write_text(json.dumps(summary, indent=2))
@@ -107,6 +108,10 @@ def _metrics_table(run_dir: Path) -> list[str]:
     for path in sources:
         if not path.is_file():
             continue
+        problem = file_problem(path)
+        if problem:
+            raise RunFileError(f"{path} is damaged ({problem}): write it again (scripts/evaluate.py) or move it "
+                               "out of the run directory")
         data = json.loads(path.read_text())
         block = data.get("dev") if "dev" in data else data.get("metrics")
         if not isinstance(block, dict) or "accuracy" not in block:
@@ -169,7 +174,7 @@ def model_card(run_dir: str | Path, cfg: RunConfig, summary: dict) -> str:
         "",
         "## Configuration",
         "```yaml",
-        yaml.safe_dump(yaml.safe_load((run_dir / "config.yaml").read_text()), sort_keys=False).rstrip(),
+        yaml.safe_dump(yaml.safe_load((run_dir / RUN_CONFIG).read_text()), sort_keys=False).rstrip(),
         "```",
         "",
         "## Licences",

@@ -1,49 +1,35 @@
 """Batched generation of emotion explanations / labels, label parsing and per-path class probabilities.
 
-`load_for_inference` rebuilds a trained model from its run directory (resolved `config.yaml`, peft
-adapter, heads) or loads a base backbone for zero-shot use. `generate_rows` renders each sample's
-prompt from `prompts/`, generates with left padding (greedy by default), parses the label and, when the
-run has heads, adds the fused head's class probabilities. Every row records the prompt name and hash.
-With `ar.enabled`, both `generate_rows` and `predict_rows` run each batch inside
-`mllm_mer.attention.realloc.attention_reallocation` (attention reallocation, inference only).
+`load_for_inference` rebuilds a trained model from its run directory (resolved `config.yaml`, the methods'
+weights, heads) or loads a base backbone for zero-shot use. `generate_rows` renders each sample's prompt from
+`prompts/`, generates with left padding (greedy by default; settings in `cfg.generate`), parses the label and,
+when the run has heads, adds the fused head's class probabilities. Every row records the prompt name and hash.
+Both `generate_rows` and `predict_rows` run each batch inside the active methods' inference scopes
+(`MerModel.inference_scope`: e.g. AR's attention reallocation with `ar.enabled`, MoSE's routing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mllm_mer.attention.realloc import attention_reallocation
+import mllm_mer
 from mllm_mer.backbone import Backbone, load_backbone
-from mllm_mer.config import RunConfig, config_from_dict, config_to_dict
-from mllm_mer.data.collate import MerCollator
-from mllm_mer.data.dataset import load_media
+from mllm_mer.config import GenerateConfig, RunConfig, config_from_dict, config_to_dict, load_run_config
+from mllm_mer.data.collate import model_inputs
+from mllm_mer.data.loading import build_inference_loader
 from mllm_mer.data.schema import Sample
-from mllm_mer.fusion.dcr.ada import Arbiter, add_arbiter_path, load_run_arbiter
-from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
-from mllm_mer.labels import parse_label, parse_openset
-from mllm_mer.model import MerModel, build_mer_model
+from mllm_mer.fusion.dcr.ada import ARBITER_FILE, Arbiter, add_arbiter_path, load_run_arbiter
+from mllm_mer.labels import parse_label, parse_openset_answer
+from mllm_mer.model import MerModel, active_methods, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
-from mllm_mer.training import decode_cache_dir, decode_options
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding settings (recorded next to the predictions)."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    label_mode: str = "strict"
-    batch_size: int = 8
+from mllm_mer.run_files import check_run_files
 
 
 @dataclass
@@ -62,104 +48,83 @@ class InferenceModel:
         return self.mer.backbone if self.mer is not None else self.backbone.model
 
 
-def load_run_config(run_dir: str | Path, overrides: dict | None = None) -> RunConfig:
-    """The resolved config a run saved (`config.yaml`), with optional nested-dict overrides applied."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run directory (no config.yaml)")
-    data = yaml.safe_load(path.read_text())
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict) and isinstance(data.get(section), dict):
-            data[section] = {**data[section], **values}
-        else:
-            data[section] = values
-    return config_from_dict(data, str(path))
-
-
 def load_for_inference(
     run_dir: str | Path | None = None, model_path: str | None = None, cfg: RunConfig | None = None
 ) -> InferenceModel:
-    """Load a trained run (`run_dir`) or a base model (`model_path`, zero-shot) for generation."""
+    """Load a trained run (`run_dir`) or a base model (`model_path`, zero-shot) for generation.
+
+    Raises:
+        RunFileError: a file of the run is missing or damaged (checked before the backbone loads).
+    """
     if (run_dir is None) == (model_path is None):
         raise ValueError("give exactly one of run_dir (a trained run) or model_path (zero-shot base model)")
     if run_dir is not None:
         cfg = cfg or load_run_config(run_dir)
+        check_run_files(run_dir, cfg, also=(ARBITER_FILE,))  # complete files, before anything loads
         backbone = load_backbone(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
                                  cfg.model.quantization)  # a QLoRA run's adapter belongs to the 4-bit base
         mer = build_mer_model(backbone, cfg, run_dir=run_dir)
         mer.eval()
         arbiter = load_run_arbiter(run_dir, cfg.data.labels, cfg.dcr.enabled)
         return InferenceModel(backbone, cfg, mer, arbiter)
-    cfg = cfg or config_from_dict({"model": {"path": model_path}, "data": {"train": "-"}})
+    cfg = cfg or config_from_dict({"model": {"path": model_path}})
     backbone = load_backbone(model_path, cfg.model.dtype, cfg.model.attn_implementation)
     return InferenceModel(backbone, cfg, None)
 
 
-def build_inference_loader(
-    model: InferenceModel,
-    samples: Sequence[Sample],
-    prompt: PromptTemplate,
-    batch_size: int,
-    *,
-    use_video: bool = True,
-    use_audio: bool = True,
+def inference_loader(
+    model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, *,
+    use_video: bool = True, use_audio: bool = True,
 ) -> DataLoader:
-    """Inference batches (generation prompt, left padding) of `samples`, in order.
-
-    Args:
-        model: supplies the processor, the data settings (`model.cfg.data`) and, for a trained DCR run,
-            the unimodal sub-batches (`UnimodalPathCollator`).
-        prompt: the task template.
-        use_video / use_audio: False removes that modality from every prompt (`MerCollator`'s flags; the
-            media are still decoded). With DCR the unimodal sub-batches keep their own fixed inputs.
-    """
-    cfg = model.cfg
-    options = decode_options(cfg, model.backbone.processor)
-    _, dataset, _ = load_media(samples, options, decode_cache_dir(cfg))
-    collator = MerCollator(
-        processor=model.backbone.processor, token_ids=model.backbone.token_ids, prompt=prompt,
-        system_prompt=load_prompt("system", kind="free").text, labels=cfg.data.labels, train=False,
-        use_video=use_video, use_audio=use_audio,
-    )
-    if cfg.dcr.enabled and model.mer is not None:  # DCR: batches also carry the unimodal sub-batches
-        collator = UnimodalPathCollator(collator)
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    """`mllm_mer.data.loading.build_inference_loader` for a loaded model (the methods' collators only for a
+    trained run; a bare backbone gets plain batches)."""
+    return build_inference_loader(model.cfg, model.backbone, samples, prompt, batch_size, use_video=use_video,
+                                  use_audio=use_audio, methods=model.mer is not None)
 
 
-def reallocation_scope(model: InferenceModel, batch: dict) -> AbstractContextManager:
-    """Attention reallocation for one batch when `ar.enabled`, else a no-op context.
-
-    Args:
-        model: the loaded model; `model.cfg.ar` holds the AR settings.
-        batch: collator output with `token_modality` (B, T) long of the (left-padded) prompts.
-    """
-    if not model.cfg.ar.enabled:
-        return nullcontext()
-    return attention_reallocation(model.generator, batch["token_modality"], model.cfg.ar)
+@contextmanager
+def inference_scope(model: InferenceModel, batch: dict) -> Iterator[None]:
+    """Scopes for generating / predicting one batch: every method `model.cfg` switches on
+    (`Method.inference_scope` on `model.generator`, e.g. AR with `ar.enabled`, which may be switched on at
+    inference only) and, for a trained run, `MerModel.backbone_scope` (e.g. MoSE binds the prompt's modalities;
+    generated tokens count as text)."""
+    with ExitStack() as stack:
+        for m in active_methods(model.cfg):
+            stack.enter_context(m.inference_scope(model.generator, batch, model.cfg))
+        if model.mer is not None:
+            stack.enter_context(model.mer.backbone_scope(batch["token_modality"]))
+        yield
 
 
 @torch.no_grad()
 def generate_rows(
-    model: InferenceModel, samples: Sequence[Sample], prompt_name: str, options: GenerationOptions,
-    progress: bool = True,
+    model: InferenceModel, samples: Sequence[Sample], options: GenerateConfig | None = None, progress: bool = True,
 ) -> Iterator[dict]:
-    """Yield one prediction row per sample, in order (see module docstring for the fields)."""
-    prompt = load_prompt(prompt_name)
+    """Yield one prediction row per sample, in order.
+
+    Args:
+        model: the loaded model.
+        samples: the samples to answer.
+        options: decoding settings (default: the run's `cfg.generate`).
+        progress: show a progress bar.
+    Yields:
+        {"id", "prompt", "prompt_sha256", "text", "label" (parsed from `text`), "labels_ov" (prompt "ov"),
+        "probs" ({path: {label: p}}, runs with heads), "arm" (runs with a fitted DCR arbiter)}.
+    """
+    options = options or model.cfg.generate
+    prompt = load_prompt(options.prompt)
     labels = list(model.cfg.data.labels)
-    loader = build_inference_loader(model, samples, prompt, options.batch_size)
+    loader = inference_loader(model, samples, prompt, options.batch_size)
     tok = model.backbone.processor.tokenizer
     gen_kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
                   "pad_token_id": model.backbone.token_ids.pad, "eos_token_id": model.backbone.token_ids.eos}
     if options.do_sample:
         gen_kwargs.update(temperature=options.temperature, top_p=options.top_p)
     for batch in tqdm(loader, disable=not progress, desc="generate"):
-        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
-                  and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
         probs = None
-        # MoSE layers read the prompt's token modalities (generated tokens count as text); no-op without MoSE
-        routing = model.mer.routing(batch["token_modality"]) if model.mer is not None else nullcontext()
-        with reallocation_scope(model, batch), routing:
-            out = model.generator.generate(**inputs, use_audio_in_video=batch["use_audio_in_video"], **gen_kwargs)
+        with inference_scope(model, batch):  # e.g. AR; MoSE routing (generated tokens count as text)
+            out = model.generator.generate(**model_inputs(batch), use_audio_in_video=batch["use_audio_in_video"],
+                                           **gen_kwargs)
             if model.mer is not None:
                 logits = model.mer(batch, compute_lm_loss=False).cls_logits
                 probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
@@ -172,7 +137,7 @@ def generate_rows(
             row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text.strip(),
                    "label": parse_label(text, labels, mode=options.label_mode)}
             if prompt.name == "ov":
-                row["labels_ov"] = parse_openset(text)
+                row["labels_ov"] = parse_openset_answer(text)
             if probs is not None:
                 row["probs"] = {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}
             if arms is not None:
@@ -192,25 +157,20 @@ def predict_rows(
     fused-path batch changes, DCR's unimodal sub-batches do not.
 
     Rows: `id`, `label` (argmax of the fused head), `probs` ({path: {label: p}}; with DCR also "text",
-    "audio", "video" and, when the run has a fitted `arbiter.json`, "arbiter", with the chosen `arm`) and,
-    when the run has DnR, `dnr_ablation` ({component: {"kl", "delta_p"}},
-    `mllm_mer.fusion.dnr.component_ablation`). With
-    `ar.enabled` the forward runs under attention reallocation (the last prompt position is the targeted
-    query).
+    "audio", "video" and, when the run has a fitted `arbiter.json`, "arbiter", with the chosen `arm`) and the
+    active methods' explanations (`MerModel.explain`, e.g. DnR's `dnr_ablation`). The forward runs inside the
+    methods' inference scopes (e.g. AR with `ar.enabled`: the last prompt position is the targeted query).
     """
     if model.mer is None:
         raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
     labels = list(model.cfg.data.labels)
     prompt = load_prompt(prompt_name or model.cfg.data.prompt)
-    loader = build_inference_loader(
-        model, samples, prompt, batch_size, use_video=use_video, use_audio=use_audio
-    )
+    loader = inference_loader(model, samples, prompt, batch_size, use_video=use_video, use_audio=use_audio)
     for batch in tqdm(loader, disable=not progress, desc="predict"):
-        with reallocation_scope(model, batch):
+        with inference_scope(model, batch):
             out = model.mer(batch, compute_lm_loss=False)
-        logits = out.cls_logits
-        explained = model.mer.explain(out)  # DnR component ablation per sample; None without DnR
-        probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
+        explained = model.mer.explain(out)  # e.g. DnR's component ablation per sample
+        probs = {path: torch.softmax(lg, dim=-1) for path, lg in out.cls_logits.items()}
         fused = probs["fused"].argmax(dim=-1).tolist()
         arms = None
         if model.arbiter is not None:  # DCR: the path the arbiter picks, as the "arbiter" path
@@ -218,18 +178,17 @@ def predict_rows(
         for i, sid in enumerate(batch["sample_ids"]):
             row = {"id": sid, "label": labels[fused[i]],
                    "probs": {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}}
-            if explained is not None:
-                row["dnr_ablation"] = explained[i]
+            row.update({key: values[i] for key, values in explained.items()})
             if arms is not None:
                 row["arm"] = arms[i]
             yield row
 
 
-def generation_record(model: InferenceModel, prompt_name: str, options: GenerationOptions) -> dict:
+def generation_record(model: InferenceModel, options: GenerateConfig | None = None) -> dict:
     """What produced a predictions file (written beside it)."""
-    import mllm_mer
-
-    prompt = load_prompt(prompt_name)
+    options = options or model.cfg.generate
+    prompt = load_prompt(options.prompt)
     return {"version": mllm_mer.__version__, "backbone": model.backbone.path, "prompt": prompt.name,
-            "prompt_sha256": prompt.sha256, "generation": asdict(options), "labels": list(model.cfg.data.labels),
+            "prompt_sha256": prompt.sha256, "generation": config_to_dict(options),
+            "labels": list(model.cfg.data.labels), "methods": [m.name for m in active_methods(model.cfg)],
             "ar": config_to_dict(model.cfg.ar)}

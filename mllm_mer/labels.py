@@ -12,7 +12,8 @@ Two conventions for single labels, chosen by `mode`:
   comparable to the paper's; see `parse_label_emotion_llama_exact` (it is stricter: only the last
   space-separated token counts).
 
-`parse_openset` splits the answer of the open-vocabulary (``ov``) prompt into emotion words.
+`parse_openset_answer` splits the answer of the open-vocabulary (``ov``) prompt into emotion words
+(a label file's `openset` cell is split by `mllm_mer.data.readers.split_openset_cell` instead).
 """
 
 from __future__ import annotations
@@ -287,14 +288,15 @@ def parse_label(text: str, labels: Sequence[str], mode: str = "strict") -> str:
     raise ValueError(f"label mode {mode!r} unknown; valid: {list(LABEL_MODES)}")
 
 
-def parse_openset(text: str) -> list[str]:
+def parse_openset_answer(text: str) -> list[str]:
     """Split an open-vocabulary answer into emotion words.
 
     Items are separated by commas, semicolons or newlines (MERTools' ov answers look like
     "[happy, relaxed]"). Each item is NFKC-normalised and lower-cased, loses a leading
     "Emotions:" / "Labels:" / "Output:" / "Answer:" prefix, list bullets, brackets, quotes and other
     punctuation, and a leading "and"/"or"; empty items and "none"/"unknown" are dropped; duplicates
-    are removed keeping the first occurrence.
+    are removed keeping the first occurrence. (A label file's list-string cell such as
+    "['happy', 'excited']" is split by `mllm_mer.data.readers.split_openset_cell`, MERTools' rule.)
 
     Args:
         text: generated answer to the ``ov`` prompt.

@@ -29,10 +29,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from mllm_mer.data.collate import MODEL_INPUT_KEYS, model_inputs
 from mllm_mer.data.schema import Sample
+from mllm_mer.encoders import backbone_inputs
 from mllm_mer.fusion.heads import POOLED_SLOTS, pool_by_modality
+from mllm_mer.model import MerModel
 
 PROBE_TARGETS: tuple[str, ...] = ("audio_cue", "video_cue", "genuine")
 """What `probe_report` probes: each modality's cue, and which modality is genuine on conflict clips."""
@@ -44,7 +51,6 @@ DEFAULT_SLOTS: dict[str, tuple[str, ...]] = {
 """Pooled slots (`POOLED_SLOTS` names) each target's probe reads."""
 C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0)
 """Inverse regularisation strengths tried by cross-validation on the train clips."""
-_NOT_MODEL_INPUTS = ("labels", "class_id", "token_modality", "prompt_mask")
 
 
 @dataclass(frozen=True)
@@ -62,18 +68,13 @@ class PooledFeatures:
 
 
 def _hidden_states(model: nn.Module, batch: Mapping) -> tuple[torch.Tensor, ...]:
-    from mllm_mer.encoders import backbone_inputs
-    from mllm_mer.model import MerModel
-
     if isinstance(model, MerModel):
-        from mllm_mer.model import _MODEL_INPUTS
-
-        inputs = backbone_inputs(model.backbone, batch, _MODEL_INPUTS)
-        with model.routing(batch["token_modality"]):
+        inputs = backbone_inputs(model.backbone, dict(batch), MODEL_INPUT_KEYS)
+        with model.backbone_scope(batch["token_modality"]):
             out = model.backbone(**inputs, use_audio_in_video=bool(batch.get("use_audio_in_video", False)),
                                  output_hidden_states=True, use_cache=False)
     else:
-        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in _NOT_MODEL_INPUTS}
+        inputs = model_inputs(dict(batch))
         out = model(**inputs, use_audio_in_video=bool(batch.get("use_audio_in_video", False)),
                     output_hidden_states=True, use_cache=False)
     return out.hidden_states
@@ -117,10 +118,6 @@ def probe_targets(samples: Sequence[Sample]) -> dict[str, list[str | None]]:
 
 
 def _probe(c: float, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
 
 
@@ -152,8 +149,6 @@ def fit_probe(
 
 
 def _cv_accuracy(x: np.ndarray, y: list[str], c: float, folds: int, seed: int) -> float:
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
     k = min(folds, min(y.count(v) for v in set(y)))
     if k < 2:
         return float("nan")

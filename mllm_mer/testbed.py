@@ -10,7 +10,7 @@ modality dropout so that each modality alone is recognised and explained too:
   resolve one); the face and the voice each show the label at a random intensity, per modality
   independently (`weak_display_rate`: half of the displays full "strong", a quarter "clear", a quarter
   "faint"), and the explanation names each cue with its intensity word;
-- the voice is cleaner than the face (audio noise 0.05, video noise 0.15), so when both are present
+- the voice is cleaner than the face (audio noise 0.05, video noise 0.1), so when both are present
   the model learns to trust the voice; the subtitle carries no evidence (text noise 1.0).
 
 The frozen result follows audio on conflicts, like current emotion MLLMs on CA-MER, while its features
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -34,13 +32,11 @@ from pathlib import Path
 import mllm_mer
 from mllm_mer.backbone.tiny import TinySpec
 from mllm_mer.data.synthetic import SyntheticConfig
-
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN_CONFIG = REPO / "configs" / "pretrain_tiny.yaml"
+from mllm_mer.generation import load_for_inference
 
 STAGE0_DATA = SyntheticConfig(
     seed=100, train_size=720, dev_size=96, test_size=96,
-    audio_noise=0.05, video_noise=0.15, text_noise=1.0, train_conflict_rate=0.0, weak_display_rate=0.5,
+    audio_noise=0.05, video_noise=0.1, text_noise=1.0, train_conflict_rate=0.0, weak_display_rate=0.5,
 )
 """Stage-0 clips: consistent only, per-modality intensity varied, voice cleaner than face, no textual evidence."""
 
@@ -72,13 +68,19 @@ TESTBED_DATA = SyntheticConfig(
 designed cue (0.2 capped it at ~0.83)."""
 
 
-def stage0_key(seed: int = 0, overrides: Sequence[str] = ()) -> str:
-    """Hash of everything that determines the stage-0 backbone (`overrides`: extra `key.path=value` settings)."""
+def stage0_key(config_text: str, seed: int = 0, overrides: Sequence[str] = ()) -> str:
+    """Hash of everything that determines the stage-0 backbone.
+
+    Args:
+        config_text: the text of the stage-0 training config (`configs/pretrain_tiny.yaml` in the repository).
+        seed: training seed.
+        overrides: extra `key.path=value` settings applied to every phase.
+    """
     payload = {
         "data": STAGE0_DATA.to_dict(),
-        "config": PRETRAIN_CONFIG.read_text() if PRETRAIN_CONFIG.is_file() else "",
+        "config": config_text,
         "tiny": asdict(STAGE0_SPEC),
-        "phases": [[name, list(overrides)] for name, overrides in STAGE0_PHASES],
+        "phases": [[name, list(phase)] for name, phase in STAGE0_PHASES],
         "version": mllm_mer.__version__,
         "seed": seed,
     }
@@ -87,19 +89,19 @@ def stage0_key(seed: int = 0, overrides: Sequence[str] = ()) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def stage0_dir(root: str | Path = ".cache/mllm_mer", seed: int = 0, overrides: Sequence[str] = ()) -> Path:
+def stage0_dir(config_text: str, root: str | Path = ".cache/mllm_mer", seed: int = 0,
+               overrides: Sequence[str] = ()) -> Path:
     """`<root>/stage0-<key>`: holds `backbone/` (the checkpoint) and `stage0.json` (how it was made)."""
-    return Path(root) / f"stage0-{stage0_key(seed, overrides)}"
+    return Path(root) / f"stage0-{stage0_key(config_text, seed, overrides)}"
 
 
 def export_backbone(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a finished full-training run's thinker (+ processor) as a normal checkpoint directory."""
-    from mllm_mer.generation import load_for_inference
-
     model = load_for_inference(run_dir=run_dir)
-    if model.cfg.lora.enabled or model.cfg.mose.enabled:
+    if model.cfg.adapter != "none":
         raise ValueError(
-            f"{run_dir} trained adapters (LoRA or MoSE); export needs a run that trained the base weights"
+            f"{run_dir} trained an adapter (adapter={model.cfg.adapter}); export needs a run that trained the "
+            "base weights (adapter=none)"
         )
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -107,26 +109,3 @@ def export_backbone(run_dir: str | Path, out_dir: str | Path) -> Path:
     model.backbone.processor.save_pretrained(tmp)
     tmp.rename(out_dir)
     return out_dir
-
-
-def ensure_stage0_backbone(root: str | Path = ".cache/mllm_mer", seed: int = 0) -> Path:
-    """The cached stage-0 backbone directory, running `scripts/pretrain_tiny.py` first if missing.
-
-    Raises:
-        FileNotFoundError: the repository's scripts/ are not available (installed without the repo).
-        RuntimeError: stage-0 training failed (its output is included).
-    """
-    out = stage0_dir(root, seed)
-    backbone = out / "backbone"
-    if (backbone / "config.json").is_file():
-        return backbone
-    script = REPO / "scripts" / "pretrain_tiny.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: the testbed needs the mllm_mer repository checkout")
-    proc = subprocess.run(
-        [sys.executable, str(script), "--root", str(root), "--seed", str(seed)],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    if proc.returncode != 0 or not (backbone / "config.json").is_file():
-        raise RuntimeError(f"stage-0 pretraining failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return backbone

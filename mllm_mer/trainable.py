@@ -1,61 +1,63 @@
 """The one place that decides what trains, and the start-up table of parameter counts per part.
 
-Rules: every backbone weight is frozen unless its part is unfrozen in `model.freeze`; adapter weights
-(peft `lora_`, MoSE `mose_`) and head weights (`fusion_`) always train. `apply_trainable` sets `requires_grad` on every
-parameter of the model, so nothing else in the package needs to. Exception: with `dnr.stage: refine` the DnR
-Divide heads (`fusion_dnr.divide.*`, `DnRConfig.frozen_prefixes`) stay frozen.
+Rules: every backbone weight is frozen unless its part is unfrozen in `model.freeze`; the weights of the
+active methods' adapters (each method's `param_marker`, e.g. peft's `.lora_`, MoSE's `.mose_`) and every head
+(`fusion_*`) always train, except the prefixes a method keeps frozen (`Method.frozen_prefixes`, e.g. DnR's
+Divide heads in `dnr.stage: refine`). `apply_trainable` sets `requires_grad` on every parameter of the model,
+so nothing else in the package needs to.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Sequence
 
 from torch import nn
 
-from mllm_mer.backbone.families import backbone_part
+from mllm_mer import model as mer_model
+from mllm_mer.backbone.families import BACKBONE_PARTS, backbone_part
 from mllm_mer.config import RunConfig
+from mllm_mer.methods import Method
 
-PARTS = (
-    "lora", "mose", "heads", "language_model", "audio_tower", "audio_projector", "vision_tower", "vision_projector",
-)
+HEADS = "heads"
 
 
-def part_of(name: str) -> str:
-    """Which part a parameter belongs to, from its full name in MerModel."""
-    if ".lora_" in name:
-        return "lora"
-    if ".mose_" in name:
-        return "mose"
+def parts(methods: Sequence[Method] | None = None) -> tuple[str, ...]:
+    """Table order: the methods that own backbone parameters (default: every method of
+    `mllm_mer.model.METHODS`), then heads, then the backbone's parts."""
+    methods = mer_model.METHODS if methods is None else methods
+    return (*(m.name for m in methods if m.param_marker), HEADS, *BACKBONE_PARTS)
+
+
+def part_of(name: str, methods: Sequence[Method] | None = None) -> str:
+    """Which part a parameter belongs to, from its full name in MerModel (`methods`: those that may own it,
+    default every method of `mllm_mer.model.METHODS`)."""
+    for m in mer_model.METHODS if methods is None else methods:
+        if m.param_marker and m.param_marker in name:
+            return m.name
     if name.startswith("fusion_"):
-        return "heads"
+        return HEADS
     part = backbone_part(name)  # towers, projectors, language model: per family (mllm_mer.backbone.families)
     if part is not None:
         return part
-    raise ValueError(f"parameter {name!r} belongs to no known part; update mllm_mer.trainable.part_of")
+    raise ValueError(f"parameter {name!r} belongs to no known part (no method's param_marker, not a head, not "
+                     "a backbone part of mllm_mer.backbone.families)")
 
 
 def apply_trainable(model: nn.Module, cfg: RunConfig) -> dict[str, tuple[int, int]]:
     """Set `requires_grad` on every parameter of `model` (a MerModel) and return the counts.
 
     Returns:
-        {part: (trainable, total)} in `PARTS` order (parts with no parameters omitted).
+        {part: (trainable, total)} in `parts()` order (parts with no parameters omitted).
     """
+    methods = getattr(model, "methods", None) or mer_model.active_methods(cfg)
     frozen = cfg.model.freeze
-    unfrozen = {
-        "lora": True,
-        "mose": True,
-        "heads": True,
-        "language_model": not frozen.language_model,
-        "audio_tower": not frozen.audio_tower,
-        "audio_projector": not frozen.audio_projector,
-        "vision_tower": not frozen.vision_tower,
-        "vision_projector": not frozen.vision_projector,
-    }
-    held = cfg.dnr.frozen_prefixes()  # heads kept frozen: DnR's Divide heads in dnr.stage=refine
-    counts: dict[str, list[int]] = OrderedDict((p, [0, 0]) for p in PARTS)
+    unfrozen = {m.name: True for m in methods} | {HEADS: True}
+    unfrozen |= {p: not getattr(frozen, p) for p in BACKBONE_PARTS}
+    held = tuple(p for m in methods for p in m.frozen_prefixes(cfg))
+    counts: dict[str, list[int]] = {p: [0, 0] for p in parts(methods)}
     for name, param in model.named_parameters():
-        part = part_of(name)
-        train = unfrozen[part] and not (held and name.startswith(held))
+        part = part_of(name, methods)
+        train = unfrozen.get(part, False) and not (held and name.startswith(held))
         param.requires_grad_(train)
         counts[part][1] += param.numel()
         if train:

@@ -29,19 +29,14 @@ from pathlib import Path
 import torch
 
 from mllm_mer.attention.stats import MODALITIES, collect_attention_shares, plot_shares
-from mllm_mer.config import ConfigError
+from mllm_mer.config import ConfigError, dump_config, load_config, load_run_config, shorthand_overrides
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS, Sample
-from mllm_mer.generation import (
-    InferenceModel,
-    build_inference_loader,
-    load_for_inference,
-    load_run_config,
-    predict_rows,
-)
+from mllm_mer.generation import InferenceModel, inference_loader, load_for_inference, predict_rows
 from mllm_mer.metrics import audio_dominance, classification_metrics
 from mllm_mer.prompts import load_prompt
+from mllm_mer.run_files import check_run_files
 
 UNIMODAL = {"audio_only": {"use_video": False}, "video_only": {"use_audio": False}}
 """`predict_rows` flags of the unimodal conditions (the removed modality is absent from the prompt)."""
@@ -61,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--prompt", help="prompt template (default: the run's data.prompt, else 'label')")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key.path=value deep-merged into the run's saved config")
     args = p.parse_args(argv)
     if not args.backbone and not args.run:
         p.error("give --backbone (attention shares) and/or --run (adds accuracy)")
@@ -148,10 +145,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run_cfg = None
+        overrides = [*shorthand_overrides({"model.path": args.backbone}), *args.overrides]
+        run_cfg = load_run_config(args.run, overrides) if args.run else None
+        if args.print_config:
+            print(dump_config(run_cfg or load_config(None, overrides)), end="")
+            return 0
         if args.run:
-            overrides = {"model": {"path": args.backbone}} if args.backbone else None
-            run_cfg = load_run_config(args.run, overrides)
+            check_run_files(args.run, run_cfg)  # before the long pass over the bare backbone
         backbone = args.backbone or run_cfg.model.path
         prompt = args.prompt or (run_cfg.data.prompt if run_cfg else "label")
         labels = run_cfg.data.labels if run_cfg else MER2023_LABELS
@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             "attention": {},
         }
         bare = load_for_inference(model_path=str(backbone), cfg=run_cfg)  # run's data settings, if any
-        loader = build_inference_loader(bare, samples, load_prompt(prompt), args.batch_size)
+        loader = inference_loader(bare, samples, load_prompt(prompt), args.batch_size)
         shares = {"backbone": collect_attention_shares(bare.backbone.model, loader)}
         del bare
         if args.run:
             model = load_for_inference(run_dir=args.run, cfg=run_cfg)
-            loader = build_inference_loader(model, samples, load_prompt(prompt), args.batch_size)
+            loader = inference_loader(model, samples, load_prompt(prompt), args.batch_size)
             shares["fine-tuned"] = collect_attention_shares(model.mer, loader)
             report["accuracy"] = accuracy_report(model, samples, prompt, args.batch_size)
         report["attention"] = {name: shares_report(s, samples) for name, s in shares.items()}

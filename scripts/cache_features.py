@@ -21,10 +21,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from mllm_mer import training as T
 from mllm_mer.backbone import load_backbone
 from mllm_mer.cache import prepare_cache
-from mllm_mer.config import ConfigError, load_config
+from mllm_mer.config import ConfigError, dump_config, load_config
+from mllm_mer.data import loading as D
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
 
@@ -36,24 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="run YAML (default: configs/tiny_cpu.yaml)"
     )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, [*args.overrides, "data.feature_cache=true"])
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
         logging.basicConfig(
             level=logging.INFO if accelerator.is_main_process else logging.WARNING,
             format="%(levelname)s %(message)s",
         )
         with accelerator.main_process_first():
-            T.ensure_inputs(cfg)
-        splits = T.read_splits(cfg)
+            D.ensure_inputs(cfg)
+        splits = D.read_splits(cfg)
         backbone = load_backbone(
             cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.quantization
         )
         for split, samples in splits.items():
-            collator = T.build_collator(cfg, backbone, train=split == "train")
-            served, collate, _, report = prepare_cache(cfg, backbone, samples, collator, accelerator)
+            collator = D.base_collator(cfg, backbone, train=split == "train")
+            served, collate, _, report = prepare_cache(cfg, backbone, samples, collator, D.prompt_variants(cfg),
+                                                       accelerator)
             if accelerator.is_main_process:
                 print(
                     json.dumps(

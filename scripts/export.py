@@ -15,15 +15,18 @@ import json
 import sys
 
 from mllm_mer.export import export_run
+from mllm_mer.logs import run_output
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="finished run directory")
     p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--verbose", action="store_true", help="every library's log and warning (mllm_mer.logs)")
     args = p.parse_args(argv)
     try:
-        summary = export_run(args.run, args.out)
+        with run_output(args.verbose):  # what other libraries may print; restored on exit
+            summary = export_run(args.run, args.out)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

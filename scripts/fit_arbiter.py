@@ -10,7 +10,8 @@ class probabilities on DATA (`predict_rows`), fits the arbiter from those probab
 (`mllm_mer.fusion.dcr.ada.fit_arbiter`) and writes `<run>/arbiter.json`; from then on `predict_rows` /
 `scripts/generate.py` add the "arbiter" path and each row's chosen `arm`. It prints the arm choices and the
 always-fuse / best-single / oracle baselines on DATA (in-sample for the arbiter: evaluate on test).
-Trailing `key.path=value` arguments override the run's saved config (`dcr.arbiter.*`, `data.cache_dir`, ...).
+Trailing `key.path=value` arguments are deep-merged into the run's saved config (`dcr.arbiter.alpha=1` keeps the
+other `dcr.arbiter.*` keys; `data.cache_dir`, ...); `--print-config` prints the resolved config and exits.
 """
 
 from __future__ import annotations
@@ -20,11 +21,8 @@ import dataclasses
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from mllm_mer.config import ConfigError, config_from_dict, parse_overrides
+from mllm_mer.config import ConfigError, dump_config, load_run_config
 from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.sources import read_samples
@@ -47,37 +45,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data", required=True, type=Path, help="held-out labelled samples (e.g. the dev split)")
     p.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
-    p.add_argument("overrides", nargs="*", help="key.path=value applied to the run's config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key.path=value deep-merged into the run's saved config")
     return p.parse_args(argv)
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config_file = args.run / "config.yaml"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{args.run} is not a finished run directory (no config.yaml)")
-        data = _deep_merge(yaml.safe_load(config_file.read_text()), parse_overrides(args.overrides))
-        cfg = config_from_dict(data, str(config_file))
+        cfg = load_run_config(args.run, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         if not cfg.dcr.enabled:
             raise ValueError(
                 f"{args.run} was trained without dcr.enabled=true: it has no unimodal paths to arbitrate"
             )
         labels = list(cfg.data.labels)
-        samples = read_samples(args.data, cfg.data.format, labels, label_field=cfg.data.label_field)
+        samples = read_samples(args.data, cfg.data.format, labels, label_field=cfg.data.label_field,
+                               media_root=cfg.data.media_root)
         if not cfg.data.train or not Path(cfg.data.train).is_file():
             raise FileNotFoundError(
                 f"the run's training data {cfg.data.train!r} (data.train) is not readable, so {args.data} "
                 "cannot be checked to be held out; pass data.train=PATH to point at it"
             )
-        train = read_samples(cfg.data.train, cfg.data.format, labels, label_field=cfg.data.label_field)
+        train = read_samples(cfg.data.train, cfg.data.format, labels, label_field=cfg.data.label_field,
+                             media_root=cfg.data.media_root)
         check_held_out(args.data, [s.id for s in samples], cfg.data.train, [s.id for s in train])
         model = load_for_inference(run_dir=args.run, cfg=cfg)
         model.arbiter = None  # predictions of the paths themselves (a previous arbiter is replaced)

@@ -7,9 +7,10 @@
     python scripts/generate.py --run RUN --data D --prompt label --output ar.jsonl ar.enabled=true ar.strength=0.5
 
 Each output row: id, prompt, prompt_sha256, text, label (parsed), labels_ov (ov prompt), probs (runs with
-heads). `<output>.meta.json` records the backbone, prompt hash and decoding settings. Trailing
-`key.path=value` arguments override the run's saved config (e.g. data.cache_dir=..., or `ar.*` to apply
-attention reallocation while generating; see README "AR").
+heads). `<output>.meta.json` records the backbone, prompt hash and decoding settings. The config is the run's
+saved one (zero-shot: the defaults) with trailing `key.path=value` overrides deep-merged (e.g.
+data.cache_dir=..., `generate.*`, or `ar.*` to apply attention reallocation while generating; see README
+"AR"); the flags are shorthands for `generate.*` keys; `--print-config` prints the resolved config.
 """
 
 from __future__ import annotations
@@ -18,79 +19,79 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from mllm_mer.config import ConfigError, parse_overrides
+from mllm_mer.config import (
+    ConfigError,
+    config_to_dict,
+    dump_config,
+    load_config,
+    load_run_config,
+    shorthand_overrides,
+)
 from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.sources import read_samples
-from mllm_mer.generation import (
-    GenerationOptions,
-    generate_rows,
-    generation_record,
-    load_for_inference,
-    load_run_config,
-)
+from mllm_mer.generation import generate_rows, generation_record, load_for_inference
 from mllm_mer.labels import LABEL_MODES
+from mllm_mer.logs import run_output
+
+SHORTHANDS = ("prompt", "batch_size", "max_new_tokens", "do_sample", "temperature", "top_p", "label_mode")
+"""Flags that are shorthands for the `generate.*` key of the same name (an explicit dotted override wins)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="finished run directory (config.yaml, adapter/, heads.safetensors)")
-    src.add_argument("--model", help="base Qwen2.5-Omni checkpoint for zero-shot generation")
-    p.add_argument("--data", required=True, help="sample JSONL")
-    p.add_argument("--prompt", default="explain", help="template name in prompts/ (explain, label, ov)")
-    p.add_argument("--output", required=True, help="predictions JSONL to write")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--label-mode", choices=LABEL_MODES, default="strict")
-    p.add_argument("overrides", nargs="*", help="key.path=value applied to the run's config")
-    return p.parse_args(argv)
+    src.add_argument("--run", help="finished run directory (config.yaml, its methods' weights, heads.safetensors)")
+    src.add_argument("--model", help="base Qwen2.5-Omni / Qwen3-Omni checkpoint for zero-shot generation")
+    p.add_argument("--data", help="sample JSONL (required unless --print-config)")
+    p.add_argument("--output", help="predictions JSONL to write (required unless --print-config)")
+    p.add_argument("--prompt", help="generate.prompt: template name in prompts/ (explain, label, ov)")
+    p.add_argument("--batch-size", type=int, help="generate.batch_size")
+    p.add_argument("--max-new-tokens", type=int, help="generate.max_new_tokens")
+    p.add_argument("--do-sample", action="store_true", help="generate.do_sample: sample instead of greedy")
+    p.add_argument("--temperature", type=float, help="generate.temperature")
+    p.add_argument("--top-p", type=float, help="generate.top_p")
+    p.add_argument("--label-mode", choices=LABEL_MODES, help="generate.label_mode")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true", help="every library's log and warning (mllm_mer.logs)")
+    p.add_argument("overrides", nargs="*", help="key.path=value deep-merged into the config")
+    args = p.parse_args(argv)
+    if not args.print_config and (args.data is None or args.output is None):
+        p.error("--data and --output are required (unless --print-config)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        overrides = parse_overrides(args.overrides)
-        cfg = load_run_config(args.run, overrides) if args.run else None
-        if args.model and overrides:
-            from mllm_mer.config import config_from_dict
-
-            cfg = config_from_dict({"model": {"path": args.model}, "data": {"train": "-"}, **overrides})
-        options = GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
-                                    args.label_mode, args.batch_size)
-        data_cfg = cfg.data if cfg else None
-        samples = read_samples(
-            args.data, data_cfg.format if data_cfg else "mer_jsonl",
-            data_cfg.labels if data_cfg else _default_labels(),
-            label_field=data_cfg.label_field if data_cfg else None, require_label=False,
-        )
-        model = load_for_inference(run_dir=args.run, model_path=args.model, cfg=cfg)
+        flags = shorthand_overrides({f"generate.{k}": getattr(args, k) for k in SHORTHANDS})
+        if args.run:
+            cfg = load_run_config(args.run, [*flags, *args.overrides])
+        else:  # zero-shot: the defaults with the base model
+            cfg = load_config(None, [f"model.path={args.model}", *flags, *args.overrides])
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        samples = read_samples(args.data, cfg.data.format, cfg.data.labels, label_field=cfg.data.label_field,
+                               require_label=False, media_root=cfg.data.media_root)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        with tmp.open("w") as fh:
-            for row in generate_rows(model, samples, args.prompt, options):
-                fh.write(json.dumps(row) + "\n")
+        with run_output(args.verbose):  # what other libraries may print; restored on exit
+            model = load_for_inference(run_dir=args.run, model_path=args.model, cfg=cfg)
+            with tmp.open("w") as fh:
+                for row in generate_rows(model, samples):
+                    fh.write(json.dumps(row) + "\n")
         os.replace(tmp, out)
-        meta = generation_record(model, args.prompt, options) | {"data": str(args.data), "run": args.run}
+        meta = generation_record(model) | {"data": str(args.data), "run": args.run}
         out.with_name(out.name + ".meta.json").write_text(json.dumps(meta, indent=2))
-        print(f"wrote {len(samples)} predictions to {out} ({asdict(options)})")
+        print(f"wrote {len(samples)} predictions to {out} ({config_to_dict(cfg.generate)})")
     except (ConfigError, DataError, MediaError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _default_labels() -> tuple[str, ...]:
-    from mllm_mer.data.schema import MER2023_LABELS
-
-    return MER2023_LABELS
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,14 +31,36 @@ from finetune import train  # noqa: E402  (the one training loop)
 from mllm_mer.backbone.tiny import ensure_tiny_thinker  # noqa: E402
 from mllm_mer.config import load_config  # noqa: E402
 from mllm_mer.data.synthetic import ensure_synthetic_set  # noqa: E402
-from mllm_mer.testbed import (  # noqa: E402
-    PRETRAIN_CONFIG,
-    STAGE0_DATA,
-    STAGE0_PHASES,
-    STAGE0_SPEC,
-    export_backbone,
-    stage0_dir,
-)
+from mllm_mer.testbed import STAGE0_DATA, STAGE0_PHASES, STAGE0_SPEC, export_backbone, stage0_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN_CONFIG = REPO / "configs" / "pretrain_tiny.yaml"
+"""The stage-0 training config (the `explain` phase; `STAGE0_PHASES` adds each phase's overrides)."""
+
+
+def backbone_dir(root: str | Path = ".cache/mllm_mer", seed: int = 0, overrides: list[str] | tuple = ()) -> Path:
+    """Where the stage-0 backbone of this config, seed and overrides is (or will be) cached."""
+    return stage0_dir(PRETRAIN_CONFIG.read_text(), root, seed, overrides) / "backbone"
+
+
+def ensure_stage0_backbone(root: str | Path = ".cache/mllm_mer", seed: int = 0) -> Path:
+    """The cached stage-0 backbone directory, running this script first (in a child process) if missing.
+
+    For the benches and scripts that need the testbed backbone (`bench/conflict_ablation.py`).
+
+    Raises:
+        RuntimeError: stage-0 training failed (its output is included).
+    """
+    backbone = backbone_dir(root, seed)
+    if (backbone / "config.json").is_file():
+        return backbone
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--seed", str(seed)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    if proc.returncode != 0 or not (backbone / "config.json").is_file():
+        raise RuntimeError(f"stage-0 pretraining failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return backbone
 
 
 def cpu_seconds() -> float:
@@ -53,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     root = Path(args.root)
-    out = stage0_dir(root, args.seed, args.overrides)
+    out = backbone_dir(root, args.seed, args.overrides).parent
     if (out / "backbone" / "config.json").is_file():
         print(f"stage-0 backbone already built in {out}")
         print(out / "backbone")

@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny thinker and a small synthetic set, built once per test session.
 
-Tiers: `pytest` runs unit + smoke (tiny model, CPU, offline); `pytest -m gpu` / `-m slow` opt in to the
-real-checkpoint and large runs. `tiny_dir` / `backbone` are the Qwen2.5-Omni twin; tests that take
+Tiers: `pytest` runs unit + smoke (tiny model, CPU, offline); `pytest -m smoke` selects the whole smoke tier
+(every test under tests/smoke/ is marked), `pytest -m "not smoke"` the unit tier; `pytest -m gpu` / `-m slow`
+opt in to the real-checkpoint, benchmark and large runs. Session fixtures are shared: tests never write into
+them (copy into `tmp_path` first). `tiny_dir` / `backbone` are the Qwen2.5-Omni twin; tests that take
 `tiny_backbone_dir` / `any_backbone` run on both families (Qwen2.5-Omni and Qwen3-Omni twins).
 """
 
@@ -21,6 +23,14 @@ BACKBONE_ARCHES = ("qwen2_5_omni", "qwen3_omni")
 """Backbone families the tests run on (`tiny_backbone_dir` / `any_backbone` are parametrized over them)."""
 torch.set_num_threads(1)  # tiny models on shared CPUs: one thread is fastest and stable
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/smoke/ as `smoke` (the marker selects the whole smoke tier)."""
+    smoke = REPO / "tests" / "smoke"
+    for item in items:
+        if smoke in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.smoke)
 
 
 @pytest.fixture(scope="session")

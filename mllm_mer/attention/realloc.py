@@ -61,8 +61,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mllm_mer.attention.stats import find_thinker, text_attention_modules
-from mllm_mer.config import ARConfig
+from mllm_mer.attention.config import ARConfig
+from mllm_mer.backbone.families import find_thinker, text_attention_modules
 from mllm_mer.data.schema import Modality
 
 AR_PREFIX = "mllm_mer_ar_"

@@ -33,10 +33,11 @@ from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
-from mllm_mer.backbone.families import family_of, thinker_classes
+from mllm_mer.backbone.families import find_thinker, text_attention_modules
+from mllm_mer.data.collate import model_inputs
 from mllm_mer.data.schema import Modality
+from mllm_mer.model import MerModel
 
 MODALITIES: tuple[str, ...] = tuple(m.key for m in Modality)
 """Column order of every share tensor: ("text", "audio", "video")."""
@@ -50,7 +51,6 @@ WEIGHT_RETURNING_TWIN: dict[str, str] = {"mllm_mer_ar_sdpa": "mllm_mer_ar_eager"
 """Registered functions without weights and their weight-returning twin (AR on sdpa -> AR on eager), so
 shares can be measured while attention reallocation is active."""
 
-_NOT_MODEL_INPUTS = ("labels", "class_id", "token_modality", "prompt_mask")
 
 
 class AttentionShares(TypedDict):
@@ -66,29 +66,6 @@ class AttentionShares(TypedDict):
     shares: Tensor
     per_sample: Tensor
     modalities: tuple[str, ...]
-
-
-def find_thinker(model: nn.Module) -> PreTrainedModel:
-    """The thinker inside `model` (the model itself, a peft wrapper around it, or a `MerModel`), any family.
-
-    Raises:
-        TypeError: `model` contains no thinker of a supported family (`mllm_mer.backbone.families`).
-    """
-    classes = thinker_classes()
-    for module in model.modules():
-        if isinstance(module, classes):
-            return module
-    names = ", ".join(c.__name__ for c in classes)
-    raise TypeError(
-        f"{type(model).__name__} contains no thinker ({names}); attention_shares supports the thinker, a "
-        "peft-wrapped thinker or a MerModel"
-    )
-
-
-def text_attention_modules(thinker: PreTrainedModel) -> list[nn.Module]:
-    """The self-attention module of every language-model layer, in layer order (L entries)."""
-    layers = thinker.get_submodule(family_of(thinker.config).language_model_layers)
-    return [layer.self_attn for layer in layers]
 
 
 @contextmanager
@@ -173,13 +150,10 @@ def shares_from_weights(weights: Tensor, key_onehot: Tensor, query_mask: Tensor)
 
 
 def _run_forward(model: nn.Module, batch: Mapping) -> None:
-    from mllm_mer.model import MerModel  # local: mllm_mer.model may come to import attention modules
-
     if isinstance(model, MerModel):
         model(batch, compute_lm_loss=False)
         return
-    inputs = {k: v for k, v in batch.items() if isinstance(v, Tensor) and k not in _NOT_MODEL_INPUTS}
-    model(**inputs, use_audio_in_video=bool(batch.get("use_audio_in_video", False)), use_cache=False)
+    model(**model_inputs(batch), use_audio_in_video=bool(batch.get("use_audio_in_video", False)), use_cache=False)
 
 
 @torch.no_grad()

@@ -36,6 +36,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
 
 TOKEN_ROLES: tuple[str, ...] = (
     "audio", "video", "image", "audio_bos", "audio_eos", "vision_bos", "vision_eos",
@@ -204,6 +209,12 @@ def thinker_classes() -> tuple[type, ...]:
     return tuple(f.model_class() for f in FAMILIES.values())
 
 
+BACKBONE_PARTS: tuple[str, ...] = (
+    "language_model", "audio_tower", "audio_projector", "vision_tower", "vision_projector",
+)
+"""The backbone's parts, as `backbone_part` names them (and `model.freeze.*` switches them)."""
+
+
 def backbone_part(name: str) -> str | None:
     """Which backbone part a parameter belongs to, from its full name (any family, any wrapper prefix).
 
@@ -257,3 +268,26 @@ def chat_template(family: BackboneFamily) -> str:
     for role, token in family.tokens.items():
         template = template.replace(f"@{role}@", token)
     return template
+
+
+def find_thinker(model: nn.Module) -> PreTrainedModel:
+    """The thinker inside `model` (the model itself, a peft wrapper around it, or a `MerModel`), any family.
+
+    Raises:
+        TypeError: `model` contains no thinker of a supported family (`mllm_mer.backbone.families`).
+    """
+    classes = thinker_classes()
+    for module in model.modules():
+        if isinstance(module, classes):
+            return module
+    names = ", ".join(c.__name__ for c in classes)
+    raise TypeError(
+        f"{type(model).__name__} contains no thinker ({names}); give the thinker, a peft-wrapped thinker or "
+        "a MerModel"
+    )
+
+
+def text_attention_modules(thinker: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention module of every language-model layer, in layer order (L entries)."""
+    layers = thinker.get_submodule(family_of(thinker.config).language_model_layers)
+    return [layer.self_attn for layer in layers]

@@ -18,9 +18,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from mllm_mer.config import RunConfig
 from mllm_mer.data.media import DecodedMedia, MediaError, decode_sample_media
 from mllm_mer.data.schema import Sample
+from mllm_mer.logs import datasets_bars_off, progress
 
 _FEATURES = datasets.Features(
     {
@@ -66,7 +70,7 @@ def _file_key(path: Path | None) -> list:
 
 def _generate(rows: tuple[dict, ...], options: dict, skip_bad: bool) -> Iterator[dict]:
     problems: list[str] = []
-    for row in rows:
+    for row in progress(rows, desc="decode media", unit="clip"):  # runs only when the cache misses
         try:
             media = decode_sample_media(
                 row["id"],
@@ -104,12 +108,13 @@ def decode(sample: Sample, options: DecodeOptions) -> DecodedMedia:
 
 
 def check_share(
-    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1
+    samples: Sequence[Sample], options: DecodeOptions, rank: int = 0, world: int = 1, desc: str = "check media"
 ) -> list[tuple[str, str]]:
     """Decode this rank's share of `samples` (every `world`-th, from `rank`) once: (sample id, problem line)
-    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`."""
+    for each sample whose media cannot be used. Ranks gather their shares and pass them to `streamed_media`.
+    The main process shows a progress bar labelled `desc`."""
     bad = []
-    for s in samples[rank::world]:
+    for s in progress(samples[rank::world], desc=desc, unit="clip"):
         try:
             decode(s, options)
         except MediaError as exc:
@@ -117,9 +122,9 @@ def check_share(
     return bad
 
 
-def check_media(samples: Sequence[Sample], options: DecodeOptions) -> list[str]:
+def check_media(samples: Sequence[Sample], options: DecodeOptions, desc: str = "check media") -> list[str]:
     """Decode every sample once and return one problem line per bad sample (empty list = all good)."""
-    return [problem for _, problem in check_share(samples, options)]
+    return [problem for _, problem in check_share(samples, options, desc=desc)]
 
 
 def streamed_media(
@@ -162,18 +167,18 @@ def build_media_dataset(
         }
         for s in samples
     ]
-    datasets.disable_progress_bars()
     try:
-        ds = datasets.Dataset.from_generator(
-            _generate,
-            gen_kwargs={
-                "rows": tuple(rows),
-                "options": options.__dict__,
-                "skip_bad": skip_bad,
-            },  # no list: sharded
-            features=_FEATURES,
-            cache_dir=str(cache_dir),
-        )
+        with datasets_bars_off():  # our "decode media" bar reports the phase
+            ds = datasets.Dataset.from_generator(
+                _generate,
+                gen_kwargs={
+                    "rows": tuple(rows),
+                    "options": options.__dict__,
+                    "skip_bad": skip_bad,
+                },  # no list: sharded
+                features=_FEATURES,
+                cache_dir=str(cache_dir),
+            )
     except datasets.exceptions.DatasetGenerationError as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, MediaError):
@@ -251,10 +256,51 @@ class MerDataset(torch.utils.data.Dataset):
             raise RuntimeError(
                 f"decoded cache out of order: row {idx} is '{row['id']}', expected '{sample.id}'"
             )
+        # one copy into a writable buffer: the processor hands the arrays to torch.from_numpy, which warns
+        # (UserWarning, once per process) on the read-only views np.frombuffer gives of the Arrow bytes
         frames = None
         if row["frames_shape"]:
-            frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
-        audio = np.frombuffer(row["audio"], dtype=np.float32) if row["audio"] else None
+            frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
+        audio = np.frombuffer(bytearray(row["audio"]), dtype=np.float32) if row["audio"] else None
         return sample, DecodedMedia(
             frames=frames, audio=audio, fps=self.options.fps, sample_rate=self.options.sample_rate
         )
+
+
+def decode_options(cfg: RunConfig, processor) -> DecodeOptions:
+    """The run's decoding settings (`data.*`) with the processor's audio sample rate and window."""
+    fe = processor.feature_extractor
+    window = float(fe.chunk_length)
+    return DecodeOptions(
+        fps=cfg.data.fps,
+        max_frames=cfg.data.max_frames,
+        sample_rate=int(fe.sampling_rate),
+        max_audio_seconds=min(window, cfg.data.max_audio_seconds or window),
+        allow_silent_audio=cfg.data.allow_silent_audio,
+    )
+
+
+def decode_cache_dir(cfg: RunConfig) -> str | None:
+    """The `datasets` decode cache of the run (`data.cache_dir`), or None with `data.decode_cache=false`."""
+    return cfg.data.cache_dir if cfg.data.decode_cache else None
+
+
+def load_media_on_ranks(
+    samples: list[Sample],
+    options: DecodeOptions,
+    cache_dir: str | None,
+    skip_bad: bool,
+    accelerator: Accelerator | None,
+) -> tuple[list[Sample], torch.utils.data.Dataset, list[str]]:
+    """`load_media` for every rank: with a decode cache the main process decodes first and the others read
+    the cache; without one (`cache_dir` None) the ranks split the checking pass and share what they found.
+    `accelerator` None: one process."""
+    if accelerator is None:
+        return load_media(samples, options, cache_dir, skip_bad=skip_bad)
+    if cache_dir is not None:
+        with accelerator.main_process_first():
+            return load_media(samples, options, cache_dir, skip_bad=skip_bad)
+    bad = check_share(samples, options, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        bad = gather_object(bad)
+    return streamed_media(samples, options, bad, skip_bad=skip_bad)

@@ -20,9 +20,10 @@ FORMATS = ("mer_jsonl", "sharegpt", "swift")
 
 def read_samples(
     path: str | Path, fmt: str, labels: Sequence[str], *, label_field: str | None = None,
-    require_label: bool = True,
+    require_label: bool = True, media_root: str | Path | None = None,
 ) -> list[Sample]:
-    """Read a data file of format `fmt` into `Sample`s (paths checked inside the file's folder).
+    """Read a data file of format `fmt` into `Sample`s (media paths resolved against, and checked inside,
+    `media_root`: `data.media_root`, None = the file's folder).
 
     Raises:
         ValueError: unknown format, or bad rows (the reader's message names the file and line/record).
@@ -31,9 +32,9 @@ def read_samples(
     if not Path(path).is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     if fmt == "mer_jsonl":
-        return read_jsonl(path, labels, require_label=require_label)
+        return read_jsonl(path, labels, require_label=require_label, media_root=media_root)
     if fmt == "sharegpt":
-        return read_sharegpt(path, labels=labels, label_field=label_field)
+        return read_sharegpt(path, labels=labels, label_field=label_field, media_root=media_root)
     if fmt == "swift":
-        return read_swift_jsonl(path, labels=labels, label_field=label_field)
+        return read_swift_jsonl(path, labels=labels, label_field=label_field, media_root=media_root)
     raise ValueError(f"data.format={fmt!r} unknown; valid: {list(FORMATS)}")

@@ -100,8 +100,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from mllm_mer import __version__
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
 from mllm_mer.explanations import INTENSITY_WORDS
+from mllm_mer.logs import progress
 
 GENERATOR = "mllm_mer.data.synthetic"
 """Marker stored in manifest.json; `ensure_synthetic_set` only replaces directories carrying it."""
@@ -822,15 +824,16 @@ def make_synthetic_set(out_dir: str | Path, cfg: SyntheticConfig, workers: int =
                 "label": {lab: sum(c.label == lab for c in clips) for lab in cfg.labels},
                 "subset_label": {s: dict(Counter(c.label for c in clips if c.subset == s)) for s in SUBSETS},
             }
+        bar = progress(total=len(jobs), desc=f"build synthetic set {out_dir}", unit="clip")
         if workers > 1 and len(jobs) > 1:
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_render_clip, jobs, chunksize=8):
-                    pass
+                    bar.update(1)
         else:
             for job in jobs:
                 _render_clip(job)
-        from mllm_mer import __version__
-
+                bar.update(1)
+        bar.close()
         manifest = {
             "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,

@@ -19,7 +19,7 @@ def run_finetune(
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *(launch or ["--num_processes", "1"]),
+        *(launch or ["--config_file", str(REPO / "configs" / "accelerate" / "single.yaml")]),
         str(REPO / "scripts" / "finetune.py"),
         *args,
     ]
@@ -35,6 +35,7 @@ def base_args(tiny_dir: Path, syn_dir: Path, out: Path, cache: Path) -> list[str
         f"data.train={syn_dir / 'train.jsonl'}",
         f"data.dev={syn_dir / 'dev.jsonl'}",
         f"data.cache_dir={cache}",
+        f"data.feature_cache_dir={cache}-features",  # the cache is on by default (frozen towers): keep it per test
         "data.num_workers=0",
         "train.batch_size=4",
         "train.eval_batch_size=12",

@@ -52,6 +52,7 @@ def ablation(
         "--workdir",
         str(root / "runs"),
         f"data.cache_dir={root / 'cache'}",
+        f"data.feature_cache_dir={root / 'features'}",  # on by default (frozen towers): kept per test
         "data.num_workers=0",
         "train.batch_size=4",
         "train.eval_batch_size=12",
@@ -62,6 +63,7 @@ def ablation(
     return json.loads((root / "report.json").read_text()), proc.stdout, root
 
 
+@pytest.mark.slow
 def test_report_schema_and_plain_lora_row(ablation, tiny_dir: Path):
     report, stdout, root = ablation
     assert set(report) == {"rows", "skipped"}
@@ -111,6 +113,7 @@ def test_rows_with_unknown_keys_are_skipped_and_real_errors_raise(tiny_dir: Path
         harness.plan_rows(config, [*base, "train.lr=fast"], rows[:1])
 
 
+@pytest.mark.slow
 def test_bias_report_on_the_plain_lora_run(ablation, tiny_dir: Path, syn_dir: Path):
     """scripts/bias_report.py with --run: attention shares of backbone and run, accuracy, unimodal."""
     _, _, root = ablation

@@ -1,6 +1,6 @@
 """The speed and size benchmarks run end to end on the tiny thinker (one short round each) and print their
 JSON line and the ratio as the last line. Their figures are not checked here (no timed tests): only that
-they measure what they say, on the variants they say."""
+they measure what they say, on the variants they say. Slow tier (`pytest -m slow`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import av
+import pytest
+
+pytestmark = pytest.mark.slow  # each bench takes 20-30 s on the tiny model: opt-in (-m slow)
 
 REPO = Path(__file__).resolve().parents[2]
 RATIO = re.compile(r": (\d+\.\d+)$")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.fusion.dcr.ada import ARBITER_FILE, ARMS
-from mllm_mer.generation import GenerationOptions, generate_rows, load_for_inference, predict_rows
+from mllm_mer.generation import generate_rows, load_for_inference, predict_rows
 from tests.smoke.conftest import REPO, base_args, check, run_finetune
 
 pytestmark = pytest.mark.smoke
@@ -95,7 +96,8 @@ def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
     for r in rows:
         assert set(r["probs"]) == {*ARMS, "arbiter"} and r["arm"] in ARMS
         assert r["probs"]["arbiter"] == r["probs"][r["arm"]]
-    generated = list(generate_rows(model, samples[:2], "label", GenerationOptions(max_new_tokens=2), False))
+    options = dataclasses.replace(model.cfg.generate, prompt="label", max_new_tokens=2)
+    generated = list(generate_rows(model, samples[:2], options, False))
     assert [g["arm"] for g in generated] == [r["arm"] for r in rows[:2]]
     preds = tmp_path / "preds.jsonl"
     preds.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from eval.report import report_paths, write_report
 from eval.tasks import EvalOptions, run_task
 from mllm_mer.data.jsonl import read_jsonl
-from mllm_mer.fusion.dnr import COMPONENTS, DIVIDE_PREFIX
+from mllm_mer.fusion.dnr import DIVIDE_PREFIX
+from mllm_mer.fusion.dnr.model import COMPONENTS
 from mllm_mer.generation import load_for_inference, predict_rows
 from tests.smoke.conftest import base_args, check, run_finetune
 

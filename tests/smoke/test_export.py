@@ -11,7 +11,7 @@ import torch
 from transformers import AutoProcessor, Qwen2_5OmniThinkerForConditionalGeneration
 
 from mllm_mer.data.jsonl import read_jsonl
-from mllm_mer.generation import build_inference_loader, load_for_inference
+from mllm_mer.generation import inference_loader, load_for_inference
 from mllm_mer.prompts import load_prompt
 from tests.smoke.conftest import REPO
 
@@ -34,7 +34,7 @@ def test_merged_export_matches_run_and_generates(trained_run, syn_dir, tmp_path)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ref = load_for_inference(run_dir=run)
     samples = read_jsonl(syn_dir / "test.jsonl", ref.cfg.data.labels)[:2]
-    batch = next(iter(build_inference_loader(ref, samples, load_prompt("label"), 2)))
+    batch = next(iter(inference_loader(ref, samples, load_prompt("label"), 2)))
     inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)
               and k not in ("labels", "class_id", "token_modality", "prompt_mask")}
     with torch.no_grad():

@@ -85,7 +85,7 @@ def test_ddp_two_processes_on_cpu(tiny_dir, syn_dir, tmp_path):
     launch = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml")]
     check(run_finetune([*base_args(tiny_dir, syn_dir, out_dir, tmp_path / "c"), "train.max_steps=2"], launch))
     info = json.loads((out_dir / "run_info.json").read_text())
-    assert info["num_processes"] == 2
+    assert info["num_processes"] == 2 and info["distributed_type"] == "MULTI_CPU"  # DDP-wrapped, gradients synced
     assert json.loads((out_dir / "final_metrics.json").read_text())["step"] == 2
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from mllm_mer.adapters.mose import MOSE_WEIGHTS
+from mllm_mer.adapters.mose.model import MOSE_WEIGHTS
 from tests.smoke.conftest import REPO, base_args, check, run_finetune
 
 pytestmark = pytest.mark.smoke
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.smoke
 
 def test_mose_finetune_then_generate(tiny_dir, syn_dir, tmp_path):
     run = tmp_path / "mose"
-    out = check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "c"), "mose.enabled=true",
+    out = check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "c"), "adapter=mose",
                               "train.max_steps=3", "train.save_every=0"]))
     assert "mose " in out and "MoSE on 8 modules" in out
     weights = load_file(run / MOSE_WEIGHTS)
@@ -48,8 +48,9 @@ def test_mose_finetune_then_generate(tiny_dir, syn_dir, tmp_path):
 def test_mose_ddp_two_processes_on_cpu(tiny_dir, syn_dir, tmp_path):
     run = tmp_path / "ddp"
     launch = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml")]
-    check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "c"), "mose.enabled=true",
-                        "train.max_steps=2", "data.modality_dropout=0.5", "data.decode_cache=false"], launch))
+    check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "c"), "adapter=mose",
+                        "train.max_steps=2", "data.modality_dropout=0.5", "data.decode_cache=false",
+                        "data.feature_cache=false"], launch))  # the uncached path: decoded when read
     assert json.loads((run / "run_info.json").read_text())["num_processes"] == 2
     assert not (tmp_path / "c").exists()  # data.decode_cache=false: the ranks decode when they read
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.data.schema import Modality
-from mllm_mer.generation import GenerationOptions, generate_rows, load_for_inference, predict_rows
+from mllm_mer.generation import generate_rows, load_for_inference, predict_rows
 from tests.smoke.conftest import REPO
 
 pytestmark = pytest.mark.smoke
@@ -20,7 +21,8 @@ def test_generate_rows_and_head_predictions(trained_run, syn_dir, tmp_path):
     run, _ = trained_run
     model = load_for_inference(run_dir=run)
     samples = read_jsonl(syn_dir / "test.jsonl", model.cfg.data.labels)[:3]
-    rows = list(generate_rows(model, samples, "ov", GenerationOptions(max_new_tokens=4, batch_size=2), False))
+    options = dataclasses.replace(model.cfg.generate, prompt="ov", max_new_tokens=4, batch_size=2)
+    rows = list(generate_rows(model, samples, options, False))
     assert [r["id"] for r in rows] == [s.id for s in samples]
     for r in rows:
         assert r["prompt"] == "ov" and len(r["prompt_sha256"]) == 64 and isinstance(r["labels_ov"], list)

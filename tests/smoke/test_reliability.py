@@ -23,12 +23,14 @@ pytestmark = pytest.mark.smoke
 
 
 def bad_train_file(syn_dir, tmp_path):
+    """A copy of the tiny training set (in `tmp_path`, never in the shared set) with 5 bad rows added."""
     rows = [json.loads(line) for line in (syn_dir / "train.jsonl").read_text().splitlines()]
-    write_mp4(syn_dir / "media" / "noaudio.mp4", seconds=1, audio=False)
-    write_silent_mp4(syn_dir / "media" / "silent.mp4")
+    shutil.copytree(syn_dir / "media", tmp_path / "media")
+    write_mp4(tmp_path / "media" / "noaudio.mp4", seconds=1, audio=False)
+    write_silent_mp4(tmp_path / "media" / "silent.mp4")
     bad = [dict(rows[0], id="b_noaudio", video="media/noaudio.mp4"), dict(rows[1], id="b_silent", video="media/silent.mp4"),
            dict(rows[2], id="b_label", label="joyful"), dict(rows[3], id="b_escape", video="../x.mp4")]
-    path = syn_dir / "train_with_bad.jsonl"
+    path = tmp_path / "train_with_bad.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [*rows[4:], *bad]) + "\n{broken\n")
     return path
 
@@ -64,15 +66,19 @@ def test_kill_minus_9_then_resume_matches_uninterrupted(tiny_dir, syn_dir, train
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "step_00000004" / "mllm_mer_state.json").is_file():
+    while not (out / "checkpoints" / "step_00000002" / "mllm_mer_state.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # killed mid-run: 4 steps are left
     proc.wait()
     assert not (out / "final_metrics.json").exists()
+    done = sorted(d.name for d in (out / "checkpoints").glob("step_*") if (d / "mllm_mer_state.json").is_file())
+    assert done and done[-1] in ("step_00000002", "step_00000004"), done
     log = check(run_finetune([*base_args(tiny_dir, syn_dir, out, tmp_path / "c"), "train.max_steps=6",
                               "train.save_every=2", "train.resume_from=latest"]))
-    assert "at step 4" in log or "at step 6" in log
+    resumed_at = int(done[-1].removeprefix("step_"))
+    assert f"resumed from {out / 'checkpoints' / done[-1]} at step {resumed_at}" in log, log[-2000:]
+    assert json.loads((out / "final_metrics.json").read_text())["step"] == 6
     for name in ("adapter/adapter_model.safetensors", "heads.safetensors"):
         a, b = load_file(ref / name), load_file(out / name)
         for k in a:
@@ -88,8 +94,12 @@ def test_pickled_code_in_checkpoint_is_refused(tiny_dir, syn_dir, trained_run, t
     ref, _ = trained_run
     out = tmp_path / "evil"
     shutil.copytree(ref / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000002")
-    with open(out / "checkpoints" / "step_00000002" / "optimizer.bin", "wb") as fh:
+    ckpt = out / "checkpoints" / "step_00000002"
+    with open(ckpt / "optimizer.bin", "wb") as fh:
         pickle.dump({"state": _Evil()}, fh)
+    marker = json.loads((ckpt / "mllm_mer_state.json").read_text())  # a crafted checkpoint: sizes consistent
+    marker["files"]["optimizer.bin"] = (ckpt / "optimizer.bin").stat().st_size
+    (ckpt / "mllm_mer_state.json").write_text(json.dumps(marker))
     proc = subprocess.run(  # the script itself (accelerate's launcher adds its own traceback on failure)
         [sys.executable, str(REPO / "scripts" / "finetune.py"), *base_args(tiny_dir, syn_dir, out, tmp_path / "c"),
          "train.max_steps=4", "train.resume_from=latest"], capture_output=True, text=True, cwd=REPO, timeout=300)

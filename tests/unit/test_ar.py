@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from mllm_mer.attention import realloc
+from mllm_mer.attention.config import ARConfig
 from mllm_mer.attention.realloc import attention_reallocation, default_layers
 from mllm_mer.attention.stats import attention_shares
 from mllm_mer.backbone import load_backbone
-from mllm_mer.config import ARConfig, ConfigError, load_config
+from mllm_mer.config import ConfigError, load_config
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.data.schema import MER2023_LABELS
 from mllm_mer.generation import (
-    GenerationOptions,
     InferenceModel,
     generate_rows,
     generation_record,
@@ -315,8 +315,8 @@ def test_generate_rows_and_predict_rows_honour_ar_enabled(tiny_backbone_dir, cli
     def run(ar: ARConfig) -> tuple[list[dict], list[dict]]:
         model = InferenceModel(backbone, dataclasses.replace(cfg, ar=ar), mer)
         preds = list(predict_rows(model, samples, batch_size=3, prompt_name="label"))
-        rows = list(generate_rows(model, samples, "label", GenerationOptions(max_new_tokens=3, batch_size=3),
-                                  progress=False))
+        options = dataclasses.replace(cfg.generate, prompt="label", max_new_tokens=3, batch_size=3)
+        rows = list(generate_rows(model, samples, options, progress=False))
         return preds, rows
 
     off_preds, off_rows = run(ARConfig())
@@ -325,6 +325,5 @@ def test_generate_rows_and_predict_rows_honour_ar_enabled(tiny_backbone_dir, cli
     assert zero_preds == off_preds and zero_rows == off_rows
     assert on_preds != off_preds and [r["probs"] for r in on_rows] != [r["probs"] for r in off_rows]
     assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
-    record = generation_record(InferenceModel(backbone, dataclasses.replace(cfg, ar=STRONG), mer), "label",
-                               GenerationOptions())
+    record = generation_record(InferenceModel(backbone, dataclasses.replace(cfg, ar=STRONG), mer))
     assert record["ar"]["enabled"] is True and record["ar"]["strength"] == 0.8

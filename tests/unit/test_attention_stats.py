@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm_mer.attention.stats import MODALITIES, attention_shares, find_thinker, plot_shares, query_mask_for
+from mllm_mer.attention.stats import MODALITIES, attention_shares, plot_shares, query_mask_for
 from mllm_mer.backbone import load_backbone
+from mllm_mer.backbone.families import find_thinker
 from mllm_mer.config import load_config
 from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
@@ -199,9 +200,9 @@ def test_plot_shares_writes_a_png(tmp_path):
 def test_shares_under_attention_reallocation(any_backbone, batches):
     """Entered inside `weights_returning_attention`, AR wraps eager and the shares see its reallocation:
     with strength 1 every targeted row's audio share of the audio + video mass is the target."""
+    from mllm_mer.attention.config import ARConfig
     from mllm_mer.attention.realloc import attention_reallocation
     from mllm_mer.attention.stats import weights_returning_attention
-    from mllm_mer.config import ARConfig
 
     batch = batches["av"]
     cfg = ARConfig(enabled=True, strength=1.0, target_audio_share=0.3, layers=(0, 1))

@@ -134,7 +134,8 @@ def test_bad_rows_named_and_skippable(tmp_path, media):
 
 def test_nonfinite_loss_policy(tmp_path):
     from mllm_mer.config import load_config
-    from mllm_mer.training import NonFiniteLossError, TrainState, handle_nonfinite
+    from mllm_mer.training.checkpoint import TrainState
+    from mllm_mer.training.loop import NonFiniteLossError, handle_nonfinite
 
     state = TrainState(step=7, epoch=1, batch_in_epoch=3)
     stop = load_config(None, ["data.train=x", f"train.output_dir={tmp_path}"])

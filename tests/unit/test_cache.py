@@ -4,6 +4,7 @@ both backbone families (`tiny_backbone_dir`: Qwen2.5-Omni, and Qwen3-Omni with i
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
@@ -19,14 +20,18 @@ import torch
 from mllm_mer import cache as C
 from mllm_mer import encoders
 from mllm_mer.backbone import family_of, load_backbone
+from mllm_mer.cache import keys as cache_keys
 from mllm_mer.config import ConfigError, load_config
-from mllm_mer.data.dataset import MerDataset, build_media_dataset
+from mllm_mer.data.collate import MODEL_INPUT_KEYS
+from mllm_mer.data.dataset import MerDataset, build_media_dataset, decode_options
 from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.loading import base_collator, build_collator, prompt_variants, wrap_collator
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.schema import MER2023_LABELS
-from mllm_mer.model import _MODEL_INPUTS, build_mer_model
+from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
+from mllm_mer.model import build_mer_model
 from mllm_mer.trainable import apply_trainable
-from mllm_mer.training import build_collator, build_optimizer, decode_options
+from mllm_mer.training.loop import build_optimizer
 
 
 def cfg_for(tiny_dir: Path, tmp_path: Path, *overrides: str):
@@ -50,21 +55,20 @@ def fill(cfg, bb, samples, cache_dir: Path | None = None, processor=None, accele
     """Fill the cache for `samples` with `bb`'s towers (optionally another processor).
 
     Returns:
-        (uncached collator, cached collator, cached items, fill report).
+        (uncached collator, cached collator (both wrapped by the run's methods), cached items, fill report).
     """
     if processor is not None:
         bb = dataclasses.replace(bb, processor=processor)
-    collator = build_collator(cfg, bb, train=True)
-    base = getattr(collator, "base", collator)
+    base = base_collator(cfg, bb, train=True)
     options = decode_options(cfg, bb.processor)
-    spec = C.build_spec(cfg, bb, options)
+    spec = C.build_spec(bb, options, prompt_variants(cfg))
     cache = C.FeatureCache(cache_dir or cfg.data.feature_cache_dir, rank=rank)
     decoded = cfg.data.cache_dir if cfg.data.decode_cache else None
     served, presence, report = C.fill_cache(
         cache, samples, base, bb.model, spec, options, decoded, accelerator=accelerator
     )
-    cached = C.CachedCollator(base, cache, spec, paths=base is not collator)
-    return collator, cached, [(s, presence[s.id]) for s in served], report
+    cached = wrap_collator(cfg, C.CachedCollator.from_collator(base, cache))
+    return build_collator(cfg, bb, train=True), cached, [(s, presence[s.id]) for s in served], report
 
 
 def uncached_items(cfg, bb, samples):
@@ -109,17 +113,51 @@ def test_cached_epoch_gives_the_uncached_losses(tiny_backbone_dir, syn_dir, tmp_
             optimizer.zero_grad()
             losses[name].append(out.loss.item())
     assert losses["cached"] == pytest.approx(losses["uncached"], abs=1e-6)
-    for start in (0, 4):  # and the batches themselves match key by key (feature mask: lengths only)
-        plain, fast = collator(items[start : start + 4]), cached(cached_items[start : start + 4])
-        for key, value in plain.items():
-            if key in ("input_features", "pixel_values_videos"):
-                continue
-            if key == "feature_attention_mask":
-                torch.testing.assert_close(fast[key].sum(1), value.sum(1).to(torch.long))
-            elif isinstance(value, torch.Tensor):
-                torch.testing.assert_close(fast[key], value.to(fast[key].dtype), rtol=0, atol=0)
-            else:
-                assert fast[key] == value, key
+    for start in (0, 4):  # and the batches themselves match key by key
+        assert_same_batch(collator(items[start : start + 4]), cached(cached_items[start : start + 4]))
+
+
+def assert_same_batch(plain: dict, fast: dict) -> None:
+    """An uncached and a cached batch hold the same values under every key of the uncached one (the
+    processor's features excepted; feature mask: lengths only), DCR sub-batches included."""
+    for key, value in plain.items():
+        if key in ("input_features", "pixel_values_videos"):
+            continue
+        if key == "paths":
+            assert set(fast[key]) == set(value)
+            for path, sub in value.items():
+                assert_same_batch(sub, fast[key][path])
+        elif key == "feature_attention_mask":
+            torch.testing.assert_close(fast[key].sum(1), value.sum(1).to(torch.long))
+        elif isinstance(value, torch.Tensor):
+            torch.testing.assert_close(fast[key], value.to(fast[key].dtype), rtol=0, atol=0)
+        else:
+            assert fast[key] == value, key
+
+
+def test_cached_collator_is_wrapped_like_the_uncached_one(tiny_dir, syn_dir, tmp_path):
+    """The methods wrap the cached collator as they wrap the uncached one (DCR: `UnimodalPathCollator`, whose
+    sub-batch collators are `dataclasses.replace` copies): every sub-batch equals the uncached one, for the
+    modality-dropout draws of training and for a prompt-only (inference) copy."""
+    cfg = cfg_for(tiny_dir, tmp_path, "dcr.enabled=true", "data.modality_dropout=0.5")
+    bb = load_backbone(tiny_dir)
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:8]
+    collator, cached, cached_items, report = fill(cfg, bb, samples)
+    assert report.layouts_computed == 8 * 4  # a+v, video-only, audio-only, text-only (DCR)
+    assert type(cached) is UnimodalPathCollator and isinstance(cached.base, C.CachedCollator)
+    assert all(isinstance(c, C.CachedCollator) for c in cached.path_collators.values())
+    items = uncached_items(cfg, bb, samples)
+    draws = set()
+    for start in range(0, 8, 2):
+        plain = collator(items[start : start + 2])
+        assert_same_batch(plain, cached(cached_items[start : start + 2]))
+        draws.add(tuple(bool((plain["token_modality"] == m).any()) for m in (1, 2)))
+    assert len(draws) > 1  # the dropout draw kept one modality in some batch
+    prompt_only = UnimodalPathCollator(dataclasses.replace(collator.base, train=False))
+    fast = UnimodalPathCollator(dataclasses.replace(cached.base, train=False))
+    plain = prompt_only(items[:3])
+    assert plain["labels"] is None and plain["attention_mask"][:, -1].all()  # left padded
+    assert_same_batch(plain, fast(cached_items[:3]))
 
 
 def test_cached_dcr_paths_match_uncached(tiny_backbone_dir, syn_dir, tmp_path):
@@ -144,6 +182,21 @@ def test_cached_dcr_paths_match_uncached(tiny_backbone_dir, syn_dir, tmp_path):
         assert not torch.allclose(zeroed.cls_logits["fused"], fast.cls_logits["fused"], rtol=0, atol=1e-6)
     else:
         assert "video_deepstack" not in fast_batch
+
+
+def test_cached_collator_refuses_items_it_was_not_prepared_for(tiny_dir, syn_dir, tmp_path):
+    cfg = cfg_for(tiny_dir, tmp_path)  # the fused prompt variant only
+    bb = load_backbone(tiny_dir)
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
+    _, cached, items, _ = fill(cfg, bb, samples)
+    assert type(cached) is C.CachedCollator
+    relabelled = dataclasses.replace(cached, labels=tuple(reversed(cached.labels)))
+    with pytest.raises(ValueError, match="another prompt, system prompt or label set"):
+        relabelled(items)
+    with pytest.raises(KeyError, match=r"\(has_video, has_audio\)=\(False, False\) was not cached"):
+        UnimodalPathCollator(cached)(items)  # DCR's text-only variant was not filled
+    with pytest.raises(TypeError, match="wrap the CachedCollator"):
+        C.prepare_cache(cfg, bb, samples, UnimodalPathCollator(base_collator(cfg, bb, True)), [(True, True)])
 
 
 # ------------------------------------------------------------------------------------------ invalidation
@@ -218,7 +271,7 @@ def test_media_hashes_read_each_file_once_and_see_every_rewrite(tmp_path, monkey
     media.write_bytes(bytes(range(256)) * 4096)
     reads: list[Path] = []
     real = C.file_checksum
-    monkeypatch.setattr(C, "file_checksum", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(cache_keys, "file_checksum", lambda p: reads.append(p) or real(p))
     hashes = C.MediaHashes(tmp_path / "cache")
     first = hashes(media)
     hashes.save()
@@ -239,9 +292,9 @@ def test_unreadable_media_file_is_reported_not_crashed_on(tiny_dir, syn_dir, tmp
     bb = load_backbone(tiny_dir)
     with pytest.raises(MediaError, match=samples[1].id):
         fill(cfg, bb, samples)
-    collator = build_collator(cfg, bb, train=True)
+    collator = base_collator(cfg, bb, train=True)
     options = decode_options(cfg, bb.processor)
-    spec = C.build_spec(cfg, bb, options)
+    spec = C.build_spec(bb, options, prompt_variants(cfg))
     cache = C.FeatureCache(cfg.data.feature_cache_dir)
     served, _, report = C.fill_cache(
         cache, samples, collator, bb.model, spec, options, cfg.data.cache_dir, skip_bad=True
@@ -370,14 +423,46 @@ def test_every_tower_path_equals_the_thinkers_forward(tiny_backbone_dir, syn_dir
         with torch.no_grad():
             monkeypatch.setattr(encoders, "is_zero3", lambda m: False)
             plain = bb.model(
-                **encoders.backbone_inputs(bb.model, batch, _MODEL_INPUTS),
+                **encoders.backbone_inputs(bb.model, batch, MODEL_INPUT_KEYS),
                 use_audio_in_video=batch["use_audio_in_video"],
             )
             monkeypatch.setattr(encoders, "is_zero3", lambda m: True)
             calls.clear()
             every = bb.model(
-                **encoders.backbone_inputs(bb.model, batch, _MODEL_INPUTS),
+                **encoders.backbone_inputs(bb.model, batch, MODEL_INPUT_KEYS),
                 use_audio_in_video=batch["use_audio_in_video"],
             )
         assert calls == ["audio", "video"], (use_video, use_audio)  # both towers, in a fixed order
         torch.testing.assert_close(every.logits, plain.logits, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ imports
+def _module_file(module: str) -> Path | None:
+    base = Path(C.__file__).parents[2] / module.replace(".", "/")  # the directory holding mllm_mer/
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def _imports_of(module: str) -> set[str]:
+    """The `mllm_mer` modules `module` imports (every import statement in its source, at any depth)."""
+    found = set()
+    for node in ast.walk(ast.parse(_module_file(module).read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mllm_mer"):
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}")}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mllm_mer")}
+    return found
+
+
+def test_the_cache_imports_neither_the_loaders_nor_the_model_nor_the_methods():
+    """`data.loading` imports the cache, never the reverse (no cycle); the cache names no method."""
+    seen, todo = set(), ["mllm_mer.cache"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imports_of(module))
+    forbidden = ("mllm_mer.data.loading", "mllm_mer.model", "mllm_mer.training", "mllm_mer.methods",
+                 "mllm_mer.fusion.dcr.collate", "mllm_mer.fusion.dcr.paths")
+    assert {"mllm_mer.cache.fill", "mllm_mer.data.collate"} <= seen
+    assert not [m for m in seen if m.startswith(forbidden)], sorted(seen)

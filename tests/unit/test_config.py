@@ -39,16 +39,16 @@ def test_unknown_section_and_all_errors_at_once(tmp_path):
 def test_literal_and_override_parsing():
     with pytest.raises(ConfigError, match=r"model.dtype='fp8' is not allowed"):
         load_config(None, ["data.train=x.jsonl", "model.dtype=fp8"])
-    cfg = load_config(None, ["data.train=x.jsonl", "train.lr=5e-4", "lora.enabled=false", "train.max_steps=3"])
-    assert cfg.train.lr == 5e-4 and cfg.lora.enabled is False and cfg.train.max_steps == 3
+    cfg = load_config(None, ["data.train=x.jsonl", "train.lr=5e-4", "adapter=none", "train.max_steps=3"])
+    assert cfg.train.lr == 5e-4 and cfg.adapter == "none" and cfg.train.max_steps == 3
     assert parse_overrides(["a.b=1", "a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_overrides(["--lr", "1"])
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="data.train is empty"):
-        load_config(None, [])
+    (problem,) = load_config(None, []).data.training_problems()  # checked by finetune, not by inference
+    assert problem.startswith("data.train is empty")
     with pytest.raises(ConfigError, match="both 0"):
         load_config(None, ["data.train=x", "train.lm_loss_weight=0", "train.cls_loss_weight=0"])
 
@@ -67,3 +67,19 @@ def test_every_shipped_config_loads(path):
     data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
     given = data.get("train") or data.get("synthetic_dir")
     load_config(path, [] if given else ["data.train=given_on_the_command_line.jsonl"])
+
+
+def test_feature_cache_defaults_on_exactly_when_every_encoder_part_is_frozen():
+    from mllm_mer.config import feature_cache_enabled, feature_cache_note
+
+    cfg = load_config(None, ["data.train=x.jsonl"])
+    assert cfg.data.feature_cache is True and feature_cache_note(cfg) is None  # resolved: frozen towers
+    assert feature_cache_enabled(RunConfig()) is True  # None (a config built in code) means the same
+    off = load_config(None, ["data.train=x.jsonl", "data.feature_cache=false"])
+    assert off.data.feature_cache is False and feature_cache_note(off) is None  # the user's explicit choice
+    tower = load_config(None, ["data.train=x.jsonl", "model.freeze.vision_tower=false"])
+    assert tower.data.feature_cache is False
+    note = feature_cache_note(tower)
+    assert note is not None and "model.freeze.vision_tower=false" in note and "\n" not in note
+    with pytest.raises(ConfigError, match="data.feature_cache=true needs model.freeze.audio_projector=true"):
+        load_config(None, ["data.train=x.jsonl", "data.feature_cache=true", "model.freeze.audio_projector=false"])

@@ -45,6 +45,7 @@ def row(**kw) -> dict:
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -106,6 +107,31 @@ def test_reader_collects_every_problem_with_line_and_id(tmp_path):
     assert "escapes dataset root" in msg and "'../outside.mp4'" in msg and "'/etc/passwd'" in msg
     assert "unknown field(s) ['extra']" in msg
     assert len(exc.value.problems) == 7
+
+
+def test_media_root_resolves_paths_against_a_named_folder_and_keeps_the_escape_check(tmp_path):
+    write_mp4(tmp_path / "clips" / "media" / "a.mp4", seconds=1)
+    p = write_jsonl(tmp_path / "ann" / "d.jsonl", [row()])  # media beside, not below, the file
+    with pytest.raises(DataError, match="video file not found"):
+        read_jsonl(p, MER2023_LABELS)
+    (s,) = read_jsonl(p, MER2023_LABELS, media_root=tmp_path / "clips")
+    assert s.video == (tmp_path / "clips" / "media" / "a.mp4").resolve()
+    absolute = write_jsonl(tmp_path / "ann" / "abs.jsonl", [row(video=str(tmp_path / "clips" / "media" / "a.mp4"))])
+    assert read_jsonl(absolute, MER2023_LABELS, media_root=tmp_path / "clips")[0].video == s.video
+    write_mp4(tmp_path / "elsewhere" / "b.mp4", seconds=1)
+    for bad in ("../elsewhere/b.mp4", str(tmp_path / "elsewhere" / "b.mp4")):
+        p = write_jsonl(tmp_path / "ann" / "bad.jsonl", [row(video=bad)])
+        with pytest.raises(DataError, match="escapes dataset root"):
+            read_jsonl(p, MER2023_LABELS, media_root=tmp_path / "clips")
+
+
+def test_decoded_media_arrays_are_writable(tmp_path):
+    """The processor hands frames to torch.from_numpy, which warns on read-only arrays (the views
+    np.frombuffer gives of the Arrow bytes): the dataset serves writable copies."""
+    write_mp4(tmp_path / "media" / "a.mp4", seconds=1)
+    samples = read_jsonl(write_jsonl(tmp_path / "d.jsonl", [row()]), MER2023_LABELS)
+    _, media = MerDataset(samples, build_media_dataset(samples, OPTS, tmp_path / "cache"), OPTS)[0]
+    assert media.frames.flags.writeable and media.audio.flags.writeable
 
 
 def test_symlink_escaping_root_is_refused(tmp_path):

@@ -33,14 +33,14 @@ from mllm_mer.fusion.dcr.ada import (
     save_arbiter,
 )
 from mllm_mer.fusion.dcr.afd import afd_loss, aggregate_evidence, teacher_distribution
-from mllm_mer.fusion.dcr.collate import PATHS, UnimodalPathCollator
-from mllm_mer.fusion.dcr.config import ArbiterConfig
+from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
+from mllm_mer.fusion.dcr.config import PATHS, ArbiterConfig
 from mllm_mer.fusion.dcr.paths import adapter_name
 from mllm_mer.fusion.dcr.report import fuse_or_drop_report
 from mllm_mer.model import build_mer_model
 from mllm_mer.prompts import load_prompt
 from mllm_mer.trainable import apply_trainable
-from mllm_mer.training import save_final
+from mllm_mer.training.run_dir import save_final
 
 OPTS = DecodeOptions(fps=4.0, max_frames=32, sample_rate=16000, max_audio_seconds=30.0)
 
@@ -105,7 +105,7 @@ def test_sample_without_audio_is_masked_out_of_the_audio_path(tiny_backbone_dir,
     model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     apply_trainable(model, cfg)
     out = model(batch)
-    assert not out.dcr.present["audio"].any() and out.dcr.present["video"].all()
+    assert not out.parts["dcr"].present["audio"].any() and out.parts["dcr"].present["video"].all()
     assert float(out.aux_losses["dcr_audio"]) == 0.0
     out.loss.backward()  # the empty path still joins the graph (DDP sees every parameter used)
     assert all(p.grad is not None for n, p in model.named_parameters() if "fusion_audio" in n)
@@ -124,7 +124,7 @@ def test_paths_forward_backward_and_adapters(tiny_backbone_dir, any_backbone, it
     assert all(v.shape == (3, 6) for v in out.cls_logits.values())
     assert {"dcr_text", "dcr_audio", "dcr_video", "dcr_afd"} <= set(out.aux_losses)
     # the student feed starts at exactly 0: "fused" is the fused head's own output at initialisation
-    torch.testing.assert_close(out.dcr.feed, torch.zeros(3, 6))
+    torch.testing.assert_close(out.parts["dcr"].feed, torch.zeros(3, 6))
     expected = (
         out.lm_loss + out.cls_loss + sum(model.aux_loss_weights[k] * v for k, v in out.aux_losses.items())
     )
@@ -151,9 +151,9 @@ def test_staged_schedule_holds_afd_and_feed_until_stage_two(tiny_backbone_dir, a
         model.fusion_dcr_feed.gate.fill_(1.0)
     batch = path_collator(any_backbone)(items)
     early = model({**batch, "train_step": 2})
-    assert float(early.aux_losses["dcr_afd"]) == 0.0 and float(early.dcr.feed.abs().sum()) == 0.0
+    assert float(early.aux_losses["dcr_afd"]) == 0.0 and float(early.parts["dcr"].feed.abs().sum()) == 0.0
     late = model({**batch, "train_step": 5})
-    assert float(late.aux_losses["dcr_afd"]) > 0.0 and float(late.dcr.feed.abs().sum()) > 0.0
+    assert float(late.aux_losses["dcr_afd"]) > 0.0 and float(late.parts["dcr"].feed.abs().sum()) > 0.0
 
 
 def test_all_adapters_and_heads_save_and_reload(tiny_backbone_dir, any_backbone, items, tmp_path):

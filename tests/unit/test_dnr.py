@@ -20,7 +20,7 @@ from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.dataset import DecodeOptions, MerDataset, build_media_dataset
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.data.schema import MER2023_LABELS
-from mllm_mer.fusion.dnr import (
+from mllm_mer.fusion.dnr.model import (
     COMPONENTS,
     DIVIDE_PREFIX,
     DnRConfig,
@@ -270,15 +270,15 @@ def build(tiny_backbone_dir, *overrides):
 def test_plugin_off_and_on_at_init_leave_the_fused_logits_bitwise_unchanged(tiny_backbone_dir, batch):
     off, _ = build(tiny_backbone_dir)
     on, _ = build(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=8")
-    assert off.fusion_dnr is None and not any(k.startswith("fusion_dnr") for k in off.state_dict())
+    assert not hasattr(off, "fusion_dnr") and not any(k.startswith("fusion_dnr") for k in off.state_dict())
     assert set(off.head_state_dict()) < set(on.head_state_dict())
     off.eval(), on.eval()
     with torch.no_grad():
         a, b = off(batch), on(batch)
     assert torch.equal(a.cls_logits["fused"], b.cls_logits["fused"])
     assert torch.equal(a.cls_loss, b.cls_loss) and torch.equal(a.lm_loss, b.lm_loss)
-    assert a.dnr is None and not any(k.startswith("dnr_") for k in a.aux_losses)
-    assert off.explain(a) is None and len(on.explain(b)) == 3
+    assert "dnr" not in a.parts and not any(k.startswith("dnr_") for k in a.aux_losses)
+    assert off.explain(a) == {} and len(on.explain(b)["dnr_ablation"]) == 3
     assert set(b.aux_losses) == {"dnr_push", "dnr_pull", "dnr_synergy"}  # eval mode: no Refine
     # the weighted DnR objectives are in the total loss
     w = on.aux_loss_weights
@@ -343,7 +343,7 @@ def test_evaluation_report_renders_dnr_ablation(tmp_path: Path):
 def test_init_from_loads_divide_weights_and_refuses_mismatches(tmp_path: Path):
     from safetensors.torch import save_file
 
-    from mllm_mer.fusion.dnr import load_divide_weights
+    from mllm_mer.fusion.dnr.model import load_divide_weights
 
     torch.manual_seed(0)
     source = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))

@@ -21,10 +21,10 @@ from eval.emotion_wheel import (  # noqa: E402
     emotion_wheel_score,
     load_wheel_tables,
     map_to_wheel,
-    parse_openset,
     read_openset_csv,
     wheel_group,
 )
+from mllm_mer.data.readers import split_openset_cell  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # a tiny, hand-made table set
@@ -187,14 +187,14 @@ def test_inconsistent_tables_are_refused():
         ("]", []),
     ],
 )
-def test_parse_openset_follows_mertools(text, words):
-    assert parse_openset(text) == words
+def test_split_openset_cell_follows_mertools(text, words):
+    assert split_openset_cell(text) == words
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "[['a'], ['b']]", "[None]", "["])
-def test_parse_openset_rejects_malformed_lists(text):
+def test_split_openset_cell_rejects_malformed_lists(text):
     with pytest.raises(ValueError, match="unparseable list"):
-        parse_openset(text)
+        split_openset_cell(text)
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> Path:

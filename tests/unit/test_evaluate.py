@@ -1,4 +1,4 @@
-"""`scripts/evaluate.py`, `eval/tasks.py` and `eval/report.py` on tiny hand-made files, one per task.
+"""`scripts/evaluate.py`, `eval/tasks/` and `eval/report.py` on tiny hand-made files, one per task.
 
 Expected numbers are worked by hand in the comments; the judge is a scripted `Judge` subclass (no network).
 """
@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from eval import tasks
 from eval.judge import JudgeResult
 from eval.report import report_paths, write_report
-from eval.tasks import EvalOptions, read_predictions, run_task
+from eval.tasks import EvalOptions, emer, read_predictions, run_task
 from mllm_mer.labels import LABEL_MODES
 from tests.unit.test_judge import ScriptedJudge
 
@@ -348,7 +347,7 @@ class FakeProxy:
 
 
 def test_emer_judge_embedding_proxy_v2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tasks, "EmbeddingSimilarity", FakeProxy)
+    monkeypatch.setattr(emer, "EmbeddingSimilarity", FakeProxy)
     refs = write_csv(
         tmp_path / "v2.csv",
         ["name", "chinese", "english"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mllm_mer.data.schema import MER2023_LABELS
-from mllm_mer.labels import LABEL_MODES, UNKNOWN_LABEL, parse_label, parse_openset
+from mllm_mer.labels import LABEL_MODES, UNKNOWN_LABEL, parse_label, parse_openset_answer
 
 IEMOCAP_LIKE = ("angry", "happy", "sad", "neutral", "frustrated", "excited", "fearful", "surprised")
 
@@ -141,5 +141,5 @@ def test_modes_and_bad_input() -> None:
         ("self-conscious, well-being", ["self-conscious", "well-being"]),
     ],
 )
-def test_parse_openset(text: str, expected: list[str]) -> None:
-    assert parse_openset(text) == expected
+def test_parse_openset_answer(text: str, expected: list[str]) -> None:
+    assert parse_openset_answer(text) == expected

@@ -58,7 +58,7 @@ def test_no_adapter_weight_outside_the_language_model(tiny_backbone_dir, fresh, 
     On Qwen3-Omni's MoE language model peft turns the regex into leaf names (q_proj, ...) that the audio
     tower shares; `apply_lora` passes the family's `exclude_modules`.
     """
-    overrides = {"lora": [], "mose": ["mose.enabled=true"], "dcr": ["dcr.enabled=true"]}[method]
+    overrides = {"lora": [], "mose": ["adapter=mose"], "dcr": ["dcr.enabled=true"]}[method]
     model = build_mer_model(fresh, cfg_for(tiny_backbone_dir, *overrides))
     marks = (".lora_", ".mose_")
     adapted = {n for n, _ in model.named_parameters() if any(m in n for m in marks)}

@@ -8,12 +8,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from mllm_mer.adapters.mose import (
+from mllm_mer.adapters.mose import MoSEConfig
+from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord, route
+from mllm_mer.adapters.mose.model import (
     MOSE_WEIGHTS,
     GateStatsMean,
-    MoSEConfig,
-    MoSELinear,
-    RoutingRecord,
     apply_mose,
     bound_modalities,
     flatten_gate_stats,
@@ -21,7 +20,6 @@ from mllm_mer.adapters.mose import (
     modality_balance_loss,
     mose_aux_losses,
     mose_layers,
-    route,
 )
 from mllm_mer.backbone import load_backbone
 from mllm_mer.config import LM_TARGETS, ConfigError, load_config, save_config
@@ -32,14 +30,14 @@ from mllm_mer.data.schema import MER2023_LABELS, Modality
 from mllm_mer.model import build_mer_model
 from mllm_mer.prompts import load_prompt
 from mllm_mer.trainable import apply_trainable, part_of
-from mllm_mer.training import save_final
+from mllm_mer.training.run_dir import save_final
 
 TEXT, AUDIO, VIDEO = int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VIDEO)
 ROUTINGS = ("soft", "top_k", "top1_st")
 
 
 def cfg_for(tiny_backbone_dir, *overrides):
-    base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "mose.enabled=true"]
+    base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", "adapter=mose"]
     return load_config(None, [*base, *overrides])
 
 
@@ -69,7 +67,7 @@ def batches(tiny_backbone_dir, syn_dir, tmp_path_factory):
 def layer(routing: str = "soft", experts: int = 3, **kw) -> MoSELinear:
     torch.manual_seed(0)
     base = nn.Linear(16, 12).requires_grad_(False)
-    cfg = MoSEConfig(enabled=True, r=4, experts=experts, routing=routing, dropout=0.0, gate_init_scale=2.0,
+    cfg = MoSEConfig(r=4, experts=experts, routing=routing, dropout=0.0, gate_init_scale=2.0,
                      **kw)
     mose = MoSELinear(base, cfg)
     randomize(mose)
@@ -91,7 +89,7 @@ def test_config_defaults_and_errors():
 # ---------------------------------------------------------------------------------------------- layer
 def test_fresh_layer_is_a_noop_and_refuses_to_run_unbound():
     base = nn.Linear(16, 12)
-    mose = MoSELinear(base, MoSEConfig(enabled=True, experts=2))
+    mose = MoSELinear(base, MoSEConfig(experts=2))
     x = torch.randn(2, 5, 16)
     tm = torch.tensor([[0, 1, 1, 2, 0], [2, 2, 0, 1, 0]])
     torch.testing.assert_close(mose(x, token_modality=tm), base(x), rtol=0, atol=0)
@@ -203,11 +201,11 @@ def test_regularizers_zero_exactly_at_balance_and_positive_away():
 # ---------------------------------------------------------------------------------- model integration
 def test_apply_mose_targets_exactly_the_language_model_attention(tiny_backbone_dir):
     bb = load_backbone(tiny_backbone_dir)
-    names = apply_mose(bb.model, MoSEConfig(enabled=True))
+    names = apply_mose(bb.model, MoSEConfig())
     expected = sorted(f"model.language_model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
     assert names == expected and len(mose_layers(bb.model)) == 8
     with pytest.raises(ValueError, match="already applied"):
-        apply_mose(bb.model, MoSEConfig(enabled=True))
+        apply_mose(bb.model, MoSEConfig())
     with pytest.raises(ValueError, match="matches no module"):
         apply_mose(load_backbone(tiny_backbone_dir).model, MoSEConfig(target_modules=r".*nothing_here"))
     with pytest.raises(ValueError, match="outside the language model"):
@@ -215,7 +213,7 @@ def test_apply_mose_targets_exactly_the_language_model_attention(tiny_backbone_d
 
 
 def test_only_mose_and_heads_train(tiny_backbone_dir):
-    cfg = cfg_for(tiny_backbone_dir)  # lora.enabled stays true: MoSE replaces it
+    cfg = cfg_for(tiny_backbone_dir)  # adapter=mose: no peft LoRA at all
     model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)
     counts = apply_trainable(model, cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -324,7 +322,7 @@ def test_generate_with_kv_cache_matches_uncached(tiny_backbone_dir, batches):
                                     "pixel_values_videos", "video_grid_thw", "video_second_per_grid")}
     kw = {"max_new_tokens": 6, "do_sample": False, "use_audio_in_video": infer["use_audio_in_video"],
           "pad_token_id": 0}
-    with torch.no_grad(), model.routing(infer["token_modality"]):
+    with torch.no_grad(), model.backbone_scope(infer["token_modality"]):
         cached = model.backbone.generate(**inputs, use_cache=True, **kw)
         uncached = model.backbone.generate(**inputs, use_cache=False, **kw)
         beams = model.backbone.generate(**inputs, use_cache=True, num_beams=2, **kw)

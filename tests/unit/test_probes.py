@@ -9,7 +9,9 @@ import torch
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.data.schema import MER2023_LABELS, Modality, Sample
 from mllm_mer.fusion.heads import pool_by_modality
+from mllm_mer.generation import inference_loader, load_for_inference
 from mllm_mer.probes import PooledFeatures, fit_probe, pooled_hidden_states, probe_report, probe_targets
+from mllm_mer.prompts import load_prompt
 
 
 def _samples(n: int, rng: np.random.Generator, prefix: str) -> list[Sample]:
@@ -103,12 +105,9 @@ def test_probe_report_rejects_misaligned_features_and_skips_one_class_targets():
 
 
 def test_pooled_hidden_states_on_the_tiny_twin(tiny_dir, syn_dir):
-    from mllm_mer.generation import build_inference_loader, load_for_inference
-    from mllm_mer.prompts import load_prompt
-
     model = load_for_inference(model_path=str(tiny_dir))
     samples = read_jsonl(syn_dir / "dev.jsonl", MER2023_LABELS)[:3]
-    loader = build_inference_loader(model, samples, load_prompt("label"), batch_size=2)
+    loader = inference_loader(model, samples, load_prompt("label"), batch_size=2)
     pooled = pooled_hidden_states(model.backbone.model, loader)
     layers = model.backbone.model.config.text_config.num_hidden_layers
     hidden = model.backbone.model.config.text_config.hidden_size

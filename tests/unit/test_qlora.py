@@ -11,12 +11,13 @@ import torch
 from mllm_mer.backbone import load_backbone
 from mllm_mer.backbone.tiny import TinySpec, ensure_tiny_thinker
 from mllm_mer.config import ConfigError, load_config
-from mllm_mer.data.dataset import MerDataset, build_media_dataset
+from mllm_mer.data.dataset import MerDataset, build_media_dataset, decode_options
 from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.loading import build_collator
 from mllm_mer.data.schema import MER2023_LABELS
 from mllm_mer.model import build_mer_model
 from mllm_mer.trainable import apply_trainable
-from mllm_mer.training import build_collator, build_optimizer, decode_options
+from mllm_mer.training.loop import build_optimizer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed ([qlora])"

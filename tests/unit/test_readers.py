@@ -467,3 +467,18 @@ def test_read_swift_jsonl(tmp_path):
     path.write_text(json.dumps(conv) + "\n")
     with pytest.raises(ValueError, match=r"line 1: expected a list under 'messages'"):
         read_swift_jsonl(path)
+
+
+def test_chat_jsonl_lines_split_on_newlines_only(tmp_path):
+    """A U+2028 or U+0085 inside a JSON string stays in its line (str.splitlines would cut the record)."""
+    _touch(tmp_path / "v" / "x.mp4")
+    record = {"id": "x", "messages": [{"role": "user", "content": "<video>Calm\u2028or\x85not?"},
+                                      {"role": "assistant", "content": "neutral"}],
+              "videos": ["v/x.mp4"]}  # fmt: skip
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\r\n\r\n" + "{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 3: invalid JSON"):
+        read_swift_jsonl(path)
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    (s,) = read_swift_jsonl(path)
+    assert (s.id, s.label) == ("x", "neutral")

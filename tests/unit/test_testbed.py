@@ -27,18 +27,35 @@ def test_stage0_spec_is_deeper_than_the_test_twin():
     assert TinySpec().text_layers == 2 and not TinySpec().explain_corpus  # the tests' twin is unchanged
 
 
-def test_stage0_key_covers_seed_and_overrides(tmp_path):
-    assert stage0_key(0) == stage0_key(0) != stage0_key(1)
-    assert stage0_key(0, ["train.epochs=1"]) not in (stage0_key(0), stage0_key(0, ["train.epochs=2"]))
-    assert stage0_dir(tmp_path, 3).name == f"stage0-{stage0_key(3)}"
+def test_stage0_key_covers_config_seed_and_overrides(tmp_path):
+    text = "train:\n  epochs: 6\n"
+    assert stage0_key(text, 0) == stage0_key(text, 0) != stage0_key(text, 1)
+    assert stage0_key(text, 0) != stage0_key(text.replace("6", "5"), 0)
+    assert stage0_key(text, 0, ["train.epochs=1"]) not in (stage0_key(text, 0), stage0_key(text, 0, ["train.epochs=2"]))
+    assert stage0_dir(text, tmp_path, 3).name == f"stage0-{stage0_key(text, 3)}"
 
 
-def test_pretrain_script_prints_the_cached_backbone_last(tmp_path, capsys):
+def pretrain_script():
     spec = importlib.util.spec_from_file_location("pretrain_tiny", REPO / "scripts" / "pretrain_tiny.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    backbone = stage0_dir(tmp_path, 0, ["train.epochs=1"]) / "backbone"
+    return module
+
+
+def test_pretrain_script_prints_the_cached_backbone_last(tmp_path, capsys):
+    module = pretrain_script()
+    config_text = (REPO / "configs" / "pretrain_tiny.yaml").read_text()
+    backbone = stage0_dir(config_text, tmp_path, 0, ["train.epochs=1"]) / "backbone"
+    assert module.backbone_dir(tmp_path, 0, ["train.epochs=1"]) == backbone
     backbone.mkdir(parents=True)
     (backbone / "config.json").write_text("{}")
     assert module.main(["--root", str(tmp_path), "train.epochs=1"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(backbone)
+
+
+def test_ensure_stage0_backbone_finds_the_cached_one_without_training(tmp_path):
+    module = pretrain_script()
+    backbone = module.backbone_dir(tmp_path, 2)
+    backbone.mkdir(parents=True)
+    (backbone / "config.json").write_text("{}")
+    assert module.ensure_stage0_backbone(tmp_path, 2) == backbone

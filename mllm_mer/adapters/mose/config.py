@@ -5,8 +5,7 @@ matrices, a gate that selects the expert per modality, dynamic modality weights,
 code or formulas are public. Every value and formula behind these fields is therefore our choice; the
 README section "MoSE" and `mllm_mer.adapters.mose.layer` / `.model` state them.
 
-This module imports nothing from `mllm_mer.config` (which imports it), so the default target regex is
-written out here; `tests/unit/test_mose.py` checks that it equals `mllm_mer.config.LM_TARGETS`.
+Torch-free: `mllm_mer.config` imports this module, and importing the config must not import torch.
 """
 
 from __future__ import annotations
@@ -14,16 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mllm_mer.adapters.lora.config import LM_TARGETS
+from mllm_mer.checks import range_problems
+
 ROUTINGS = ("soft", "top_k", "top1_st")
 
 
 @dataclass(frozen=True)
 class MoSEConfig:
-    """Modality-specific LoRA experts on the language model (replaces plain LoRA when enabled)."""
+    """Modality-specific LoRA experts on the language model (`adapter: mose`)."""
 
-    enabled: bool = False
-    """Use MoSE instead of plain LoRA on `target_modules` (`lora.*` is then unused, whatever
-    `lora.enabled` says)."""
     r: int = 8
     """Rank of the shared A matrix and of every expert B matrix."""
     alpha: float = 16.0
@@ -49,15 +48,26 @@ class MoSEConfig:
     """Weight of the within-group load-balance loss (`aux_losses["mose_load_balance"]`) in the total loss."""
     modality_balance_weight: float = 0.1
     """Weight of the audio-vs-video balance loss (`aux_losses["mose_modality_balance"]`) in the total loss."""
-    target_modules: str = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    target_modules: str = LM_TARGETS
     """Regex (full match) over module names; every match must be an nn.Linear inside the language model."""
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
+        """Every problem with these values, one line each (empty = valid)."""
+        errors = range_problems("mose", self, {
+            "r": (1, None), "alpha": (0, None), "dropout": (0, 0.999), "experts": (1, None), "top_k": (1, None),
+            "gate_init_scale": (0, None), "load_balance_weight": (0, None), "modality_balance_weight": (0, None),
+        })
         if self.routing == "top_k" and not 1 <= self.top_k <= self.experts:
-            raise ValueError(
+            errors.append(
                 f"mose.top_k={self.top_k} must lie in [1, mose.experts={self.experts}] with "
                 f"mose.routing=top_k; lower mose.top_k or raise mose.experts"
             )
+        return errors
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """{aux loss name: weight in the total loss} of the MoSE regularizers."""
+        return {"mose_load_balance": self.load_balance_weight, "mose_modality_balance": self.modality_balance_weight}
 
     @property
     def scaling(self) -> float:

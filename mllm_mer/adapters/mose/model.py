@@ -318,7 +318,7 @@ def load_mose_weights(model: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run was not trained with mose.enabled=true")
+        raise FileNotFoundError(f"{path} not found: the run was not trained with adapter=mose")
     saved = load_file(str(path))
     own = {k: v for k, v in model.state_dict().items() if PARAM_MARK in k}
     if set(saved) != set(own):

@@ -24,8 +24,6 @@ from mllm_mer.data.collate import MerCollator
 from mllm_mer.data.media import DecodedMedia
 from mllm_mer.data.schema import Sample
 
-PATHS: tuple[str, ...] = ("text", "audio", "video")
-"""The unimodal paths, in order."""
 PATH_INPUTS: dict[str, tuple[bool, bool]] = {
     "text": (False, False),
     "audio": (False, True),

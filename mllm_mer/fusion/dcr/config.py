@@ -6,13 +6,18 @@ class evidence; Path II (ADA) is a contextual bandit that picks the fused predic
 sample. Every formula and default behind these fields is therefore our choice; the README section "DCR"
 and the docstrings of `mllm_mer.fusion.dcr.afd` / `.ada` / `.paths` state them.
 
-This module imports nothing from `mllm_mer.config` (which imports it).
+Torch-free: `mllm_mer.config` imports this module, and importing the config must not import torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from mllm_mer.checks import range_problems
+
+PATHS: tuple[str, ...] = ("text", "audio", "video")
+"""The unimodal paths, in order."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +68,17 @@ class DCRConfig:
     feed_student: bool = True
     """Add g * log_softmax(text logits) (detached; g a learned scalar, 0 at start) to the fused logits."""
     arbiter: ArbiterConfig = field(default_factory=ArbiterConfig)
+
+    def problems(self) -> list[str]:
+        """Every problem with these values, one line each (empty = valid)."""
+        return range_problems("dcr", self, {
+            "stage1_steps": (0, None), "path_loss_weight": (0, None), "afd_weight": (0, None),
+            "afd_temperature": (0.05, None), "afd_agreement_power": (0, None),
+        }) + range_problems("dcr.arbiter", self.arbiter, {
+            "ridge": (1e-6, None), "alpha": (0, None), "calibration_weight": (0, None), "epochs": (1, None),
+        })
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weights of the DCR entries of `MerOutput.aux_losses` in the total loss."""
+        return {**{f"dcr_{p}": self.path_loss_weight for p in PATHS}, "dcr_afd": self.afd_weight}

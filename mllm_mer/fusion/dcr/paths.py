@@ -29,18 +29,17 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_mer.data.collate import MODEL_INPUT_KEYS
 from mllm_mer.data.schema import Modality
 from mllm_mer.encoders import backbone_inputs
 from mllm_mer.fusion.dcr.afd import afd_loss, aggregate_evidence
-from mllm_mer.fusion.dcr.collate import PATHS
-from mllm_mer.fusion.dcr.config import DCRConfig
+from mllm_mer.fusion.dcr.config import PATHS, DCRConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,39 +141,25 @@ def checkpoint_context_fn(
     return context_fn
 
 
-def attach_path_adapters(model: nn.Module, run_dir: str | Path | None = None) -> list[str]:
-    """Add (fresh, or loaded from `<run_dir>/adapter/dcr_<path>`) one LoRA adapter per unimodal path.
+def attach_path_adapters(model: nn.Module) -> list[str]:
+    """Add one fresh LoRA adapter per unimodal path (`dcr_<path>`), copying the "default" adapter's settings.
 
-    Fresh adapters copy the "default" adapter's settings (`lora.*`); B starts at zero, so every path starts
-    as the frozen backbone. The active adapter stays "default".
+    B starts at zero, so every path starts as the frozen backbone. The active adapter stays "default".
 
     Args:
         model: the peft-wrapped thinker (anything else: nothing is added, a warning is logged).
-        run_dir: a finished DCR run to load the adapters from; None = fresh adapters.
     Returns:
         The adapter names added.
-    Raises:
-        FileNotFoundError: `run_dir` lacks a path adapter (the run was not trained with dcr.enabled).
     """
     if not isinstance(model, peft.PeftModel):
         log.warning(
-            "dcr: the backbone has no peft LoRA adapter (MoSE, or lora.enabled=false); the unimodal paths "
+            "dcr: the backbone has no peft LoRA adapter (adapter=mose or adapter=none); the unimodal paths "
             "share the backbone's adapter and differ only in their inputs and heads"
         )
         return []
-    names = []
-    for path in PATHS:
-        name = adapter_name(path)
-        if run_dir is None:
-            model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
-        else:
-            folder = Path(run_dir) / "adapter" / name
-            if not (folder / "adapter_config.json").is_file():
-                raise FileNotFoundError(
-                    f"{folder} is missing: {run_dir} was not trained with dcr.enabled=true (or is incomplete)"
-                )
-            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        names.append(name)
+    names = [adapter_name(path) for path in PATHS]
+    for name in names:
+        model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
     return names
 
 
@@ -201,16 +186,11 @@ def stage_two(cfg: DCRConfig, train_step: int | None) -> bool:
     return cfg.schedule == "joint" or train_step is None or train_step >= cfg.stage1_steps
 
 
-def loss_weights(cfg: DCRConfig) -> dict[str, float]:
-    """Weights of the DCR entries of `MerOutput.aux_losses` in the total loss."""
-    return {**{f"dcr_{p}": cfg.path_loss_weight for p in PATHS}, "dcr_afd": cfg.afd_weight}
-
-
 def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
     """Run every unimodal path of `batch["paths"]` and compute the DCR losses.
 
     Args:
-        mer: the MerModel (uses `backbone`, `routing`, `fusion_<path>`, `fusion_dcr_feed`, `dcr`).
+        mer: the MerModel (uses `backbone`, `backbone_scope`, `fusion_<path>`, `fusion_dcr_feed`, `cfg.dcr`).
         batch: a collated batch with `paths` (see `mllm_mer.fusion.dcr.collate`), optional `class_id` (B,)
             and `train_step` (int, set by the training loop).
     Returns:
@@ -218,13 +198,11 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
     Raises:
         ValueError: the batch has no `paths` (the loader was not built with the DCR collator).
     """
-    from mllm_mer.model import _MODEL_INPUTS  # model.py imports this module
-
-    cfg: DCRConfig = mer.dcr
+    cfg: DCRConfig = mer.cfg.dcr
     if "paths" not in batch:
         raise ValueError(
             "dcr.enabled=true but the batch has no 'paths': build the loader's collator with "
-            "mllm_mer.fusion.dcr.collate.UnimodalPathCollator (training.build_collator does)"
+            "mllm_mer.fusion.dcr.collate.UnimodalPathCollator (mllm_mer.data.loading.build_collator does)"
         )
     logits: dict[str, torch.Tensor] = {}
     token_logits: dict[str, torch.Tensor] = {}
@@ -233,8 +211,8 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         sub = batch["paths"][path]
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
             raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
-        inputs = backbone_inputs(mer.backbone, sub, _MODEL_INPUTS)  # cache / ZeRO-3: inputs_embeds
-        with active_adapter(mer.backbone, adapter_name(path)), mer.routing(sub["token_modality"]):
+        inputs = backbone_inputs(mer.backbone, sub, MODEL_INPUT_KEYS)  # cache / ZeRO-3: inputs_embeds
+        with active_adapter(mer.backbone, adapter_name(path)), mer.backbone_scope(sub["token_modality"]):
             out = mer.backbone(
                 **inputs,
                 use_audio_in_video=bool(sub.get("use_audio_in_video", False)),

@@ -1,0 +1,81 @@
+"""The `DCR` method (`dcr.enabled`): unimodal paths with their own adapters and heads, AFD and the student feed.
+
+Hooks: `apply` adds one peft LoRA adapter per path (`mllm_mer.fusion.dcr.paths.attach_path_adapters`),
+`add_heads` the path heads and the student feed, `contribute` runs the paths on the batch's unimodal
+sub-batches (`wrap_collator` adds them; `input_variants` tells the frozen-encoder cache which prompt variants
+they need) and adds their logits, losses and feed. The path adapters are saved by peft with the "default"
+adapter (`adapter/dcr_<path>/`) and loaded back here. The ADA arbiter is fitted after training
+(`scripts/fit_arbiter.py`, `arbiter.json`) and read by `mllm_mer.generation`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import peft
+from torch import nn
+
+from mllm_mer.adapters.lora.method import ADAPTER_DIR, ADAPTER_WEIGHTS, load_adapter_weights
+from mllm_mer.config import RunConfig
+from mllm_mer.fusion.dcr.collate import PATH_INPUTS, UnimodalPathCollator
+from mllm_mer.fusion.dcr.config import PATHS
+from mllm_mer.fusion.dcr.paths import (
+    StudentFeed,
+    UnimodalHead,
+    adapter_name,
+    attach_path_adapters,
+    checkpoint_context_fn,
+    run_unimodal_paths,
+)
+from mllm_mer.methods import ForwardState, Method
+
+
+class DCRMethod(Method):
+    """Dual-path conflict resolution (after "To Fuse or to Drop?", 2026); see `mllm_mer.fusion.dcr`."""
+
+    name = "dcr"
+    section = "dcr"
+
+    def apply(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
+        attach_path_adapters(model)
+        return model
+
+    def add_heads(self, mer: nn.Module, cfg: RunConfig) -> None:
+        for path in PATHS:
+            setattr(mer, f"fusion_{path}", UnimodalHead(mer.hidden_size, mer.num_classes))
+        mer.fusion_dcr_feed = StudentFeed()
+
+    def checkpoint_context(self, model: nn.Module):
+        return checkpoint_context_fn(model) if isinstance(model, peft.PeftModel) else None
+
+    def contribute(self, mer: nn.Module, state: ForwardState) -> None:
+        paths = run_unimodal_paths(mer, state.batch)
+        if paths.feed is not None:  # the text student feeds "fused"
+            state.logits = state.logits + paths.feed
+        state.path_logits.update(paths.logits)
+        state.aux_losses.update(paths.losses)
+        state.parts[self.name] = paths
+
+    def wrap_collator(self, collator, cfg: RunConfig):
+        return UnimodalPathCollator(collator)
+
+    def input_variants(self, cfg: RunConfig) -> set[tuple[bool, bool]]:
+        return set(PATH_INPUTS.values())
+
+    def files(self, cfg: RunConfig) -> tuple[str, ...]:
+        if cfg.adapter != "lora":  # the paths share the backbone's adapter (see attach_path_adapters)
+            return ()
+        return tuple(f"{ADAPTER_DIR}/{adapter_name(p)}/{name}" for p in PATHS
+                     for name in ("adapter_config.json", ADAPTER_WEIGHTS))
+
+    def load(self, mer: nn.Module, run_dir: Path, cfg: RunConfig) -> None:
+        if isinstance(mer.backbone, peft.PeftModel):
+            for path in PATHS:
+                load_adapter_weights(mer.backbone, run_dir / ADAPTER_DIR / adapter_name(path), adapter_name(path),
+                                     "the run was not trained with dcr.enabled=true (or is incomplete)")
+
+    def export_note(self, cfg: RunConfig) -> str:
+        return "DCR unimodal paths and the ADA arbiter (adapter/<path>, arbiter.json)"
+
+
+DCR = DCRMethod()
