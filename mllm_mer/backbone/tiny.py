@@ -42,7 +42,13 @@ from transformers import (
 
 from mllm_mer.backbone.families import QWEN2_5_OMNI, family_named
 from mllm_mer.backbone.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
-from mllm_mer.backbone.tiny_spec import ADDED_SPEC_FIELDS, CHAT_TEMPLATE, SPECIAL_TOKENS, TinySpec, build_tiny_tokenizer
+from mllm_mer.backbone.tiny_spec import (
+    ADDED_SPEC_FIELDS,
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    TinySpec,
+    build_tiny_tokenizer,
+)
 
 
 def build_tiny_processor(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5OmniProcessor:
