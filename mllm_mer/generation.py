@@ -4,6 +4,11 @@
 weights, heads) or loads a base backbone for zero-shot use. `generate_rows` renders each sample's prompt from
 `prompts/`, generates with left padding (greedy by default; settings in `cfg.generate`), parses the label and,
 when the run has heads, adds the fused head's class probabilities. Every row records the prompt name and hash.
+
+The primary prediction of every row (`label`) is the model's *answer*, as CA-MER scores it: greedy
+generation parsed by `mllm_mer.labels.parse_label` (`label_source: "generated"`; a one-word prompt such as
+`label` generates only as many tokens as the longest label word needs). The fused head's argmax
+(`head_label`) and DCR's arbiter choice (`arbiter_label`) are extra columns, never swapped in.
 Both `generate_rows` and `predict_rows` run each batch inside the active methods' inference scopes
 (`MerModel.inference_scope`: e.g. AR's attention reallocation with `ar.enabled`, MoSE's routing).
 """
@@ -22,7 +27,7 @@ from tqdm.auto import tqdm
 import mllm_mer
 from mllm_mer.backbone import Backbone, load_backbone
 from mllm_mer.config import GenerateConfig, RunConfig, config_from_dict, config_to_dict, load_run_config
-from mllm_mer.data.collate import model_inputs
+from mllm_mer.data.collate import ANSWER_END, model_inputs
 from mllm_mer.data.loading import build_inference_loader
 from mllm_mer.data.schema import Sample
 from mllm_mer.fusion.dcr.ada import ARBITER_FILE, Arbiter, add_arbiter_path, load_run_arbiter
@@ -96,6 +101,43 @@ def inference_scope(model: InferenceModel, batch: dict) -> Iterator[None]:
         yield
 
 
+def answers_with_label_first(prompt: PromptTemplate) -> bool:
+    """Whether the prompt's answer starts with the label (e.g. `label`): the answer is a few tokens long."""
+    return prompt.answer.strip().startswith("{label}")
+
+
+def label_answer_tokens(tokenizer, labels: Sequence[str]) -> int:
+    """Tokens of the longest label word plus the turn's end: enough new tokens for a one-word answer."""
+    return max(len(tokenizer(label + ANSWER_END, add_special_tokens=False)["input_ids"]) for label in labels)
+
+
+def _gen_kwargs(model: InferenceModel, options: GenerateConfig) -> dict:
+    kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
+              "pad_token_id": model.backbone.token_ids.pad, "eos_token_id": model.backbone.token_ids.eos}
+    if options.do_sample:
+        kwargs.update(temperature=options.temperature, top_p=options.top_p)
+    return kwargs
+
+
+def _generate(model: InferenceModel, batch: dict, gen_kwargs: dict) -> list[str]:
+    """Decode one prompt-only batch (call inside `inference_scope`); the new text of each row, stripped."""
+    out = model.generator.generate(**model_inputs(batch), use_audio_in_video=batch["use_audio_in_video"],
+                                   **gen_kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    texts = model.backbone.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def _head_columns(labels: list[str], probs: dict[str, torch.Tensor], arms: list[str] | None, i: int) -> dict:
+    """A row's head columns: `head_label` (fused argmax), `probs` per path, `arbiter_label` / `arm` (DCR)."""
+    row = {"head_label": labels[int(probs["fused"][i].argmax())],
+           "probs": {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}}
+    if arms is not None:
+        row["arbiter_label"] = labels[int(probs["arbiter"][i].argmax())]
+        row["arm"] = arms[i]
+    return row
+
+
 @torch.no_grad()
 def generate_rows(
     model: InferenceModel, samples: Sequence[Sample], options: GenerateConfig | None = None, progress: bool = True,
@@ -108,40 +150,32 @@ def generate_rows(
         options: decoding settings (default: the run's `cfg.generate`).
         progress: show a progress bar.
     Yields:
-        {"id", "prompt", "prompt_sha256", "text", "label" (parsed from `text`), "labels_ov" (prompt "ov"),
-        "probs" ({path: {label: p}}, runs with heads), "arm" (runs with a fitted DCR arbiter)}.
+        {"id", "prompt", "prompt_sha256", "text", "label" (parsed from `text`), "label_source" ("generated"),
+        "labels_ov" (prompt "ov"), and for runs with heads "head_label" (fused head's argmax) and "probs"
+        ({path: {label: p}}); with a fitted DCR arbiter also "arbiter_label" and "arm"}.
     """
     options = options or model.cfg.generate
     prompt = load_prompt(options.prompt)
     labels = list(model.cfg.data.labels)
     loader = inference_loader(model, samples, prompt, options.batch_size)
-    tok = model.backbone.processor.tokenizer
-    gen_kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
-                  "pad_token_id": model.backbone.token_ids.pad, "eos_token_id": model.backbone.token_ids.eos}
-    if options.do_sample:
-        gen_kwargs.update(temperature=options.temperature, top_p=options.top_p)
+    gen_kwargs = _gen_kwargs(model, options)
     for batch in tqdm(loader, disable=not progress, desc="generate"):
         probs = None
         with inference_scope(model, batch):  # e.g. AR; MoSE routing (generated tokens count as text)
-            out = model.generator.generate(**model_inputs(batch), use_audio_in_video=batch["use_audio_in_video"],
-                                           **gen_kwargs)
+            texts = _generate(model, batch, gen_kwargs)
             if model.mer is not None:
                 logits = model.mer(batch, compute_lm_loss=False).cls_logits
                 probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
         arms = None
         if probs is not None and model.arbiter is not None:  # DCR: the path the arbiter picks, as "arbiter"
             probs, arms = add_arbiter_path(model.arbiter, probs)
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
         for i, (sid, text) in enumerate(zip(batch["sample_ids"], texts, strict=True)):
-            row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text.strip(),
-                   "label": parse_label(text, labels, mode=options.label_mode)}
+            row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text,
+                   "label": parse_label(text, labels, mode=options.label_mode), "label_source": "generated"}
             if prompt.name == "ov":
                 row["labels_ov"] = parse_openset_answer(text)
             if probs is not None:
-                row["probs"] = {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}
-            if arms is not None:
-                row["arm"] = arms[i]
+                row.update(_head_columns(labels, probs, arms, i))
             yield row
 
 
@@ -150,37 +184,46 @@ def predict_rows(
     model: InferenceModel, samples: Sequence[Sample], batch_size: int = 16, prompt_name: str | None = None,
     progress: bool = False, *, use_video: bool = True, use_audio: bool = True,
 ) -> Iterator[dict]:
-    """Classification-head predictions without generation: one row per sample, in order.
+    """Predictions of a trained run: one row per sample, in order; `label` is the model's generated answer.
+
+    The answer is decoded greedily with the given prompt (default `cfg.data.prompt`: the prompt the model was
+    trained on) and parsed (`cfg.generate.label_mode`); for a prompt whose answer starts with the label only
+    `label_answer_tokens` new tokens are generated, else `cfg.generate.max_new_tokens`.
 
     `use_video=False` / `use_audio=False` remove that modality from every prompt (not zeroed: its tokens
     are absent, as for a unimodal path), e.g. for unimodal recognition in `scripts/bias_report.py`; the
     fused-path batch changes, DCR's unimodal sub-batches do not.
 
-    Rows: `id`, `label` (argmax of the fused head), `probs` ({path: {label: p}}; with DCR also "text",
-    "audio", "video" and, when the run has a fitted `arbiter.json`, "arbiter", with the chosen `arm`) and the
-    active methods' explanations (`MerModel.explain`, e.g. DnR's `dnr_ablation`). The forward runs inside the
-    methods' inference scopes (e.g. AR with `ar.enabled`: the last prompt position is the targeted query).
+    Rows: `id`, `label`, `label_source` ("generated"), `text` (the generated answer), `head_label` (argmax
+    of the fused head), `probs` ({path: {label: p}}; with DCR also "text", "audio", "video" and, when the run
+    has a fitted `arbiter.json`, "arbiter", with `arbiter_label` and the chosen `arm`) and the active methods'
+    explanations (`MerModel.explain`, e.g. DnR's `dnr_ablation`). Everything runs inside the methods'
+    inference scopes (e.g. AR with `ar.enabled`, which acts on the generating positions).
     """
     if model.mer is None:
         raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
     labels = list(model.cfg.data.labels)
     prompt = load_prompt(prompt_name or model.cfg.data.prompt)
+    options = model.cfg.generate
+    tokens = options.max_new_tokens
+    if answers_with_label_first(prompt):
+        tokens = min(tokens, label_answer_tokens(model.backbone.processor.tokenizer, labels))
+    gen_kwargs = _gen_kwargs(model, GenerateConfig(max_new_tokens=tokens, batch_size=batch_size))
     loader = inference_loader(model, samples, prompt, batch_size, use_video=use_video, use_audio=use_audio)
     for batch in tqdm(loader, disable=not progress, desc="predict"):
         with inference_scope(model, batch):
             out = model.mer(batch, compute_lm_loss=False)
+            texts = _generate(model, batch, gen_kwargs)
         explained = model.mer.explain(out)  # e.g. DnR's component ablation per sample
         probs = {path: torch.softmax(lg, dim=-1) for path, lg in out.cls_logits.items()}
-        fused = probs["fused"].argmax(dim=-1).tolist()
         arms = None
         if model.arbiter is not None:  # DCR: the path the arbiter picks, as the "arbiter" path
             probs, arms = add_arbiter_path(model.arbiter, probs)
         for i, sid in enumerate(batch["sample_ids"]):
-            row = {"id": sid, "label": labels[fused[i]],
-                   "probs": {p: dict(zip(labels, v[i].tolist(), strict=True)) for p, v in probs.items()}}
+            row = {"id": sid, "label": parse_label(texts[i], labels, mode=options.label_mode),
+                   "label_source": "generated", "text": texts[i]}
+            row.update(_head_columns(labels, probs, arms, i))
             row.update({key: values[i] for key, values in explained.items()})
-            if arms is not None:
-                row["arm"] = arms[i]
             yield row
 
 

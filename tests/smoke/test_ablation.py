@@ -1,11 +1,14 @@
-"""bench/conflict_ablation.py end to end on the tiny random thinker (2 steps), its row planning (rows with
-keys the config does not know are skipped), and scripts/bias_report.py on the run it trained."""
+"""bench/conflict_ablation.py end to end on the tiny random thinker (2 steps, rows plain_lora + ar + dcr, 2
+seeds): the report's schema (primary prediction = the generated answer, arbiter for dcr; by_path, seeds,
+intervals), a second run whose test labels are permuted (the dev search must not change: it never reads
+test), config errors that stop the harness before it trains, and scripts/bias_report.py on a run it trained."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +17,15 @@ import pytest
 
 from mllm_mer.backbone import load_backbone
 from mllm_mer.config import ConfigError, load_config
-from mllm_mer.data.schema import SUBSETS
+from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
 from mllm_mer.model import build_mer_model
 from mllm_mer.trainable import apply_trainable
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "bench" / "conflict_ablation.py"
-ROW_KEYS = {"config", "per_subset", "weighted_f1", "audio_dominance", "trainable_params", "step_time_ratio"}
+ROW_KEYS = {"config", "primary_path", "per_subset", "ci", "weighted_f1", "audio_dominance", "by_path", "seeds",
+            "knobs", "trainable_params", "step_time_ratio"}
 
 
 def load_harness():
@@ -31,86 +36,106 @@ def load_harness():
     return module
 
 
-@pytest.fixture(scope="module")
-def ablation(
-    tiny_dir: Path, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[dict, str, Path]:
-    root = tmp_path_factory.mktemp("ablation")
+def run_harness(data: Path, backbone: Path, root: Path, configs: str = "plain_lora,ar,dcr", seeds: str = "0,1",
+                *extra: str) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable,
-        str(HARNESS),
-        "--data",
-        str(syn_dir),
-        "--backbone",
-        str(tiny_dir),
-        "--steps",
-        "2",
-        "--configs",
-        "plain_lora,ar",
-        "--output",
-        str(root / "report.json"),
-        "--workdir",
-        str(root / "runs"),
+        sys.executable, str(HARNESS), "--data", str(data), "--backbone", str(backbone), "--steps", "2",
+        "--configs", configs, "--seeds", seeds, "--output", str(root / "report.json"), "--workdir", str(root / "runs"),
         f"data.cache_dir={root / 'cache'}",
         f"data.feature_cache_dir={root / 'features'}",  # on by default (frozen towers): kept per test
-        "data.num_workers=0",
-        "train.batch_size=4",
-        "train.eval_batch_size=12",
+        "data.num_workers=0", "train.batch_size=4", "train.eval_batch_size=12", *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+
+
+@pytest.fixture(scope="module")
+def ablation(tiny_dir: Path, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
+    root = tmp_path_factory.mktemp("ablation")
+    proc = run_harness(syn_dir, tiny_dir, root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((root / "report.json").read_text()), proc.stdout, root
 
 
 @pytest.mark.slow
-def test_report_schema_and_plain_lora_row(ablation, tiny_dir: Path):
+def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, syn_dir: Path):
     report, stdout, root = ablation
-    assert set(report) == {"rows", "skipped"}
+    assert report["seeds"] == [0, 1] and report["fixed"]["train.max_steps"] == 2
     names = [r["config"] for r in report["rows"]]
-    assert sorted(names + report["skipped"]) == ["ar", "plain_lora"]  # each row once
-    assert names[0] == "plain_lora"
+    assert names == ["plain_lora", "ar", "dcr"]
+    test = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)
     for row in report["rows"]:
         assert set(row) == ROW_KEYS
-        assert list(row["per_subset"]) == list(SUBSETS)  # the synthetic test set is balanced over subsets
+        assert row["primary_path"] == ("arbiter" if row["config"] == "dcr" else "generated")
+        assert set(row["by_path"]) == ({"generated", "head", "arbiter"} if row["config"] == "dcr"
+                                       else {"generated", "head"})
+        assert [s["seed"] for s in row["seeds"]] == [0, 1]
         for subset in SUBSETS:
-            assert set(row["per_subset"][subset]) == {"accuracy"}
-            assert 0.0 <= row["per_subset"][subset]["accuracy"] <= 1.0
-        assert 0.0 <= row["weighted_f1"] <= 1.0
+            cell = row["per_subset"][subset]
+            lo, hi = cell["ci"]
+            assert 0.0 <= lo <= cell["accuracy"] <= hi <= 1.0 and row["ci"][subset] == [lo, hi]
+            # the mean over seeds of the primary path's per-seed accuracy
+            seeds = [s["per_subset"][subset] for s in row["seeds"]]
+            assert cell["accuracy"] == pytest.approx(sum(seeds) / len(seeds))
+            assert row["by_path"][row["primary_path"]][subset] == pytest.approx(cell["accuracy"])
         assert row["audio_dominance"] is None or 0.0 <= row["audio_dominance"] <= 1.0
         assert row["step_time_ratio"] > 0
+    assert report["test_clips_per_subset"] == {s: sum(t.subset == s for t in test) for s in SUBSETS}
+    search = report["search"]
+    assert search["plain_lora"]["grid"] == [] and search["plain_lora"]["chosen"] == {}
+    grid = search["ar"]["grid"]
+    assert len(grid) == 8 and {tuple(g["values"]) for g in grid} == {("ar.strength", "ar.target_audio_share")}
+    best = max(g["dev_accuracy"] for g in grid)
+    assert search["ar"]["chosen"] == next(g["values"] for g in grid if g["dev_accuracy"] == best)
+    assert report["rows"][1]["knobs"] == search["ar"]["chosen"]
+    arbiter = search["dcr"]["arbiter"]
+    assert len(arbiter["grid"]) == 4 and arbiter["folds"] >= 2
     plain = report["rows"][0]
     assert plain["step_time_ratio"] == 1.0
     # exact: the trained parameters of a fresh model built from the same config
     cfg = load_config(None, [f"model.path={tiny_dir}", "data.train=x.jsonl"])
     model = build_mer_model(load_backbone(tiny_dir), cfg)
-    counts = apply_trainable(model, cfg)
-    assert plain["trainable_params"] == sum(t for t, _ in counts.values()) > 0
-    for row in report["rows"][1:]:  # ar predicts with plain_lora's run: same parameters and step time
-        assert row["trainable_params"] == plain["trainable_params"] and row["step_time_ratio"] == 1.0
+    assert plain["trainable_params"] == sum(t for t, _ in apply_trainable(model, cfg).values()) > 0
+    assert report["rows"][1]["trainable_params"] == plain["trainable_params"]  # ar predicts with plain's run
     assert (root / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "plain_lora" in stdout and "step_time" in stdout  # the printed table
-    for name in report["skipped"]:
-        assert f"skip {name}: the config does not know its keys yet" in stdout
+    assert "plain_lora" in stdout and "knobs chosen on dev" in stdout
 
 
-def test_rows_with_unknown_keys_are_skipped_and_real_errors_raise(tiny_dir: Path):
+@pytest.mark.slow
+def test_the_dev_search_never_reads_test_labels(ablation, tiny_dir: Path, syn_dir: Path, tmp_path: Path):
+    """Same data but the test labels (and cues) rotated: every dev choice is unchanged, test scores move."""
+    report, _, _ = ablation
+    data = tmp_path / "data"
+    shutil.copytree(syn_dir, data, symlinks=True)
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines() if line.strip()]
+    labels = list(MER2023_LABELS)
+    for r in rows:
+        r["label"] = labels[(labels.index(r["label"]) + 1) % len(labels)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_harness(data, tiny_dir, tmp_path / "run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    permuted = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert permuted["search"] == report["search"]
+    assert [r["knobs"] for r in permuted["rows"]] == [r["knobs"] for r in report["rows"]]
+    assert [r["per_subset"] for r in permuted["rows"]] != [r["per_subset"] for r in report["rows"]]
+
+
+def test_config_errors_stop_the_harness_before_training(tiny_dir: Path, syn_dir: Path, tmp_path: Path):
+    """An unknown key in a row or in a global override is the config error, naming it (no skipped row)."""
     harness = load_harness()
     config = REPO / "configs" / "tiny_cpu.yaml"
     base = [f"model.path={tiny_dir}", "model.build_tiny=false", "data.train=x.jsonl"]
-    rows = [
-        harness.Row("plain_lora"),
-        harness.Row("bogus", train=("bogus.enabled=true",)),
-        harness.Row("bogus_infer", infer=("lora.bogus=1",)),
-    ]
-    runnable, skipped = harness.plan_rows(config, base, rows)
-    assert [r.name for r in runnable] == ["plain_lora"]
-    assert [(r.name, reason) for r, reason in skipped] == [
-        ("bogus", "unknown key 'bogus'"),
-        ("bogus_infer", "unknown key 'lora.bogus'"),
-    ]
+    harness.check_rows(config, base, [harness.Row("plain_lora"), harness.Row("ar", search=harness.AR_GRID)])
+    for row in (harness.Row("bogus", train=("bogus.enabled=true",)), harness.Row("x", infer=("lora.bogus=1",)),
+                harness.Row("y", search={"ar.strenght": (0.5,)})):
+        with pytest.raises(ConfigError, match=f"row '{row.name}'"):
+            harness.check_rows(config, base, [harness.Row("plain_lora"), row])
     with pytest.raises(ConfigError, match="train.lr"):
-        harness.plan_rows(config, [*base, "train.lr=fast"], rows[:1])
+        harness.check_rows(config, [*base, "train.lr=fast"], [harness.Row("plain_lora")])
+    out = tmp_path / "report.json"
+    code = harness.main(["--data", str(syn_dir), "--backbone", str(tiny_dir), "--configs", "plain_lora",
+                         "--output", str(out), "--workdir", str(tmp_path / "runs"), "train.lrr=0.1"])
+    assert code == 2 and not out.exists() and not (tmp_path / "runs" / "seed0").exists()
 
 
 @pytest.mark.slow
@@ -128,7 +153,7 @@ def test_bias_report_on_the_plain_lora_run(ablation, tiny_dir: Path, syn_dir: Pa
         "--output",
         str(out),
         "--run",
-        str(root / "runs" / "plain_lora"),
+        str(root / "runs" / "seed0" / "plain_lora"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

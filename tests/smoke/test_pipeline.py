@@ -31,7 +31,8 @@ def test_generate_rows_and_head_predictions(trained_run, syn_dir, tmp_path):
     heads = list(predict_rows(model, samples, batch_size=3, prompt_name="ov"))
     for r, h in zip(rows, heads, strict=True):
         assert h["probs"]["fused"] == pytest.approx(r["probs"]["fused"], abs=1e-5)  # same prompt, other batching
-        assert h["label"] == max(h["probs"]["fused"], key=h["probs"]["fused"].get)
+        assert h["head_label"] == max(h["probs"]["fused"], key=h["probs"]["fused"].get)
+        assert h["label_source"] == "generated" and h["label"] in (*model.cfg.data.labels, "unknown")
 
 
 def test_predict_rows_without_video_or_audio(trained_run, syn_dir):

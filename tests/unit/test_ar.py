@@ -98,12 +98,15 @@ def test_strength_zero_is_bitwise_identical(sdpa, clips):
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_clip_without_video_keeps_its_attention(sdpa, eager, clips, backend):
-    """Nothing to reallocate: the recomputed rows equal the backend's up to float rounding."""
+    """Nothing to reallocate: the recomputed rows equal the backend's up to float rounding, and every real
+    token before them is bitwise the backend's (left-padding positions are excluded: their outputs are
+    meaningless and, with eager attention, may differ in the last bits when the batch's other rows change)."""
     batch, model = clips["audio"], {"sdpa": sdpa, "eager": eager}[backend].model
     ref = forward(model, batch, output_attentions=backend == "eager")
     with attention_reallocation(model, batch["token_modality"], STRONG):
         out = forward(model, batch, output_attentions=backend == "eager")
-    assert torch.equal(out.logits[:, :-1], ref.logits[:, :-1])
+    real = batch["attention_mask"][:, :-1].bool()
+    assert torch.equal(out.logits[:, :-1][real], ref.logits[:, :-1][real])
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
     if backend == "eager":
         for a, b in zip(out.attentions, ref.attentions, strict=True):

@@ -99,7 +99,7 @@ def test_a_few_dozen_steps_learn(tiny_dir, syn_dir, tmp_path):
         scheduler.step()
         optimizer.zero_grad()
         losses.append((out.cls_loss.item(), out.lm_loss.item()))
-    (cls_first, lm_first), (cls_last, lm_last) = ([sum(v) / 3 for v in zip(*part)] for part in (losses[:3], losses[-3:]))
+    (cls_first, lm_first), (cls_last, lm_last) = ([sum(v) / 3 for v in zip(*part, strict=True)] for part in (losses[:3], losses[-3:]))
     end_acc = dev_accuracy()
     assert cls_last < 0.5 * cls_first and lm_last < lm_first, losses
     assert end_acc > start_acc and end_acc >= 0.5, (start_acc, end_acc)

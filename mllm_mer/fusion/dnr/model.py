@@ -36,7 +36,6 @@ documented as mixed.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +46,7 @@ from torch import nn
 
 from mllm_mer.data.schema import Modality
 from mllm_mer.fusion.dnr.config import DIVIDE_PREFIX, DnRConfig
-
-log = logging.getLogger(__name__)
+from mllm_mer.logs import say
 
 MODALITIES: tuple[Modality, ...] = (Modality.TEXT, Modality.AUDIO, Modality.VIDEO)
 """Order of the modality axis of every DnR tensor."""
@@ -441,5 +439,5 @@ def load_divide_weights(head: DnRHead, run_dir: str | Path) -> int:
             f"dnr.part_dim and labels needed); missing {sorted(set(own) - set(state))[:3]}"
         )
     head.divide.load_state_dict(state)
-    log.info("DnR: Divide heads loaded from %s (%d tensors)", path, len(state))
+    say(f"DnR: Divide heads loaded from {path} ({len(state)} tensors)")  # the refine stage's start point
     return len(state)

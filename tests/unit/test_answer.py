@@ -1,0 +1,78 @@
+"""The model's answer is every prediction row's primary `label` (as CA-MER scores it), on both backbone
+families: generated greedily and parsed; the head's argmax and DCR's arbiter stay extra columns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mllm_mer.backbone import load_backbone
+from mllm_mer.config import load_config
+from mllm_mer.data.jsonl import read_jsonl
+from mllm_mer.data.schema import MER2023_LABELS
+from mllm_mer.generation import (
+    InferenceModel,
+    answers_with_label_first,
+    generate_rows,
+    label_answer_tokens,
+    predict_rows,
+)
+from mllm_mer.labels import parse_label
+from mllm_mer.model import build_mer_model
+from mllm_mer.prompts import load_prompt
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_backbone_dir, syn_dir, tmp_path_factory):
+    backbone = load_backbone(tiny_backbone_dir)
+    cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl",
+                             f"data.cache_dir={tmp_path_factory.mktemp('c')}", "generate.max_new_tokens=4"])
+    torch.manual_seed(0)
+    mer = build_mer_model(backbone, cfg)
+    mer.eval()
+    samples = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)[:4]
+    return backbone, cfg, mer, samples
+
+
+def test_a_one_word_prompt_generates_just_enough_tokens(setup):
+    backbone, cfg, _, _ = setup
+    tok = backbone.processor.tokenizer
+    need = label_answer_tokens(tok, cfg.data.labels)
+    assert need == max(len(tok(w + "<|im_end|>", add_special_tokens=False)["input_ids"]) for w in cfg.data.labels)
+    assert answers_with_label_first(load_prompt("label")) and not answers_with_label_first(load_prompt("explain"))
+
+
+def test_primary_label_is_the_answer_never_the_head(setup):
+    """A head pushed to always say labels[0] changes `head_label` only: the answer columns stay as they were."""
+    backbone, cfg, mer, samples = setup
+    model = InferenceModel(backbone, cfg, mer)
+    before = list(predict_rows(model, samples, batch_size=2, prompt_name="label"))
+    push = torch.tensor([100.0] + [0.0] * (len(cfg.data.labels) - 1))
+    with torch.no_grad():
+        mer.fusion_head.proj.bias.add_(push)
+    try:
+        rows = list(predict_rows(model, samples, batch_size=2, prompt_name="label"))
+        generated = list(predict_rows(model, samples[:2], batch_size=2, prompt_name="explain"))
+    finally:
+        with torch.no_grad():
+            mer.fusion_head.proj.bias.sub_(push)
+    assert [r["id"] for r in rows] == [s.id for s in samples]
+    for r, b in zip(rows, before, strict=True):
+        assert r["label_source"] == "generated" and r["head_label"] == cfg.data.labels[0]
+        assert r["label"] == parse_label(r["text"], cfg.data.labels)
+        assert r["label"] == b["label"] and r["text"] == b["text"]
+    assert any(b["head_label"] != cfg.data.labels[0] for b in before)  # the push really changed the head
+    for r in generated:
+        assert r["label_source"] == "generated" and r["label"] == parse_label(r["text"], cfg.data.labels)
+        assert r["head_label"] == cfg.data.labels[0]
+
+
+def test_generated_rows_keep_the_head_as_a_column(setup):
+    backbone, cfg, mer, samples = setup
+    options = dataclasses.replace(cfg.generate, prompt="label", max_new_tokens=3, batch_size=2)
+    rows = list(generate_rows(InferenceModel(backbone, cfg, mer), samples[:2], options, progress=False))
+    for r in rows:
+        assert r["label_source"] == "generated" and r["label"] == parse_label(r["text"], cfg.data.labels)
+        assert r["head_label"] == max(r["probs"]["fused"], key=r["probs"]["fused"].get)
