@@ -47,21 +47,21 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mllm_mer.attention.stats import MODALITIES, collect_attention_shares, plot_shares
 from mllm_mer.config import ConfigError, dump_config, load_config, load_run_config, shorthand_overrides
-from mllm_mer.data.collate import model_inputs
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS, Sample
 from mllm_mer.explanations import explanation_quality, full_displays
 from mllm_mer.generation import (
     InferenceModel,
+    generate_rows,
     inference_loader,
-    inference_scope,
     load_for_inference,
     predict_rows,
 )
@@ -143,25 +143,16 @@ def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: st
     return out
 
 
-@torch.no_grad()
 def generated_answers(
     model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, max_new_tokens: int,
     *, use_video: bool = True, use_audio: bool = True,
 ) -> list[str]:
-    """Greedy generated text per sample, in order, with `use_video=False` / `use_audio=False` removing that
-    modality from every prompt (inside the methods' inference scopes, as `generate_rows`)."""
-    loader = inference_loader(model, samples, prompt, batch_size, use_video=use_video, use_audio=use_audio)
-    tok = model.backbone.processor.tokenizer
-    texts: list[str] = []
-    for batch in loader:
-        with inference_scope(model, batch):
-            out = model.generator.generate(
-                **model_inputs(batch), use_audio_in_video=batch["use_audio_in_video"], max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=model.backbone.token_ids.pad, eos_token_id=model.backbone.token_ids.eos,
-            )
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        texts += [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
-    return texts
+    """Greedy generated text per sample, in order (`generate_rows`), with `use_video=False` / `use_audio=False`
+    removing that modality from every prompt."""
+    options = replace(model.cfg.generate, prompt=prompt.name, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      do_sample=False)
+    rows = generate_rows(model, samples, options, progress=False, use_video=use_video, use_audio=use_audio)
+    return [row["text"] for row in rows]
 
 
 def _intensity_known(samples: Sequence[Sample], modality: str, labels: Sequence[str]) -> list[bool] | None:
