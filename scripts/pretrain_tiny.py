@@ -10,6 +10,10 @@ processor to `<root>/stage0-<key>/backbone` (a normal checkpoint directory for `
 `stage0.json` beside it (wall and CPU seconds, load average, final dev metrics per phase). Skips
 everything when that directory already exists. Overrides (applied to every phase, after the phase's
 own) change the key. The last line printed is the backbone directory.
+
+Importable (scripts/ is not installed: put it on `sys.path`): `ensure_stage0_backbone(root, seed)` returns
+the cached backbone, running this script in a child process first if it is missing
+(`bench/conflict_ablation.py` does so); `backbone_dir` says where it is cached.
 """
 
 from __future__ import annotations
