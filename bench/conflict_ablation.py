@@ -387,7 +387,9 @@ def ensure_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     if missing:
         raise FileNotFoundError(f"--data {data}: missing {missing}")
     if args.backbone is None:
-        from mllm_mer.testbed import ensure_stage0_backbone
+        if str(REPO / "scripts") not in sys.path:
+            sys.path.insert(0, str(REPO / "scripts"))  # scripts/ is not installed
+        from pretrain_tiny import ensure_stage0_backbone
 
         backbone = ensure_stage0_backbone(REPO / ".cache" / "mllm_mer")
     else:

@@ -141,6 +141,7 @@ def _head_columns(labels: list[str], probs: dict[str, torch.Tensor], arms: list[
 @torch.no_grad()
 def generate_rows(
     model: InferenceModel, samples: Sequence[Sample], options: GenerateConfig | None = None, progress: bool = True,
+    *, use_video: bool = True, use_audio: bool = True,
 ) -> Iterator[dict]:
     """Yield one prediction row per sample, in order.
 
@@ -149,6 +150,8 @@ def generate_rows(
         samples: the samples to answer.
         options: decoding settings (default: the run's `cfg.generate`).
         progress: show a progress bar.
+        use_video / use_audio: False removes that modality from every prompt (its tokens are absent), e.g. for
+            the unimodal answers of `scripts/bias_report.py`.
     Yields:
         {"id", "prompt", "prompt_sha256", "text", "label" (parsed from `text`), "label_source" ("generated"),
         "labels_ov" (prompt "ov"), and for runs with heads "head_label" (fused head's argmax) and "probs"
@@ -157,7 +160,7 @@ def generate_rows(
     options = options or model.cfg.generate
     prompt = load_prompt(options.prompt)
     labels = list(model.cfg.data.labels)
-    loader = inference_loader(model, samples, prompt, options.batch_size)
+    loader = inference_loader(model, samples, prompt, options.batch_size, use_video=use_video, use_audio=use_audio)
     gen_kwargs = _gen_kwargs(model, options)
     for batch in tqdm(loader, disable=not progress, desc="generate"):
         probs = None

@@ -6,7 +6,8 @@ plus a confusion matrix and per-subset numbers for the CA-MER conflict subsets. 
 the label set (an unparseable generation, "unknown") always count as wrong.
 
 `audio_dominance` measures, on samples whose audio and video cues disagree, how often the prediction
-follows the audio cue rather than the video cue.
+follows the audio cue rather than the video cue. `cue_accuracy` scores predictions against one modality's
+own cue (e.g. audio-only answers against the audio cue, on clips whose voice display is at full intensity).
 """
 
 from __future__ import annotations
@@ -171,3 +172,31 @@ def audio_dominance(
         "video_follow": video_follow,
         "n_conflict": n_conflict,
     }
+
+
+def cue_accuracy(
+    y_pred: Sequence[str],
+    cues: Sequence[str | None],
+    keep: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """Accuracy of predictions against each sample's own cue of one modality (e.g. audio-only answers vs
+    the audio cue), on the samples whose cue is known and, with `keep`, selected.
+
+    Args:
+        y_pred: predicted labels (anything outside the cues counts as wrong, "unknown" included).
+        cues: that modality's cue per sample (None or "" when unknown: left out).
+        keep: optional per-sample selection, e.g. only clips whose display of that modality is at full
+            intensity (`mllm_mer.explanations.cue_mentions` of the reference explanation).
+    Returns:
+        `{"accuracy": correct / n or None when n == 0, "correct", "n"}`.
+    Raises:
+        ValueError: the sequences differ in length.
+    """
+    if len(y_pred) != len(cues) or (keep is not None and len(keep) != len(cues)):
+        raise ValueError(
+            f"y_pred, cues and keep must have equal lengths, got {len(y_pred)}, {len(cues)}"
+            + (f", {len(keep)}" if keep is not None else "")
+        )
+    selected = [i for i, c in enumerate(cues) if c and (keep is None or keep[i])]
+    correct = sum(y_pred[i] == cues[i] for i in selected)
+    return {"accuracy": correct / len(selected) if selected else None, "correct": correct, "n": len(selected)}

@@ -1,12 +1,35 @@
 """Modality-bias report of a backbone, and of a fine-tuned run on it, on a balanced synthetic test set.
 
     python scripts/bias_report.py --backbone .cache/mllm_mer/stage0-KEY/backbone \\
-        --data .cache/mllm_mer/testbed_data/test.jsonl --output reports/stage0_bias.json
+        --data .cache/mllm_mer/testbed_data/test.jsonl --train .cache/mllm_mer/testbed_data/train.jsonl \\
+        --output reports/stage0_bias.json
     python scripts/bias_report.py --backbone DIR --data TEST_JSONL --output report.json --run runs/plain_lora
 
 Always: the per-layer share of attention mass on text / audio / video tokens at the generating position
 (the last prompt position), for the bare backbone and, with `--run`, for the fine-tuned model; overall
-and per conflict subset. With `--run` (accuracy needs the run's classification heads):
+and per conflict subset.
+
+Always, for the answering model (the run with `--run`, else the bare backbone), from its greedy generated
+answers (the label parsed from the generated text, `mllm_mer.labels.parse_label`; `generate.*` settings):
+
+- `generated`: accuracy per subset and parse rate with both modalities, and `audio_dominance` (on
+  audio/video conflicts, the share of cue-following answers that follow the audio cue; the counts in
+  `audio_dominance_counts`);
+- `unimodal.audio_only` / `unimodal.video_only`: the same answers with only the audio, or only the video,
+  in the prompt; `own_cue_accuracy` against that modality's own cue on the clips whose display of it is at
+  full intensity (the reference explanation calls it "strong"; all clips when the references name no
+  intensity), `own_cue_accuracy_all` on every clip;
+- `explanations` (`mllm_mer.explanations.explanation_quality` of the full-prompt answers):
+  `parse_rate` over all clips; `video_cue_accuracy`, `audio_cue_accuracy` and the intensity accuracies on
+  the consistent clips (on a conflict clip the right description of one display is the wrong label);
+  every subset under `per_subset`;
+- with `--train TRAIN_JSONL`, `probes` (`mllm_mer.probes`): linear probes on the frozen, modality-pooled
+  hidden states of every layer, fitted on the train clips and scored once on the test clips, for
+  `audio` (audio cue, from the audio tokens), `video` (video cue, from the video tokens) and `genuine`
+  (which modality is genuine on conflict clips, from all slots); layer and regularisation chosen by
+  cross-validation on train.
+
+With `--run` also (accuracy of the run's classification heads):
 
 - per-subset accuracy, weighted F1 and the audio-dominance index (on audio/video conflicts, the share of
   cue-following predictions that follow the audio cue) of the fused head;
@@ -24,6 +47,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,13 +57,26 @@ from mllm_mer.config import ConfigError, dump_config, load_config, load_run_conf
 from mllm_mer.data.jsonl import DataError, read_jsonl
 from mllm_mer.data.media import MediaError
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS, Sample
-from mllm_mer.generation import InferenceModel, inference_loader, load_for_inference, predict_rows
-from mllm_mer.metrics import audio_dominance, classification_metrics
-from mllm_mer.prompts import load_prompt
+from mllm_mer.explanations import explanation_quality, full_displays
+from mllm_mer.generation import (
+    InferenceModel,
+    generate_rows,
+    inference_loader,
+    load_for_inference,
+    predict_rows,
+)
+from mllm_mer.labels import UNKNOWN_LABEL, parse_label
+from mllm_mer.metrics import audio_dominance, classification_metrics, cue_accuracy
+from mllm_mer.probes import pooled_hidden_states, probe_report
+from mllm_mer.prompts import PromptTemplate, load_prompt
 from mllm_mer.run_files import check_run_files
 
 UNIMODAL = {"audio_only": {"use_video": False}, "video_only": {"use_audio": False}}
 """`predict_rows` flags of the unimodal conditions (the removed modality is absent from the prompt)."""
+OWN_CUE = {"audio_only": "audio", "video_only": "video"}
+"""The modality whose cue each unimodal condition is scored against."""
+PROBE_NAMES = {"audio_cue": "audio", "video_cue": "video", "genuine": "genuine"}
+"""Report names of the `mllm_mer.probes` targets."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,12 +87,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data", required=True, help="test JSONL (a balanced synthetic set with subsets and cues)"
     )
+    p.add_argument("--train", help="train JSONL of the same kind: fits the linear probes (skipped without it)")
     p.add_argument("--output", required=True, help="report JSON; the PNG goes beside it")
     p.add_argument(
         "--run", help="finished run directory: adds accuracy, audio dominance, unimodal recognition"
     )
-    p.add_argument("--prompt", help="prompt template (default: the run's data.prompt, else 'label')")
+    p.add_argument(
+        "--prompt", help="prompt template (default: the run's data.prompt, else generate.prompt: 'explain')"
+    )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, help="generated tokens per answer (default: generate.max_new_tokens)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key.path=value deep-merged into the run's saved config")
     args = p.parse_args(argv)
@@ -102,6 +143,87 @@ def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: st
     return out
 
 
+def generated_answers(
+    model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, max_new_tokens: int,
+    *, use_video: bool = True, use_audio: bool = True,
+) -> list[str]:
+    """Greedy generated text per sample, in order (`generate_rows`), with `use_video=False` / `use_audio=False`
+    removing that modality from every prompt."""
+    options = replace(model.cfg.generate, prompt=prompt.name, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      do_sample=False)
+    rows = generate_rows(model, samples, options, progress=False, use_video=use_video, use_audio=use_audio)
+    return [row["text"] for row in rows]
+
+
+def _intensity_known(samples: Sequence[Sample], modality: str, labels: Sequence[str]) -> list[bool] | None:
+    """Clips whose reference explanation calls the `modality` display "strong"; None when no reference names
+    an intensity (then every clip counts as full)."""
+    full = full_displays(samples, modality, labels)
+    return full if any(full) else None
+
+
+def generated_report(
+    model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, max_new_tokens: int,
+) -> dict:
+    """The answering model's generated answers: full prompt, audio-only, video-only, and explanation quality."""
+    labels = list(model.cfg.data.labels)
+    y_true = [s.label for s in samples]
+    subsets = [s.subset for s in samples]
+    cues = {m: [s.cues.get(m) for s in samples] for m in ("audio", "video")}
+    texts = generated_answers(model, samples, prompt, batch_size, max_new_tokens)
+    preds = [parse_label(t, labels, mode=model.cfg.generate.label_mode) for t in texts]
+    m = classification_metrics(y_true, preds, labels, subsets)
+    dom = audio_dominance(preds, cues["audio"], cues["video"])
+    out: dict = {
+        "generated": {
+            "prompt": prompt.name, "max_new_tokens": max_new_tokens, "accuracy": m["accuracy"],
+            "weighted_f1": m["weighted_f1"], "per_subset": m["per_subset"],
+            "parse_rate": sum(p != UNKNOWN_LABEL for p in preds) / len(preds), "examples": texts[:3],
+        },
+        "audio_dominance": dom["index"],
+        "audio_dominance_counts": dom,
+        "unimodal": {},
+    }
+    for name, flags in UNIMODAL.items():
+        uni_texts = generated_answers(model, samples, prompt, batch_size, max_new_tokens, **flags)
+        uni = [parse_label(t, labels, mode=model.cfg.generate.label_mode) for t in uni_texts]
+        own = OWN_CUE[name]
+        um = classification_metrics(y_true, uni, labels, subsets)
+        full = cue_accuracy(uni, cues[own], _intensity_known(samples, own, labels))
+        out["unimodal"][name] = {
+            "own_cue": own,
+            "own_cue_accuracy": full["accuracy"],
+            "own_cue_n": full["n"],
+            "own_cue_accuracy_all": cue_accuracy(uni, cues[own])["accuracy"],
+            "accuracy": um["accuracy"],
+            "per_subset": {k: {"accuracy": v["accuracy"]} for k, v in um["per_subset"].items()},
+            "parse_rate": sum(p != UNKNOWN_LABEL for p in uni) / len(uni),
+        }
+    quality = explanation_quality(texts, samples, labels)
+    consistent = quality["per_subset"].get("consistent", {})
+    keys = ("video_cue_accuracy", "audio_cue_accuracy", "video_intensity_accuracy", "audio_intensity_accuracy")
+    out["explanations"] = {
+        "parse_rate": quality["parse_rate"],
+        **{k: consistent.get(k) for k in keys},
+        "cue_scope": "consistent",
+        "n_consistent": consistent.get("n", 0),
+        "per_subset": quality["per_subset"],
+        "all": {k: quality[k] for k in keys},
+    }
+    return out
+
+
+def probes_report(
+    model: InferenceModel, train: Sequence[Sample], samples: Sequence[Sample], prompt: PromptTemplate,
+    batch_size: int,
+) -> dict:
+    """Linear probes on the answering model's frozen pooled hidden states: fitted on `train`, scored on `samples`."""
+    net = model.mer if model.mer is not None else model.backbone.model
+    feats = [pooled_hidden_states(net, inference_loader(model, ss, prompt, batch_size)) for ss in (train, samples)]
+    raw = probe_report(feats[0], train, feats[1], samples)
+    return {PROBE_NAMES[k]: v for k, v in raw.items()}
+
+
 def markdown(report: dict) -> str:
     """The printed summary: attention shares per layer, then (with --run) accuracy per condition."""
     names = list(report["attention"])
@@ -116,6 +238,41 @@ def markdown(report: dict) -> str:
     overall = [report["attention"][n]["overall"] for n in names]
     for layer, rows in enumerate(zip(*overall, strict=True)):
         lines.append(f"| {layer} | " + " | ".join(f"{r[1]:.3f} / {r[2]:.3f}" for r in rows) + " |")
+    if "generated" in report:
+        gen, uni, expl = report["generated"], report["unimodal"], report["explanations"]
+        dom = report["audio_dominance"]
+
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
+        lines += [
+            "",
+            f"Generated answers ({report['answering']}, prompt {gen['prompt']}, greedy):",
+            "",
+            "| condition | accuracy | " + " | ".join(SUBSETS) + " | own cue (full displays) |",
+            "|---|---|" + "---|" * len(SUBSETS) + "---|",
+        ]
+        rows = [("audio+video", gen, None), *((k, v, v["own_cue_accuracy"]) for k, v in uni.items())]
+        for name, r, own in rows:
+            per = [f"{r['per_subset'][s]['accuracy']:.3f}" if s in r["per_subset"] else "-" for s in SUBSETS]
+            lines.append(f"| {name} | {r['accuracy']:.3f} | " + " | ".join(per) + f" | {fmt(own)} |")
+        lines += [
+            "",
+            f"Audio dominance of the generated answers: {fmt(dom)}; parse rate {gen['parse_rate']:.3f}",
+            f"Explanations: parse rate {fmt(expl['parse_rate'])}; on consistent clips video cue "
+            f"{fmt(expl['video_cue_accuracy'])}, audio cue {fmt(expl['audio_cue_accuracy'])}, video intensity "
+            f"{fmt(expl['video_intensity_accuracy'])}, audio intensity {fmt(expl['audio_intensity_accuracy'])}",
+        ]
+    probes = report.get("probes")
+    if probes and "skipped" not in probes:
+        lines += ["", "Linear probes on frozen features (test accuracy at the layer chosen on train; per layer):", ""]
+        for name, r in probes.items():
+            if "skipped" in r:
+                lines.append(f"- {name}: skipped ({r['skipped']})")
+            else:
+                per = " ".join(f"{x:.2f}" for x in r["per_layer"])
+                lines.append(f"- {name}: {r['test_accuracy']:.3f} (layer {r['selected_layer']}; per layer {per}; "
+                             f"majority {r['majority_test_accuracy']:.3f})")
     acc = report.get("accuracy")
     if acc:
         lines += [
@@ -153,28 +310,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             check_run_files(args.run, run_cfg)  # before the long pass over the bare backbone
         backbone = args.backbone or run_cfg.model.path
-        prompt = args.prompt or (run_cfg.data.prompt if run_cfg else "label")
+        cfg = run_cfg or load_config(None, overrides)
+        prompt = args.prompt or (run_cfg.data.prompt if run_cfg else cfg.generate.prompt)
         labels = run_cfg.data.labels if run_cfg else MER2023_LABELS
         samples = read_jsonl(args.data, labels)
+        train = read_jsonl(args.train, labels) if args.train else None
         report: dict = {
             "backbone": str(backbone),
             "run": args.run,
             "data": str(args.data),
+            "train": args.train,
             "n": len(samples),
             "prompt": prompt,
             "modalities": list(MODALITIES),
             "subset_counts": {s: sum(x.subset == s for x in samples) for s in SUBSETS},
             "attention": {},
         }
-        bare = load_for_inference(model_path=str(backbone), cfg=run_cfg)  # run's data settings, if any
-        loader = inference_loader(bare, samples, load_prompt(prompt), args.batch_size)
+        template = load_prompt(prompt)
+        bare = load_for_inference(model_path=str(backbone), cfg=cfg)  # the run's data settings, if any
+        loader = inference_loader(bare, samples, template, args.batch_size)
         shares = {"backbone": collect_attention_shares(bare.backbone.model, loader)}
-        del bare
+        model = bare
         if args.run:
+            del bare
             model = load_for_inference(run_dir=args.run, cfg=run_cfg)
-            loader = inference_loader(model, samples, load_prompt(prompt), args.batch_size)
+            loader = inference_loader(model, samples, template, args.batch_size)
             shares["fine-tuned"] = collect_attention_shares(model.mer, loader)
             report["accuracy"] = accuracy_report(model, samples, prompt, args.batch_size)
+        report["answering"] = "fine-tuned" if args.run else "backbone"
+        max_new = args.max_new_tokens or model.cfg.generate.max_new_tokens
+        report.update(generated_report(model, samples, template, args.batch_size, max_new))
+        report["probes"] = (probes_report(model, train, samples, template, args.batch_size) if train is not None
+                            else {"skipped": "no --train"})
         report["attention"] = {name: shares_report(s, samples) for name, s in shares.items()}
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
     python scripts/make_synthetic.py --out .cache/mllm_mer/synthetic                 # defaults: 480/96/96
     python scripts/make_synthetic.py --out /tmp/syn --seed 3 --train 60 --dev 12 --test 12
     python scripts/make_synthetic.py --out /tmp/hard --audio-noise 0.3 --video-noise 0.5 --masking-intensity 0.7
+    python scripts/make_synthetic.py --out /tmp/varied --train-conflict-rate 0 --weak-display-rate 0.5
 
 Rebuilds OUT only if its manifest's config hash differs (a non-synthetic OUT is never replaced).
 See `mllm_mer.data.synthetic` for the exact noise and intensity semantics.
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, SyntheticConfig, int
     parser.add_argument("--train-conflict-rate", type=float, default=d.train_conflict_rate)
     parser.add_argument("--masking-intensity", type=float, default=d.masking_intensity)
     parser.add_argument(
+        "--weak-display-rate", type=float, default=d.weak_display_rate,
+        help="consistent clips: per-modality probability of a clear/faint instead of a strong display",
+    )
+    parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes (same output)"
     )
     args = parser.parse_args(argv)
@@ -48,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, SyntheticConfig, int
             text_noise=args.text_noise,
             train_conflict_rate=args.train_conflict_rate,
             masking_intensity=args.masking_intensity,
+            weak_display_rate=args.weak_display_rate,
         )
     except ValueError as err:
         parser.error(str(err))

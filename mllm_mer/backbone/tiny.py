@@ -17,7 +17,8 @@ Two choices are ours:
   would look alike (a "deaf" tower). The vision tower needs no such fix.
 
 The Qwen3-Omni twin (`TinyQwen3Spec`, `arch="qwen3_omni"`) is described in `mllm_mer.backbone.tiny_qwen3`;
-`build_tiny_thinker` / `ensure_tiny_thinker` write either (`scripts/build_tiny.py --arch ...`).
+`build_tiny_thinker` / `ensure_tiny_thinker` write either (`scripts/build_tiny.py --arch ...`). The sizes
+(`TinySpec`) and the tokenizer both twins share live in `mllm_mer.backbone.tiny_spec`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5OmniProcessor,
@@ -40,83 +40,15 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from mllm_mer.backbone.families import QWEN2_5_OMNI, BackboneFamily, chat_template, family_named
-from mllm_mer.data.schema import MER2023_LABELS
-
-SPECIAL_TOKENS: tuple[str, ...] = QWEN2_5_OMNI.special_tokens
-"""The 14 special tokens of the Qwen2.5-Omni tokenizer that the tiny twin carries."""
-
-CHAT_TEMPLATE: str = chat_template(QWEN2_5_OMNI)
-"""Qwen-style chat template: video / audio / image / text content items, as the real processor expects."""
-
-_CORPUS: tuple[str, ...] = (
-    "You are an expert in multimodal emotion recognition. Watch the video, listen to the voice and read "
-    "the subtitle.",
-    "Describe the facial, vocal and textual clues, then give the emotion.",
-    "Answer with one word from: neutral, angry, happy, sad, worried, surprise. Emotion:",
-    "List the emotions you perceive, separated by commas.",
-    "The face shows raised mouth corners and wide eyes. The mouth is open and the brows are raised.",
-    "The brows are lowered and drawn together, the mouth is a tight frown, the eyes are narrow.",
-    "The voice is high and fast, loud and bright. The voice is low and slow, quiet and flat.",
-    "The tone rises sharply. The pitch falls. The speech is trembling and hesitant.",
-    "The subtitle says something ordinary. The subtitle says nothing about feelings.",
-    "Overall the emotion is neutral. Overall the emotion is angry. Overall the emotion is happy.",
-    "Overall the emotion is sad. Overall the emotion is worried. Overall the emotion is surprise.",
-    "I can't believe you did that! This is wonderful news, I am so glad. I miss her so much.",
-    "What if something goes wrong? Oh! I did not expect that at all. We will meet at noon.",
-    "but subdued, genuine, masked, weak, strong, conflict, consistent, video, audio, text.",
-    " ".join(MER2023_LABELS),
+from mllm_mer.backbone.families import QWEN2_5_OMNI, family_named
+from mllm_mer.backbone.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
+from mllm_mer.backbone.tiny_spec import (
+    ADDED_SPEC_FIELDS,
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    TinySpec,
+    build_tiny_tokenizer,
 )
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Sizes of the tiny thinker (defaults are the ones measured in ENVIRONMENT.md)."""
-
-    seed: int = 0
-    vocab_size: int = 1024
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 128
-    vision_depth: int = 2
-    vision_hidden: int = 32
-    vision_heads: int = 2
-    audio_layers: int = 2
-    audio_d_model: int = 32
-    audio_heads: int = 2
-    audio_conv_std: float = 0.2
-    video_min_pixels: int = 56 * 56
-    video_max_pixels: int = 56 * 56
-    audio_chunk_seconds: int = 30
-
-
-def build_tiny_tokenizer(spec: TinySpec, family: BackboneFamily = QWEN2_5_OMNI) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on a small emotion corpus and add the family's special tokens.
-
-    The tokenizer names its media tokens (`image_token`, `audio_token`, `vision_bos_token`, ...) as the
-    family's processor reads them, and carries the family's chat template.
-    """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    n_special = len(family.special_tokens)
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size - n_special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(_CORPUS) * 4, trainer=trainer)
-    tok.add_special_tokens(list(family.special_tokens))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-        extra_special_tokens={f"{role}_token": token for role, token in family.tokens.items()},
-        chat_template=chat_template(family),
-    )
 
 
 def build_tiny_processor(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5OmniProcessor:
@@ -193,8 +125,6 @@ def tiny_spec(arch: str = QWEN2_5_OMNI.name) -> TinySpec:
     """
     if family_named(arch).name == QWEN2_5_OMNI.name:
         return TinySpec()
-    from mllm_mer.backbone.tiny_qwen3 import TinyQwen3Spec
-
     return TinyQwen3Spec()
 
 
@@ -228,8 +158,6 @@ def build_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None) -> Pat
     if getattr(spec, "arch", QWEN2_5_OMNI.name) == QWEN2_5_OMNI.name:
         model, processor = _build_qwen2_5(spec)
     else:
-        from mllm_mer.backbone.tiny_qwen3 import build_tiny_qwen3
-
         model, processor = build_tiny_qwen3(spec)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared directory
@@ -260,7 +188,8 @@ def ensure_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None, arch:
     out_dir = Path(out_dir)
     marker = out_dir / "mllm_mer_tiny.json"
     if marker.is_file():
-        if json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec))):
+        stored = {**ADDED_SPEC_FIELDS, **json.loads(marker.read_text())}
+        if stored == json.loads(json.dumps(asdict(spec))):
             return out_dir
         raise ValueError(
             f"{out_dir} holds a tiny thinker built with another spec; delete the directory or choose another path"
@@ -270,3 +199,9 @@ def ensure_tiny_thinker(out_dir: str | Path, spec: TinySpec | None = None, arch:
     if out_dir.exists():
         out_dir.rmdir()
     return build_tiny_thinker(out_dir, spec)
+
+
+__all__ = [
+    "CHAT_TEMPLATE", "SPECIAL_TOKENS", "TinyQwen3Spec", "TinySpec", "build_tiny_config", "build_tiny_processor",
+    "build_tiny_thinker", "build_tiny_tokenizer", "ensure_tiny_thinker", "tiny_spec",
+]

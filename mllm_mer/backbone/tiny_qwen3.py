@@ -12,7 +12,7 @@ encoder with deepstack mergers, MoE language model with M-RoPE), scaled down:
           are added to the language model's hidden states after layer 0)
     audio: 2 layers, d_model 32, 128 mel bins, downsampling convs of width 16
 
-Tokenizer and corpus are the Qwen2.5 twin's (`mllm_mer.backbone.tiny`), with Qwen3-Omni's special tokens
+Tokenizer and corpus are the Qwen2.5 twin's (`mllm_mer.backbone.tiny_spec`), with Qwen3-Omni's special tokens
 (`<|audio_start|> <|audio_end|> <|audio_pad|> <|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>`).
 Our choices beyond the scaling: video frames are resized to 64x64 (the nearest multiple of 32 = patch x
 merge to the 56x56 synthetic clips; 4 video tokens per temporal patch, like the Qwen2.5 twin);
@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from mllm_mer.backbone.families import QWEN3_OMNI, chat_template
-from mllm_mer.backbone.tiny import TinySpec, build_tiny_tokenizer
+from mllm_mer.backbone.tiny_spec import TinySpec, build_tiny_tokenizer
 
 POSITION_ID_PER_SECONDS = 13
 """Temporal position ids per second: Qwen3OmniMoeProcessor's default, so the processor's interleaving

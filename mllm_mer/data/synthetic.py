@@ -14,13 +14,28 @@ s = masking_intensity + U(-0.05, 0.05), clipped to [0, 1]) scales how strongly a
 
 - face: every geometric deviation from the neutral face (mouth curvature, mouth opening and width,
   brow height and slant, eye opening) is multiplied by ``s``, and the features' contrast against the
-  skin is ``0.55 + 0.45 s`` of full contrast;
-- voice: the pitch-contour excursion (semitones around the class pitch level) is multiplied by ``s``
-  and the loudness is ``class_gain * (0.35 + 0.65 s)``. The class pitch level, syllable rate and
-  timbre are the class's identity and do not depend on ``s``.
+  skin is ``0.3 + 0.7 s`` of full contrast;
+- voice: the pitch-contour excursion (semitones around the class pitch level) is multiplied by ``s``,
+  the loudness is ``class_gain * (0.2 + 0.8 s)`` and the spectral tilt grows by ``0.8 (1 - s)`` (a
+  weak voice is duller as well as quieter). The class pitch level and syllable rate are the class's
+  identity and do not depend on ``s``.
+
+(Version 2 widened the intensity effects: contrast was ``0.55 + 0.45 s``, loudness ``0.35 + 0.65 s``,
+tilt fixed. Intensity must survive the towers' normalisation layers, which remove much of a pure level
+change; a spectral-shape change and stronger contrast made the intensity word linearly decodable from
+crude features at 0.86 (face) / 0.94 (voice) instead of 0.76 / 0.90, emotion still at 0.97 / 1.0.)
 
 So a model that notices which display is genuine (the vivid one) can beat 0.5 on conflicts when
 masking_intensity < 1, while one that always follows one modality cannot.
+
+Weak displays in consistent clips (``weak_display_rate`` r, default 0): in a consistent clip, the face
+and the voice each independently (probability r) show the true label at a reduced intensity instead of
+the genuine U(0.9, 1.0): half of those draws "clear" U(0.6, 0.8), half "faint" U(0.3, 0.5). The cue
+is unchanged (both displays still show the label), so such clips teach how each intensity looks and
+sounds, never how to resolve a conflict. Stage 0 of the testbed uses it (`mllm_mer.testbed`).
+
+Intensity words (`intensity_word`): s < 0.55 "faint", s < 0.85 "clear", else "strong". A genuine display
+is "strong", a masking display at the default masking_intensity 0.4 "faint".
 
 Noise ``v`` in [0, 1] per modality (0 = clean cue, 1 = no information about the cue):
 
@@ -43,7 +58,20 @@ Recorded cues: ``cues["video"]`` and ``cues["audio"]`` are the *designed* cues o
 (what a noise-free rendering shows; a noise draw may have replaced the displayed emotion), so
 ``video_aligned`` always has cues.video == label != cues.audio. ``cues["text"]`` is the emotion the
 written subtitle actually expresses ("neutral" for filler). The explanation describes the designed
-face and voice cues and the actual subtitle, and always ends with "Overall the emotion is <label>."
+face and voice cues and the actual subtitle, opens with each display's intensity word, and always
+ends with "Overall the emotion is <label>.", e.g.
+
+    The face is a strong display and the voice a faint one. The face shows raised mouth corners in a
+    broad smile and slightly narrowed, smiling eyes (happy). The voice is high, bright and bouncy
+    (happy). The subtitle says "Okay, so that is the plan.", which carries little emotion. Both
+    displays agree. Overall the emotion is happy.
+
+The intensities come first on purpose: a word the model must read off the media is learned where the
+media were just attended to (right after the prompt); stage-0 models trained with the intensity word at
+the end of each cue's sentence, 20-40 tokens into the answer, never learned it (they always wrote the
+most frequent word), although their prompt states encoded it. The face's intensity word is the first
+one after the word "face", the voice's the first after "voice"; each cue is named as "(<emotion>)" in
+the first sentence about that display that names an emotion (`mllm_mer.explanations` reads them back).
 
 Layout written by `make_synthetic_set`: ``OUT/{train,dev,test}.jsonl`` (fields ``id, video, audio,
 subtitle, label, explanation, subset, cues``; ``video`` relative to OUT, ``audio`` null = the video's
@@ -72,16 +100,24 @@ from pathlib import Path
 import av
 import numpy as np
 
+from mllm_mer import __version__
 from mllm_mer.data.schema import MER2023_LABELS, SUBSETS
+from mllm_mer.explanations import INTENSITY_WORDS
 from mllm_mer.logs import progress
 
 GENERATOR = "mllm_mer.data.synthetic"
 """Marker stored in manifest.json; `ensure_synthetic_set` only replaces directories carrying it."""
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the rendering changes, so cached sets built by older code are rebuilt."""
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
+_INTENSITY_EDGES = (0.55, 0.85)
+"""Upper edges of "faint" and "clear"; above the last one a display is "strong"."""
+GENUINE_RANGE = (0.9, 1.0)
+"""Intensity of a genuine (full) display, uniform."""
+WEAK_RANGES = {"clear": (0.6, 0.8), "faint": (0.3, 0.5)}
+"""Intensity of a weak display of a consistent clip (`SyntheticConfig.weak_display_rate`), uniform."""
 _AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -107,6 +143,10 @@ class SyntheticConfig:
     """Fraction of train clips that are conflicts, split evenly into video_aligned / audio_aligned."""
     masking_intensity: float = 0.4
     """Intensity in [0, 1] of the masking display relative to the genuine one (1.0)."""
+    weak_display_rate: float = 0.0
+    """Consistent clips only: probability in [0, 1], per modality independently, that the face / the voice
+    shows the label at a reduced intensity ("clear" U(0.6, 0.8) or "faint" U(0.3, 0.5), half each) instead
+    of the genuine U(0.9, 1.0). 0 = every consistent display at full intensity."""
     clip_seconds: float = 2.0
     """Clip duration in seconds; clip_seconds * fps must be a whole number of frames."""
     frame_size: int = 56
@@ -142,7 +182,9 @@ class SyntheticConfig:
         check_int("seed", 0, 2**63 - 1)
         for name in ("train_size", "dev_size", "test_size"):
             check_int(name, 0, 1_000_000)
-        for name in ("audio_noise", "video_noise", "text_noise", "train_conflict_rate", "masking_intensity"):
+        for name in (
+            "audio_noise", "video_noise", "text_noise", "train_conflict_rate", "masking_intensity", "weak_display_rate",
+        ):
             check_float(name, 0.0, 1.0)
         check_float("clip_seconds", 0.0, 600.0, lo_open=True)
         check_int("frame_size", 28, 1024)
@@ -296,6 +338,29 @@ _PHRASES = {
 }
 
 
+def explanation_corpus() -> list[str]:
+    """Every phrase the synthetic explanations are built from, as sentences (a tokenizer training corpus).
+
+    One explanation per (face cue, voice cue, intensity words) pattern plus every subtitle phrase and
+    the conflict reasons; a BPE trained on it spells an explanation in about half the tokens.
+    """
+    lines = []
+    for i, emotion in enumerate(MER2023_LABELS):
+        other = MER2023_LABELS[(i + 1) % len(MER2023_LABELS)]
+        word, word2 = INTENSITY_WORDS[i % 3], INTENSITY_WORDS[(i + 1) % 3]
+        lines.append(
+            f"The face is a {word} display and the voice a {word2} one. The face shows {_FACE_WORDS[emotion]} "
+            f"({emotion}). The voice is {_VOICE_WORDS[other]} ({other}). Both displays agree. "
+            f"The subtitle says it, which carries little emotion. Overall the emotion is {emotion}."
+        )
+        lines += [f'The subtitle says "{phrase}", which sounds {emotion}.' for phrase in _PHRASES[emotion]]
+    lines += [
+        "The full facial display looks genuine, while the weaker vocal one seems to mask it.",
+        "The full vocal display sounds genuine, while the weaker facial one seems to mask it.",
+    ]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # Rendering.
 
@@ -403,9 +468,9 @@ def render_face_frames(
     background = rng.uniform(0.25, 0.75, 3) * rng.uniform(0.6, 1.0)
     skin = np.array([rng.uniform(0.75, 1.0), rng.uniform(0.55, 0.8), rng.uniform(0.4, 0.65)])
     ink_full = rng.uniform(0.0, 0.15, 3)
-    ink = skin + (0.55 + 0.45 * intensity) * (ink_full - skin)  # feature contrast grows with intensity
+    ink = skin + (0.3 + 0.7 * intensity) * (ink_full - skin)  # feature contrast grows with intensity
     sclera = np.array([0.97, 0.97, 0.95])
-    sclera = skin + (0.55 + 0.45 * intensity) * (sclera - skin)
+    sclera = skin + (0.3 + 0.7 * intensity) * (sclera - skin)
     cast = rng.uniform(0.0, 1.0, 3)
     bob_phase = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres, each (H, W)
@@ -475,7 +540,7 @@ def render_voice(
     A glottal-like source (fundamental + harmonics up to 0.45 * sample_rate, amplitude k**-tilt)
     gated into syllables with a raised-sine envelope. Class identity: pitch level (+-0.5 semitone
     jitter), syllable rate (+-10%), spectral tilt. Intensity scales the contour excursion and the
-    loudness (gain * (0.35 + 0.65 s)).
+    loudness (gain * (0.2 + 0.8 s)) and dulls the spectrum (tilt + 0.8 (1 - s)).
 
     Args:
         emotion: one of MER2023_LABELS.
@@ -502,12 +567,12 @@ def render_voice(
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
     wave = np.zeros(num_samples)
     for k in range(1, 9):
-        amp = k ** -v["tilt"]
+        amp = k ** -(v["tilt"] + 0.8 * (1.0 - intensity))
         wave += np.where(k * f0 < 0.45 * sample_rate, amp, 0.0) * np.sin(
             k * phase + rng.uniform(0, 2 * np.pi)
         )
     wave /= max(np.abs(wave).max(), 1e-9)
-    gain = v["gain"] * (0.35 + 0.65 * intensity)
+    gain = v["gain"] * (0.2 + 0.8 * intensity)
     audio = gain * envelope * wave + rng.normal(0.0, 0.003 + 0.25 * noise, num_samples)
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
@@ -598,6 +663,9 @@ def _plan_split(cfg: SyntheticConfig, split: str) -> list[_Clip]:
         masking_s = float(np.clip(cfg.masking_intensity + rng.uniform(-0.05, 0.05), 0.0, 1.0))
         video_cue, audio_cue = label, label
         video_s, audio_s = genuine_s, float(rng.uniform(0.9, 1.0))
+        if subset == "consistent" and cfg.weak_display_rate > 0:  # extra draws only when asked for
+            video_s = _maybe_weak(video_s, cfg.weak_display_rate, rng)
+            audio_s = _maybe_weak(audio_s, cfg.weak_display_rate, rng)
         if subset == "video_aligned":
             audio_cue, audio_s = masking, masking_s
         elif subset == "audio_aligned":
@@ -629,23 +697,41 @@ def _plan_split(cfg: SyntheticConfig, split: str) -> list[_Clip]:
     return clips
 
 
+def _maybe_weak(intensity: float, rate: float, rng: np.random.Generator) -> float:
+    """With probability `rate` a weak intensity ("clear" or "faint", half each), else `intensity`."""
+    if rng.random() >= rate:
+        return intensity
+    lo, hi = WEAK_RANGES["clear" if rng.random() < 0.5 else "faint"]
+    return float(rng.uniform(lo, hi))
+
+
+def intensity_word(intensity: float) -> str:
+    """The word for a display intensity in [0, 1]: < 0.55 "faint", < 0.85 "clear", else "strong"."""
+    for word, edge in zip(INTENSITY_WORDS, _INTENSITY_EDGES, strict=False):
+        if intensity < edge:
+            return word
+    return INTENSITY_WORDS[-1]
+
+
 def _explain(clip: _Clip) -> str:
-    """EMER-style explanation citing the designed face / voice cues and the subtitle."""
-    face = f"The face shows {_FACE_WORDS[clip.video_cue]} ({clip.video_cue})"
-    face += ", but only faintly." if clip.subset == "audio_aligned" else "."
-    voice = f"The voice is {_VOICE_WORDS[clip.audio_cue]} ({clip.audio_cue})"
-    voice += ", but subdued." if clip.subset == "video_aligned" else "."
+    """EMER-style explanation: both displays' intensity, the designed face / voice cues, the subtitle, the label."""
+    intensity = (
+        f"The face is a {intensity_word(clip.video_intensity)} display "
+        f"and the voice a {intensity_word(clip.audio_intensity)} one."
+    )
+    face = f"The face shows {_FACE_WORDS[clip.video_cue]} ({clip.video_cue})."
+    voice = f"The voice is {_VOICE_WORDS[clip.audio_cue]} ({clip.audio_cue})."
     if clip.text_cue == "neutral":
         text = f'The subtitle says "{clip.subtitle}", which carries little emotion.'
     else:
         text = f'The subtitle says "{clip.subtitle}", which sounds {clip.text_cue}.'
     if clip.subset == "consistent":
-        reason = "Face and voice agree."
+        reason = "Both displays agree."
     elif clip.subset == "video_aligned":
-        reason = "The full facial display looks genuine, while the weaker voice seems to mask it."
+        reason = "The full facial display looks genuine, while the weaker vocal one seems to mask it."
     else:
-        reason = "The full vocal display sounds genuine, while the weaker face seems to mask it."
-    return f"{face} {voice} {text} {reason} Overall the emotion is {clip.label}."
+        reason = "The full vocal display sounds genuine, while the weaker facial one seems to mask it."
+    return f"{intensity} {face} {voice} {text} {reason} Overall the emotion is {clip.label}."
 
 
 def _record(clip: _Clip) -> dict:
@@ -748,8 +834,6 @@ def make_synthetic_set(out_dir: str | Path, cfg: SyntheticConfig, workers: int =
                 _render_clip(job)
                 bar.update(1)
         bar.close()
-        from mllm_mer import __version__
-
         manifest = {
             "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,

@@ -172,5 +172,7 @@ def test_bias_report_on_the_plain_lora_run(ablation, tiny_dir: Path, syn_dir: Pa
         acc["audio_dominance"]["n_conflict"]
         == report["subset_counts"]["video_aligned"] + report["subset_counts"]["audio_aligned"]
     )
+    assert report["answering"] == "fine-tuned" and set(report["unimodal"]) == {"audio_only", "video_only"}
+    assert report["generated"]["prompt"] == "label" and report["probes"] == {"skipped": "no --train"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "Audio-dominance index" in proc.stdout and "| layer | backbone | fine-tuned |" in proc.stdout

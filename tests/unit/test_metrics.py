@@ -103,3 +103,19 @@ def test_audio_dominance_without_followers_is_none():
     assert audio_dominance(["neutral"], ["happy"], ["sad"])["index"] is None
     with pytest.raises(ValueError, match="equal lengths"):
         audio_dominance(["happy"], ["happy", "sad"], ["sad"])
+
+
+def test_cue_accuracy_by_hand():
+    from mllm_mer.metrics import cue_accuracy
+
+    preds = ["happy", "sad", "unknown", "angry", "happy"]
+    cues = ["happy", "happy", "sad", None, "happy"]
+    # known cues: 0, 1, 2, 4 -> correct 0 and 4
+    assert cue_accuracy(preds, cues) == {"accuracy": 0.5, "correct": 2, "n": 4}
+    # keep only 1 and 2 (and 3, whose cue is unknown) -> none correct
+    assert cue_accuracy(preds, cues, [False, True, True, True, False]) == {"accuracy": 0.0, "correct": 0, "n": 2}
+    assert cue_accuracy(preds, cues, [False] * 5) == {"accuracy": None, "correct": 0, "n": 0}
+    with pytest.raises(ValueError, match="equal lengths"):
+        cue_accuracy(preds, cues[:2])
+    with pytest.raises(ValueError, match="equal lengths"):
+        cue_accuracy(preds, cues, [True])

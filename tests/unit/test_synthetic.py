@@ -19,13 +19,17 @@ from mllm_mer.data.synthetic import (
     _PHRASES,
     _VOICE,
     SyntheticConfig,
+    _explain,
     _plan_split,
     ensure_synthetic_set,
+    explanation_corpus,
+    intensity_word,
     make_synthetic_set,
     render_face_frames,
     render_voice,
     write_clip,
 )
+from mllm_mer.labels import parse_label
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = SyntheticConfig(seed=5, train_size=12, dev_size=12, test_size=12)
@@ -154,8 +158,9 @@ def test_cues_follow_the_conflict_construction(small_set: Path):
         for row in _rows(small_set, split):
             _check_construction(row["label"], row["subset"], row["cues"]["video"], row["cues"]["audio"])
         for row in _rows(small_set, split):
-            if row["subset"] == "video_aligned":
-                assert "subdued" in row["explanation"] and f"({row['cues']['audio']})" in row["explanation"]
+            if row["subset"] == "video_aligned":  # the masking voice is named with its faint intensity
+                assert row["explanation"].startswith("The face is a strong display and the voice a faint one.")
+                assert f"({row['cues']['audio']})." in row["explanation"]
     cfg = SyntheticConfig(seed=1, train_size=300, dev_size=30, test_size=30, train_conflict_rate=0.5)
     for split in ("train", "dev", "test"):
         for c in _plan_split(cfg, split):
@@ -167,6 +172,54 @@ def test_cues_follow_the_conflict_construction(small_set: Path):
             if c.subset != "consistent":
                 assert masked == pytest.approx(cfg.masking_intensity, abs=0.051)
                 assert c.audio_cue != c.video_cue
+
+
+def test_intensity_words():
+    assert [intensity_word(s) for s in (0.0, 0.35, 0.549, 0.55, 0.7, 0.849, 0.85, 0.95, 1.0)] == [
+        "faint", "faint", "faint", "clear", "clear", "clear", "strong", "strong", "strong",
+    ]  # fmt: skip
+
+
+def test_weak_displays_vary_consistent_clips_only():
+    base = dict(seed=4, train_size=1200, dev_size=0, test_size=0, train_conflict_rate=0.2)
+    plain = _plan_split(SyntheticConfig(**base), "train")
+    varied = _plan_split(SyntheticConfig(**base, weak_display_rate=0.5), "train")
+    # Without weak displays every consistent display is strong (the plan is the one from before the field).
+    assert {intensity_word(c.video_intensity) for c in plain if c.subset == "consistent"} == {"strong"}
+    for modality in ("video", "audio"):
+        words = Counter(intensity_word(getattr(c, f"{modality}_intensity")) for c in varied if c.subset == "consistent")
+        n = sum(words.values())  # r = 0.5: half strong, a quarter clear, a quarter faint
+        assert abs(words["strong"] / n - 0.5) < 0.05
+        assert abs(words["clear"] / n - 0.25) < 0.05 and abs(words["faint"] / n - 0.25) < 0.05
+    both_weak = np.mean([c.video_intensity < 0.85 and c.audio_intensity < 0.85 for c in varied if c.subset == "consistent"])
+    assert abs(both_weak - 0.25) < 0.05  # independent per modality
+    for c in varied:  # cues, labels and conflicts are untouched; conflicts keep genuine vs masking
+        _check_construction(c.label, c.subset, c.video_cue, c.audio_cue)
+        if c.subset == "consistent":
+            assert c.video_cue == c.audio_cue == c.label
+        else:
+            genuine, masked = (c.video_intensity, c.audio_intensity)
+            if c.subset == "audio_aligned":
+                genuine, masked = masked, genuine
+            assert genuine >= 0.9 and abs(masked - 0.4) <= 0.051
+        for s in (c.video_intensity, c.audio_intensity):
+            assert 0.3 <= s <= 1.0 and not 0.5 < s < 0.6 and not 0.8 < s < 0.9  # bands well inside the words
+
+
+def test_explanations_name_each_cue_with_its_intensity_and_parse():
+    cfg = SyntheticConfig(seed=4, train_size=300, dev_size=0, test_size=0, train_conflict_rate=0.4,
+                          weak_display_rate=0.5)
+    for c in _plan_split(cfg, "train"):
+        text = _explain(c)
+        words = intensity_word(c.video_intensity), intensity_word(c.audio_intensity)
+        assert text.startswith("The face is a {} display and the voice a {} one. The face shows ".format(*words))
+        assert f"({c.video_cue}). The voice is " in text and f"({c.audio_cue}). The subtitle says " in text
+        assert text.endswith(f"Overall the emotion is {c.label}.")
+        assert parse_label(text + f"\nEmotion: {c.label}", MER2023_LABELS) == c.label
+        assert parse_label(text, MER2023_LABELS) == c.label
+    corpus = " ".join(explanation_corpus())
+    for word in ("faint", "clear", "strong", *MER2023_LABELS):
+        assert word in corpus
 
 
 def test_noise_zero_and_one_in_the_plan():
@@ -237,6 +290,8 @@ def test_video_rendering_intensity_and_noise():
         ({"text_noise": float("nan")}, "text_noise"),
         ({"train_conflict_rate": 2}, "train_conflict_rate"),
         ({"masking_intensity": -1.0}, "masking_intensity"),
+        ({"weak_display_rate": 1.2}, "weak_display_rate"),
+        ({"weak_display_rate": True}, "weak_display_rate"),
         ({"frame_size": 57}, "frame_size"),
         ({"frame_size": 10}, "frame_size"),
         ({"fps": 0}, "fps"),
