@@ -105,6 +105,7 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
     gate_mean = GateStatsMean()  # MoSE gate statistics over the run (rank 0's batches)
     guard = L.LoopGuard(cfg, accelerator)  # train.nan_policy and train.max_minutes, same answer on all ranks
     throughput = L.Throughput()  # train_runtime, samples / tokens per second (final_metrics.json)
+    clipped = [p for p in model.parameters() if p.requires_grad]  # listed once, not filtered every step
     model.train()
     while state.step < total and not guard.stopped_early:
         for batch in L.epoch_batches(accelerator, train_dl, state):  # a resumed epoch skips the batches seen
@@ -118,7 +119,7 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
                 throughput.add(batch)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped, cfg.train.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
