@@ -156,7 +156,8 @@ class DataConfig:
     decode_cache: bool = True
     """Keep every sample's decoded frames and audio in the `datasets` cache (`data.cache_dir`), decoded once.
     False: decode in the DataLoader every epoch (after one checking pass), for sets whose raw frames would
-    not fit on disk; raise `data.num_workers`, or use `data.feature_cache`, which stores tower outputs only."""
+    not fit on disk; raise `data.num_workers`, or use `data.feature_cache`, which stores tower outputs only
+    (its fill decodes straight from the files and does not use this cache)."""
     feature_cache: bool | None = None
     """Cache the frozen towers' outputs per sample (`mllm_mer.cache`): computed once before the first epoch,
     then no decoding, feature extraction or tower runs. Needs every tower and projector frozen. None (the

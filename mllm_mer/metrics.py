@@ -3,7 +3,9 @@
 `classification_metrics` reports what MER papers report: accuracy, weighted F1 (the MER2023 / MERTools
 headline, `sklearn.metrics.f1_score(average="weighted")`), UAR (macro recall) and WAR (= accuracy),
 plus a confusion matrix and per-subset numbers for the CA-MER conflict subsets. Predictions outside
-the label set (an unparseable generation, "unknown") always count as wrong.
+the label set (an unparseable generation, "unknown") always count as wrong. The scores are computed in
+numpy with scikit-learn's definitions (`tests/unit/test_metrics.py` checks them against scikit-learn), so
+training never imports scikit-learn or SciPy.
 
 `audio_dominance` measures, on samples whose audio and video cues disagree, how often the prediction
 follows the audio cue rather than the video cue. `cue_accuracy` scores predictions against one modality's
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+import numpy as np
 
 from mllm_mer.data.schema import SUBSETS
 
@@ -47,11 +49,50 @@ def _check_inputs(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence
         raise ValueError(f"ground-truth values {bad} are not in labels {list(labels)}")
 
 
+def _confusion(y_true: list[str], y_pred: list[str], labels: list[str]) -> np.ndarray:
+    """Confusion counts, shape (L, L) over `labels` order: [i, j] = #(true == labels[i], pred == labels[j]).
+
+    Pairs whose truth or prediction is outside `labels` are not counted."""
+    index = {label: i for i, label in enumerate(labels)}
+    n = len(labels)
+    t = np.array([index.get(v, -1) for v in y_true], dtype=np.int64)
+    p = np.array([index.get(v, -1) for v in y_pred], dtype=np.int64)
+    keep = (t >= 0) & (p >= 0)
+    return np.bincount(t[keep] * n + p[keep], minlength=n * n).reshape(n, n)
+
+
+def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den elementwise, 0.0 where den == 0 (scikit-learn's `zero_division=0`); float64 arrays."""
+    out = np.zeros(num.shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _prf(y_true: list[str], y_pred: list[str], labels: list[str]) -> tuple[np.ndarray, ...]:
+    """Per-label precision, recall, F1 and support over `labels`, each shape (L,), as scikit-learn's
+    `precision_recall_fscore_support(labels=labels, zero_division=0)` computes them."""
+    cm = _confusion(y_true, y_pred, labels)
+    tp = np.diag(cm).astype(np.float64)
+    true_sum = np.array([sum(v == label for v in y_true) for label in labels], dtype=np.float64)
+    pred_sum = np.array([sum(v == label for v in y_pred) for label in labels], dtype=np.float64)
+    precision = _divide(tp, pred_sum)
+    recall = _divide(tp, true_sum)
+    f1 = _divide(2 * tp, true_sum + pred_sum)
+    return precision, recall, f1, true_sum
+
+
+def _weighted(scores: np.ndarray, support: np.ndarray) -> float:
+    """Support-weighted mean (scikit-learn's `average="weighted"`); 0.0 when no label has support."""
+    if support.sum() == 0:
+        return 0.0
+    return float(np.average(scores, weights=support))
+
+
 def _core_scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> tuple[float, float]:
     """Accuracy and weighted F1 over `labels` (predictions outside `labels` are wrong)."""
-    accuracy = float(accuracy_score(y_true, y_pred))
-    weighted_f1 = float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0))
-    return accuracy, weighted_f1
+    accuracy = float(np.mean([t == p for t, p in zip(y_true, y_pred, strict=True)]))
+    _, _, f1, support = _prf(y_true, y_pred, labels)
+    return accuracy, _weighted(f1, support)
 
 
 def classification_metrics(
@@ -92,20 +133,16 @@ def classification_metrics(
         raise ValueError(f"subsets has {len(subsets)} items but y_true has {len(y_true_l)}; they must match")
 
     accuracy, weighted_f1 = _core_scores(y_true_l, y_pred_l, labels_l)
-    weighted_precision = float(
-        precision_score(y_true_l, y_pred_l, labels=labels_l, average="weighted", zero_division=0)
-    )
-    weighted_recall = float(
-        recall_score(y_true_l, y_pred_l, labels=labels_l, average="weighted", zero_division=0)
-    )
-    present = [label for label in labels_l if label in set(y_true_l)]
-    uar = float(recall_score(y_true_l, y_pred_l, labels=present, average="macro", zero_division=0))
+    precision, recall, _, support = _prf(y_true_l, y_pred_l, labels_l)
+    weighted_precision = _weighted(precision, support)
+    weighted_recall = _weighted(recall, support)
+    uar = float(np.mean(recall[support > 0]))  # macro recall over the labels present in y_true
 
     label_set = set(labels_l)
     has_unknown = any(p not in label_set for p in y_pred_l)
     cm_labels = labels_l + [UNKNOWN] if has_unknown else labels_l
     y_pred_cm = [p if p in label_set else UNKNOWN for p in y_pred_l]
-    confusion = confusion_matrix(y_true_l, y_pred_cm, labels=cm_labels).tolist()
+    confusion = _confusion(y_true_l, y_pred_cm, cm_labels).tolist()
 
     per_subset: dict[str, dict[str, Any]] = {}
     if subsets is not None:

@@ -28,11 +28,12 @@ from mllm_mer.attention.method import AR
 from mllm_mer.backbone.loader import Backbone
 from mllm_mer.config import RunConfig
 from mllm_mer.data.collate import MODEL_INPUT_KEYS
-from mllm_mer.encoders import backbone_inputs
+from mllm_mer.encoders import backbone_inputs, unwrap_thinker
 from mllm_mer.fusion.dcr.method import DCR
 from mllm_mer.fusion.dnr.method import DNR
 from mllm_mer.fusion.heads import FusedHead, pool_by_modality
 from mllm_mer.methods import ForwardState, Method
+from mllm_mer.rope import RopePositions
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class MerModel(nn.Module):
         self.lm_loss_weight = cfg.train.lm_loss_weight
         self.cls_loss_weight = cfg.train.cls_loss_weight
         self.aux_loss_weights = {k: v for m in self.methods for k, v in m.loss_weights(cfg).items()}
+        self.rope_positions = RopePositions()  # each distinct row's 3-D position ids, computed once
 
     def method(self, name: str) -> Method | None:
         """The active method called `name`, or None."""
@@ -128,6 +130,12 @@ class MerModel(nn.Module):
             compute_lm_loss: default: when the batch has `labels` and the LM loss weight is > 0.
         """
         inputs = backbone_inputs(self.backbone, batch, MODEL_INPUT_KEYS)  # cache / ZeRO-3: inputs_embeds
+        fam = batch.get("feature_attention_mask")
+        positions = self.rope_positions(
+            unwrap_thinker(self.backbone), batch, fam.sum(dim=1) if fam is not None else None
+        )
+        if positions is not None:  # else the thinker computes them (get_rope_index)
+            inputs["position_ids"] = positions
         labels = batch.get("labels")
         if compute_lm_loss is None:
             compute_lm_loss = labels is not None and self.lm_loss_weight > 0

@@ -104,6 +104,8 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
     timer = L.StepTimer(state.step)  # seconds per optimizer step, logged every train.log_every steps
     gate_mean = GateStatsMean()  # MoSE gate statistics over the run (rank 0's batches)
     guard = L.LoopGuard(cfg, accelerator)  # train.nan_policy and train.max_minutes, same answer on all ranks
+    throughput = L.Throughput()  # train_runtime, samples / tokens per second (final_metrics.json)
+    clipped = [p for p in model.parameters() if p.requires_grad]  # listed once, not filtered every step
     model.train()
     while state.step < total and not guard.stopped_early:
         for batch in L.epoch_batches(accelerator, train_dl, state):  # a resumed epoch skips the batches seen
@@ -114,9 +116,10 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
                 out = model(batch)
                 if guard.skip_nonfinite(out.loss, state, batch["sample_ids"], optimizer):
                     continue  # batch dropped under train.nan_policy=skip (=stop raises)
+                throughput.add(batch)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped, cfg.train.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -127,6 +130,7 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            throughput.steps += 1
             bar.update(1)
             if main and state.step % cfg.train.log_every == 0:
                 lr = scheduler.get_last_lr()[0]
@@ -144,10 +148,11 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
             if dev_dl is not None and not cfg.train.eval_every and state.step < total:
                 dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     bar.close()
+    speed = throughput.metrics(accelerator)
     C.save_checkpoint(accelerator, cfg, state)
     if dev_dl is not None:
         dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
-    final = {"dev": dev_metrics, "step": state.step, **guard.summary()}
+    final = {"dev": dev_metrics, "step": state.step, **guard.summary(), **speed}
     R.save_run(accelerator, model, cfg, final, gate_mean)  # weights, final_metrics.json, gate_stats.json
     if main:
         writer.close()

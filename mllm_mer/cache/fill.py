@@ -1,9 +1,9 @@
 """Filling the frozen-encoder cache: the missing entries of a split, computed once, split over the ranks.
 
 `fill_cache` hashes the media (each rank its share of new or changed files), decides which samples lack a
-feature entry or a layout entry (`mllm_mer.cache.keys`), decodes only those samples' media, runs the towers
-only for missing feature entries (`mllm_mer.cache.towers`) and writes every rank's own shards
-(`mllm_mer.cache.store`). It returns, per sample served, the `CachedMedia` the cached collator reads.
+feature entry or a layout entry (`mllm_mer.cache.keys`), decodes only those samples' media (once each, straight
+from the files: the `datasets` decode cache is not involved), runs the towers only for missing feature entries
+(`mllm_mer.cache.towers`) and writes every rank's own shards (`mllm_mer.cache.store`). It returns, per sample served, the `CachedMedia` the cached collator reads.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 
 from mllm_mer.cache.keys import (
@@ -32,9 +32,11 @@ from mllm_mer.cache.keys import (
 from mllm_mer.cache.store import FeatureCache
 from mllm_mer.cache.towers import compute_entry, prompt_ids, towers_ready
 from mllm_mer.data.collate import MerCollator
-from mllm_mer.data.dataset import DecodeOptions, load_media_on_ranks
+from mllm_mer.data.dataset import DecodeOptions, decode, unusable_media
+from mllm_mer.data.media import DecodedMedia, MediaError
 from mllm_mer.data.schema import Sample
 from mllm_mer.encoders import check_supported
+from mllm_mer.logs import progress
 
 
 @dataclass
@@ -65,7 +67,6 @@ def fill_cache(
     thinker: nn.Module,
     spec: CacheSpec,
     options: DecodeOptions,
-    decoded_cache_dir: str | Path | None,
     *,
     accelerator: Accelerator | None = None,
     skip_bad: bool = False,
@@ -73,11 +74,11 @@ def fill_cache(
     """Compute the missing feature and layout entries of `samples` (split over the ranks) and return what
     the cached loader serves.
 
-    Media are decoded only for samples with missing entries (`data.dataset.load_media_on_ranks`: through the
-    `datasets` decode cache, main process first, or with `decoded_cache_dir` None a checking pass split over
-    the ranks); the towers run only for missing feature entries, under the accelerator's autocast, on its
-    device. Ranks take every world_size-th missing sample, write their own shards, then wait for each
-    other and re-read every index.
+    Media are decoded once, only for samples with missing entries, by the rank that fills them (no decode
+    cache: the towers' outputs are what is kept); the towers run only for missing feature entries, under the
+    accelerator's autocast, on its device. Ranks take every world_size-th missing sample, write their own
+    shards, then wait for each other and re-read every index. The entries of good samples are kept even when
+    another sample's media turn out to be bad.
 
     Args:
         cache: the cache (this rank's writer).
@@ -86,8 +87,6 @@ def fill_cache(
         thinker: the (frozen) thinker whose towers produce the features.
         spec: fingerprints and prompt variants.
         options: media decoding options.
-        decoded_cache_dir: the `datasets` cache of decoded media (`data.cache_dir`); None: decode directly
-            (`data.decode_cache=false`).
         accelerator: for rank, world size, device, autocast and barriers (None: one process, CPU).
         skip_bad: drop samples whose media cannot be decoded (reported) instead of raising.
     Returns:
@@ -129,14 +128,17 @@ def fill_cache(
     if accelerator is not None:  # every rank decided on the same cache state before anyone writes
         accelerator.wait_for_everyone()
     if todo:
-        good, decoded, problems = load_media_on_ranks(todo, options, decoded_cache_dir, skip_bad, accelerator)
-        report.skipped = problems
-        skipped = {s.id for s in todo} - {s.id for s in good}
+        bad: list[tuple[int, str, str]] = []  # (position in todo, sample id, problem) of this rank's share
         cache.prune_own()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with cache.writer() as writer, towers_ready(thinker, device), autocast:
-            for i in range(rank, len(good), world):
-                sample, media = decoded[i]
+            for i in progress(range(rank, len(todo), world), desc="feature cache", unit="clip"):
+                sample = todo[i]
+                try:
+                    media: DecodedMedia = decode(sample, options)
+                except MediaError as exc:
+                    bad.append((i, sample.id, str(exc)))
+                    continue
                 fk = fkeys[sample.id]
                 full_ids = None
                 if fk not in cache:
@@ -156,6 +158,13 @@ def fill_cache(
                     )
                     writer.add(lk, {"input_ids": ids.to(torch.long)})
                     report.layouts_computed += 1
+        if accelerator is not None and accelerator.num_processes > 1:
+            bad = gather_object(bad)  # every rank learns every problem (and raises alike)
+        bad.sort()
+        report.skipped = [problem for _, _, problem in bad]
+        skipped = {sample_id for _, sample_id, _ in bad}
+        if bad and not skip_bad:
+            raise unusable_media(report.skipped)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     cache.refresh()

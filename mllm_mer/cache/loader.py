@@ -32,7 +32,7 @@ from mllm_mer.cache.keys import (
 from mllm_mer.cache.store import FeatureCache
 from mllm_mer.config import RunConfig
 from mllm_mer.data.collate import MerCollator, assemble_batch, audio_in_video
-from mllm_mer.data.dataset import DecodeOptions, decode_cache_dir, decode_options
+from mllm_mer.data.dataset import DecodeOptions, decode_options
 from mllm_mer.data.schema import Sample
 from mllm_mer.encoders import check_supported
 
@@ -169,7 +169,7 @@ def prepare_cache(
     """Fill the run's cache for `samples` (missing entries only) and build the collator that reads it.
 
     Args:
-        cfg: the run config (`data.feature_cache_dir`, `data.cache_dir`, `data.on_error`, freeze switches).
+        cfg: the run config (`data.feature_cache_dir`, `data.on_error`, freeze switches).
         backbone: the loaded backbone (its thinker's towers fill the cache).
         samples: the split's samples.
         collator: the split's fused-path `MerCollator` (`data.loading.base_collator`), not wrapped by the
@@ -200,7 +200,6 @@ def prepare_cache(
         backbone.model,
         spec,
         options,
-        decode_cache_dir(cfg),
         accelerator=accelerator,
         skip_bad=cfg.data.on_error == "skip",
     )

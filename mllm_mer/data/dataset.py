@@ -14,8 +14,8 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -26,15 +26,23 @@ from mllm_mer.data.media import DecodedMedia, MediaError, decode_sample_media
 from mllm_mer.data.schema import Sample
 from mllm_mer.logs import datasets_bars_off, progress
 
-_FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "frames": datasets.Value("binary"),
-        "frames_shape": datasets.Sequence(datasets.Value("int32")),
-        "audio": datasets.Value("binary"),
-        "error": datasets.Value("string"),
-    }
-)
+if TYPE_CHECKING:  # `datasets` is imported where the decode cache is used (seconds of start-up otherwise)
+    import datasets
+
+
+def _features() -> datasets.Features:
+    """The decode cache's Arrow schema."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "frames": datasets.Value("binary"),
+            "frames_shape": datasets.Sequence(datasets.Value("int32")),
+            "audio": datasets.Value("binary"),
+            "error": datasets.Value("string"),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,8 @@ def build_media_dataset(
     Raises:
         MediaError: (skip_bad=False) listing every sample whose media cannot be used (nothing is cached).
     """
+    import datasets
+
     rows = [
         {
             "id": s.id,
@@ -176,7 +186,7 @@ def build_media_dataset(
                     "options": options.__dict__,
                     "skip_bad": skip_bad,
                 },  # no list: sharded
-                features=_FEATURES,
+                features=_features(),
                 cache_dir=str(cache_dir),
             )
     except datasets.exceptions.DatasetGenerationError as exc:

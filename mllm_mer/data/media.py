@@ -52,14 +52,14 @@ def _read_container(
                 raise MediaError("has no audio track")
             streams.append(container.streams.audio[0])
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if want_audio else None
-        frames: list[np.ndarray] = []
+        frames: list[av.VideoFrame] = []  # converted to RGB only once chosen (most are not)
         times: list[float] = []
         chunks: list[np.ndarray] = []
         for packet in container.demux(*streams):
             for frame in packet.decode():
                 if isinstance(frame, av.VideoFrame):
                     if frame.time is not None:
-                        frames.append(frame.to_ndarray(format="rgb24"))
+                        frames.append(frame)
                         times.append(float(frame.time))
                 else:
                     chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
@@ -78,7 +78,8 @@ def _read_container(
         n -= n % 2  # the vision tower groups frames in pairs (temporal patch 2)
         targets = t[0] + np.arange(n) / fps
         idx = np.clip(np.searchsorted(t, targets + 1e-6, side="right") - 1, 0, len(t) - 1)
-        video = np.stack([frames[order[i]] for i in idx])
+        rgb = {int(j): frames[order[j]].to_ndarray(format="rgb24") for j in np.unique(idx)}
+        video = np.stack([rgb[int(j)] for j in idx])
     if want_audio:
         if not chunks:
             raise MediaError("audio stream has no decodable samples")

@@ -184,6 +184,46 @@ class StepTimer:
         return seconds
 
 
+class Throughput:
+    """What this run trained and how long it took, in Hugging Face Trainer's names (`final_metrics.json`).
+
+    The clock (wall time) starts when it is made, just before the loop, and stops at `metrics`; dev passes
+    during training count, the final one does not (as in `Trainer.train`). Samples and tokens are those this
+    run trained on (a resumed run counts from the resume point), summed over the ranks; tokens are the
+    non-padding prompt + answer positions of the fused batch (`attention_mask`), without method sub-batches.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.samples = 0
+        self.steps = 0
+        self._tokens: torch.Tensor | int = 0  # summed on the batch's device: no host sync per step
+
+    def add(self, batch: dict) -> None:
+        """Count one micro-batch (`sample_ids`: list of B ids; `attention_mask`: (B, T))."""
+        self.samples += len(batch["sample_ids"])
+        self._tokens = self._tokens + batch["attention_mask"].sum()
+
+    def metrics(self, accelerator: Accelerator) -> dict[str, float | int]:
+        """`{"train_runtime", "train_samples", "train_tokens", "train_samples_per_second",
+        "train_steps_per_second", "train_tokens_per_second"}` (seconds; totals over the ranks). Every rank
+        calls it (the totals are reduced)."""
+        runtime = time.perf_counter() - self.started
+        counts = torch.tensor([self.samples, int(self._tokens)], dtype=torch.long, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        samples, tokens = (int(c) for c in counts.tolist())
+        per_second = (lambda n: round(n / runtime, 3)) if runtime > 0 else (lambda n: 0.0)
+        return {
+            "train_runtime": round(runtime, 4),
+            "train_samples": samples,
+            "train_tokens": tokens,
+            "train_samples_per_second": per_second(samples),
+            "train_steps_per_second": per_second(self.steps),
+            "train_tokens_per_second": per_second(tokens),
+        }
+
+
 def open_writer(cfg: RunConfig, accelerator: Accelerator) -> SummaryWriter | None:
     """The TensorBoard writer (`<output_dir>/tb`) on the main process; None on the others."""
     if not accelerator.is_main_process:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 
 import mllm_mer
@@ -74,10 +75,15 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig)
     version with one rename: a write that fails (an exception, a full disk) removes the temporary folder
     and leaves the previous final files, if any, as they were; a half-written `adapter/` never appears."""
     out = Path(cfg.train.output_dir)
-    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; full on the main process
+    mer = _plain_model(accelerator, model)
+    if mer is not None:  # no sharding: the state is the module's own (accelerate's path imports deepspeed)
+        state = mer.state_dict()
+    else:
+        state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; full on the main process
     if not accelerator.is_main_process:
         return
-    mer: MerModel = accelerator.unwrap_model(model)
+    if mer is None:
+        mer = accelerator.unwrap_model(model)
     tmp = out / FINAL_TMP
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -99,6 +105,17 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, cfg: RunConfig)
     for entry in sorted(tmp.iterdir()):
         replace_entry(entry, out / entry.name)
     tmp.rmdir()
+
+
+def _plain_model(accelerator: Accelerator, model: torch.nn.Module) -> MerModel | None:
+    """The `MerModel` inside `model` when nothing shards it (one process, or DDP on CPUs / GPUs), else None. Unlike `accelerator.unwrap_model`, it never imports deepspeed (about a second of start-up
+    work that a plain run does not need)."""
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return None
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return model if isinstance(model, MerModel) else None
 
 
 FINAL_TMP = ".tmp-final"

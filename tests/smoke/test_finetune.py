@@ -33,6 +33,10 @@ def test_finetune_writes_run_dir_and_resume_matches_uninterrupted(tiny_dir, syn_
     metrics = json.loads((a / "final_metrics.json").read_text())
     assert set(metrics["dev"]["per_subset"]) == {"consistent", "video_aligned", "audio_aligned"}
     assert 0 <= metrics["dev"]["accuracy"] <= 1 and "weighted_f1" in metrics["dev"]
+    # Hugging Face Trainer's speed figures: 6 steps of 4 samples, every prompt + answer token counted
+    assert metrics["train_samples"] == 24 and metrics["train_tokens"] > 24 and metrics["train_runtime"] > 0
+    for name, count in (("samples", 24), ("steps", 6), ("tokens", metrics["train_tokens"])):
+        assert metrics[f"train_{name}_per_second"] == pytest.approx(count / metrics["train_runtime"], rel=1e-2)
     info = json.loads((a / "run_info.json").read_text())
     assert info["seed"] == 0 and len(info["prompts"]["explain"]) == 64 and info["version"]
     ckpts = sorted(p.name for p in (a / "checkpoints").iterdir())
@@ -58,6 +62,7 @@ def test_finetune_writes_run_dir_and_resume_matches_uninterrupted(tiny_dir, syn_
     assert "at step 4" in out
     log_steps = [json.loads(line)["step"] for line in (b / "train_log.jsonl").read_text().splitlines()]
     assert log_steps == [5, 6]
+    assert json.loads((b / "final_metrics.json").read_text())["train_samples"] == 8  # what this run trained
     for name in ("adapter/adapter_model.safetensors", "heads.safetensors"):
         ta, tb = load_file(a / name), load_file(b / name)
         for k in ta:

@@ -63,10 +63,7 @@ def fill(cfg, bb, samples, cache_dir: Path | None = None, processor=None, accele
     options = decode_options(cfg, bb.processor)
     spec = C.build_spec(bb, options, prompt_variants(cfg))
     cache = C.FeatureCache(cache_dir or cfg.data.feature_cache_dir, rank=rank)
-    decoded = cfg.data.cache_dir if cfg.data.decode_cache else None
-    served, presence, report = C.fill_cache(
-        cache, samples, base, bb.model, spec, options, decoded, accelerator=accelerator
-    )
+    served, presence, report = C.fill_cache(cache, samples, base, bb.model, spec, options, accelerator=accelerator)
     cached = wrap_collator(cfg, C.CachedCollator.from_collator(base, cache))
     return build_collator(cfg, bb, train=True), cached, [(s, presence[s.id]) for s in served], report
 
@@ -253,14 +250,15 @@ def _rewrite_middle_keeping_size_and_mtime(path: Path, at: int | None = None) ->
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
-def test_fill_without_the_decode_cache_stores_the_same_features(tiny_dir, syn_dir, tmp_path):
+def test_fill_decodes_straight_from_the_files_with_or_without_the_decode_cache(tiny_dir, syn_dir, tmp_path):
     samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
     bb = load_backbone(tiny_dir)
-    cfg = cfg_for(tiny_dir, tmp_path)
+    cfg = cfg_for(tiny_dir, tmp_path, f"data.cache_dir={tmp_path / 'decoded-unused'}")
     streamed = cfg_for(tiny_dir, tmp_path, "data.decode_cache=false", f"data.cache_dir={tmp_path / 'unused'}")
     _, cached, items, _ = fill(cfg, bb, samples)
     _, cached2, items2, report = fill(streamed, bb, samples, cache_dir=tmp_path / "features2")
-    assert report.features_computed == 2 and not (tmp_path / "unused").exists()
+    assert report.features_computed == 2
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "decoded-unused").exists()  # no Arrow cache
     a, b = cached(items), cached2(items2)
     for key in ("input_ids", "audio_embeds", "video_embeds"):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
@@ -296,9 +294,7 @@ def test_unreadable_media_file_is_reported_not_crashed_on(tiny_dir, syn_dir, tmp
     options = decode_options(cfg, bb.processor)
     spec = C.build_spec(bb, options, prompt_variants(cfg))
     cache = C.FeatureCache(cfg.data.feature_cache_dir)
-    served, _, report = C.fill_cache(
-        cache, samples, collator, bb.model, spec, options, cfg.data.cache_dir, skip_bad=True
-    )
+    served, _, report = C.fill_cache(cache, samples, collator, bb.model, spec, options, skip_bad=True)
     assert [s.id for s in served] == [samples[0].id] and len(report.skipped) == 1
 
 

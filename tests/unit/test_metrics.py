@@ -1,6 +1,10 @@
-"""Tests of `mllm_mer.metrics` against hand-computed values."""
+"""Tests of `mllm_mer.metrics` against hand-computed values and against scikit-learn."""
 
 from __future__ import annotations
+
+import random
+import subprocess
+import sys
 
 import pytest
 
@@ -69,6 +73,40 @@ def test_subset_outside_known_names_is_kept_after_known_ones():
     )
     assert list(out["per_subset"]) == ["consistent", "x"]
     assert out["per_subset"]["x"]["accuracy"] == pytest.approx(1.0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # scikit-learn's note on one-label inputs
+def test_scores_match_scikit_learn_on_random_labelings():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(0)
+    for case in range(300):
+        labels = list(MER2023_LABELS[: rng.randint(1, len(MER2023_LABELS))])
+        n = rng.randint(1, 40)
+        y_true = [rng.choice(labels) for _ in range(n)]
+        # mostly labels, sometimes a value outside the set, sometimes one label never predicted
+        y_pred = [rng.choice([*labels, "unknown", "disgust"]) if rng.random() < 0.2 else rng.choice(labels)
+                  for _ in range(n)]  # fmt: skip
+        out = classification_metrics(y_true, y_pred, labels)
+        kw = {"labels": labels, "average": "weighted", "zero_division": 0}
+        present = [label for label in labels if label in set(y_true)]
+        expected = {
+            "accuracy": sk.accuracy_score(y_true, y_pred),
+            "weighted_f1": sk.f1_score(y_true, y_pred, **kw),
+            "weighted_precision": sk.precision_score(y_true, y_pred, **kw),
+            "weighted_recall": sk.recall_score(y_true, y_pred, **kw),
+            "uar": sk.recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0),
+        }
+        for key, value in expected.items():
+            assert out[key] == pytest.approx(float(value), rel=1e-12, abs=1e-15), (case, key)
+        cm_labels = labels + ["unknown"] if any(p not in labels for p in y_pred) else labels
+        y_pred_cm = [p if p in labels else "unknown" for p in y_pred]
+        assert out["confusion"] == sk.confusion_matrix(y_true, y_pred_cm, labels=cm_labels).tolist()
+
+
+def test_importing_metrics_loads_neither_scikit_learn_nor_scipy():
+    code = "import sys, mllm_mer.metrics; print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -297,3 +297,28 @@ def test_a_failed_final_write_leaves_no_half_written_files_and_readers_name_dama
     with pytest.raises(RunFileError, match="heads.safetensors is damaged \\(holds tensors of something else, "
                                            "e.g. 'not_a_head'\\)"):
         check_run_files(out, cfg)
+
+
+def test_single_process_final_save_skips_accelerates_gather_and_writes_the_same_files(tiny_dir, tmp_path,
+                                                                                    monkeypatch):
+    # accelerate's get_state_dict / unwrap_model import deepspeed (when installed) even for one process
+    cfg = cfg_with(tmp_path, f"model.path={tiny_dir}")
+    model = build_mer_model(load_backbone(tiny_dir), cfg)
+    apply_trainable(model, cfg)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("fusion_")).add_(0.5)
+    accelerator = Accelerator(cpu=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a single-process save must not go through accelerate's gather")
+
+    monkeypatch.setattr(accelerator, "get_state_dict", refuse)
+    monkeypatch.setattr(accelerator, "unwrap_model", refuse)
+    R.save_final(accelerator, model, cfg)
+    out = Path(cfg.train.output_dir)
+    plain = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "_plain_model", lambda accelerator, model: None)  # accelerate's own path
+    R.save_final(accelerator, model, cfg)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == plain
+    assert any(name.name == "heads.safetensors" for name in plain)

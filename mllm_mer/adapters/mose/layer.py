@@ -184,33 +184,45 @@ class MoSELinear(nn.Module):
         probs = self.gate_probs(xf, token_modality)  # (B,T,E)
         weights = route(probs, self.routing, self.top_k)  # (B,T,E)
         onehot = F.one_hot(token_modality, NUM_MODALITIES).to(xf.dtype)  # (B,T,M)
-        coef = onehot * self.modality_weights()  # (B,T,M): w_m on the token's own modality, 0 elsewhere
+        w = self.modality_weights()  # (M,)
+        coef = onehot * w  # (B,T,M): w_m on the token's own modality, 0 elsewhere
         # (B,T,M,1,1) * (B,T,1,E,r) -> (B,T,M,E,r): the rank-space mixture, zero outside the own modality
         z = coef[..., None, None] * (weights[..., None] * h[..., None, :])[..., None, :, :]
-        delta = torch.einsum("btmer,meor->bto", z, self.mose_B) * self.scaling  # (B,T,D_out)
+        K = z.shape[-3] * z.shape[-2] * z.shape[-1]
+        b = self.mose_B.transpose(-1, -2).reshape(K, self.out_features)  # (K, D_out), rows ordered like z
+        delta = (z.reshape(-1, K) @ b).view(*z.shape[:-3], self.out_features) * self.scaling  # (B,T,D_out)
         if mose_records is not None:
-            mose_records.append(self._record(z, probs, onehot))
+            mose_records.append(self._record(z, delta, probs, onehot, w))
         return result + delta.to(result.dtype)
 
-    def _record(self, z: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor) -> RoutingRecord:
-        """Statistics of one call, per modality group (see `RoutingRecord`)."""
+    def _record(
+        self, z: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor
+    ) -> RoutingRecord:
+        """Statistics of one call, per modality group (see `RoutingRecord`).
+
+        Args:
+            z: (B,T,M,E,r) the rank-space mixture; delta: (B,T,D_out) float32 the adapter delta (scaled);
+            probs: (B,T,E) gate probabilities; onehot: (B,T,M) token modalities; w: (M,) modality weights.
+        """
         E = self.num_experts
         zf = z.flatten(-3)  # (B,T,K), K = M*E*r
-        b = self.mose_B.permute(2, 0, 1, 3).flatten(1)  # (D_out, K), columns ordered like zf
-        # |delta|^2 = z^T (B^T B) z * scaling^2: exact, without keeping the (B,T,D_out) delta for backward
-        sq = ((zf @ (b.T @ b)) * zf).sum(-1).clamp_min(0) * self.scaling**2  # (B,T)
-        tokens = onehot.flatten(0, 1).sum(0)  # (M,)
-        denom = tokens.clamp_min(1.0)
-        gate_mass = torch.einsum("btm,bte->me", onehot, probs) / denom[:, None]
+        if self.out_features <= zf.shape[-1]:  # |delta|^2 directly: the cheaper exact form here
+            sq = delta.square().sum(-1)  # (B,T)
+        else:  # |delta|^2 = z^T (B^T B) z * scaling^2: no (B,T,D_out) product kept for backward
+            b = self.mose_B.permute(2, 0, 1, 3).flatten(1)  # (D_out, K), columns ordered like zf
+            sq = ((zf @ (b.T @ b)) * zf).sum(-1).clamp_min(0) * self.scaling**2  # (B,T)
         top1 = F.one_hot(probs.detach().argmax(-1), E).to(probs.dtype)  # (B,T,E)
-        usage = torch.einsum("btm,bte->me", onehot, top1) / denom[:, None]
-        contribution = torch.einsum("btm,bt->m", onehot, sq) / denom
+        # one product for every per-group sum: [gate mass E | top-1 counts E | squared delta 1 | tokens 1]
+        per_token = torch.cat([probs, top1, sq[..., None], torch.ones_like(sq)[..., None]], dim=-1)
+        sums = onehot.flatten(0, 1).T @ per_token.flatten(0, 1)  # (M, 2E+2)
+        tokens = sums[:, -1].detach()  # (M,)
+        denom = tokens.clamp_min(1.0)
         return RoutingRecord(
-            tokens=tokens.detach(),
-            gate_mass=gate_mass,
-            expert_usage=usage.detach(),
-            contribution=contribution,
-            modality_weights=self.modality_weights().detach(),
+            tokens=tokens,
+            gate_mass=sums[:, :E] / denom[:, None],
+            expert_usage=(sums[:, E : 2 * E] / denom[:, None]).detach(),
+            contribution=sums[:, 2 * E] / denom,
+            modality_weights=w.detach(),
         )
 
     def extra_repr(self) -> str:
