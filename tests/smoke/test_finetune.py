@@ -77,9 +77,10 @@ def test_bad_config_key_and_missing_media_fail_before_model_loads(tiny_dir, syn_
     assert "unknown key 'train.learning_rate'" in proc.stderr
     rows = [json.loads(line) for line in (syn_dir / "train.jsonl").read_text().splitlines()[:3]]
     rows[1]["video"] = "media/does_not_exist.mp4"
-    bad = syn_dir / "bad_train.jsonl"
+    bad = tmp_path / "bad_train.jsonl"  # beside the test, its media under the shared set (data.media_root)
     bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    proc = run_finetune([*base_args(tiny_dir, syn_dir, tmp_path / "r", tmp_path / "c"), f"data.train={bad}"])
+    proc = run_finetune([*base_args(tiny_dir, syn_dir, tmp_path / "r", tmp_path / "c"), f"data.train={bad}",
+                         f"data.media_root={syn_dir}"])
     assert proc.returncode != 0
     assert f"id '{rows[1]['id']}'" in proc.stderr and "does_not_exist.mp4" in proc.stderr
     assert "Loading weights" not in proc.stderr and "Loading weights" not in proc.stdout
@@ -95,6 +96,7 @@ def test_ddp_two_processes_on_cpu(tiny_dir, syn_dir, tmp_path):
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # DeepSpeed stays in the default tier through tests/smoke/test_zero3.py
 @pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed ([deepspeed])"
 )

@@ -52,7 +52,9 @@ def run_in_process(argv: list[str], tmp_path) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+@pytest.mark.parametrize(
+    "verbose", [pytest.param(False, marks=pytest.mark.slow), True], ids=["quiet", "verbose"]
+)  # quiet output: test_quiet_run_prints_our_lines_and_a_summary_whose_commands_work
 def test_no_setting_leaks_after_a_run_and_verbose_restores_the_full_log(tiny_dir, syn_dir, tmp_path, verbose):
     args = [*base_args(tiny_dir, syn_dir, tmp_path / "run", tmp_path / "c"), "train.max_steps=2",
             "train.save_every=1"]

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.smoke
 def test_mose_finetune_then_generate(tiny_dir, syn_dir, tmp_path):
     run = tmp_path / "mose"
     out = check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "c"), "adapter=mose",
-                              "train.max_steps=3", "train.save_every=0"]))
-    assert "mose " in out and "MoSE on 8 modules" in out
+                              "train.max_steps=3", "train.save_every=0", "--verbose"]))
+    assert "mose " in out and "MoSE on 8 modules" in out  # an INFO line: shown with --verbose
     weights = load_file(run / MOSE_WEIGHTS)
     assert weights and all(".mose_" in k and ".language_model." in k for k in weights)
     assert not (run / "adapter").exists() and (run / "heads.safetensors").is_file()
@@ -45,6 +45,7 @@ def test_mose_finetune_then_generate(tiny_dir, syn_dir, tmp_path):
     assert len(rows) == 12 and all(abs(sum(r["probs"]["fused"].values()) - 1) < 1e-5 for r in rows)
 
 
+@pytest.mark.slow  # DDP stays in the default tier through test_finetune.py::test_ddp_two_processes_on_cpu
 def test_mose_ddp_two_processes_on_cpu(tiny_dir, syn_dir, tmp_path):
     run = tmp_path / "ddp"
     launch = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml")]

@@ -21,7 +21,7 @@ def to_sharegpt(rows: list[dict]) -> list[dict]:
         "videos": [r["video"]]} for r in rows]
 
 
-@pytest.mark.parametrize("fmt", ["sharegpt", "swift"])
+@pytest.mark.parametrize("fmt", ["sharegpt", pytest.param("swift", marks=pytest.mark.slow)])  # readers: unit tests
 def test_train_and_generate_on_peer_format(fmt, tiny_dir, syn_dir, tmp_path):
     shutil.copytree(syn_dir / "media", tmp_path / "media")  # the peer files live in tmp_path, beside the clips
     files = {}
@@ -59,7 +59,8 @@ def test_llamafactory_file_with_media_in_a_sibling_folder_trains_with_media_root
     args = [*base_args(tiny_dir, syn_dir, tmp_path / "run", tmp_path / "cache"), "data.format=sharegpt",
             f"data.train={files['train']}", f"data.dev={files['dev']}", "train.max_steps=1"]
     proc = run_finetune(args)  # relative to the file's own folder, the clips are not there
-    assert proc.returncode == 2 and "not found" in proc.stderr, proc.stderr[-2000:]
+    # the script exits 2; accelerate's single-process launcher reports a failed child as 1
+    assert proc.returncode in (1, 2) and "not found" in proc.stderr, proc.stderr[-2000:]
     log = check(run_finetune([*args, f"data.media_root={clips}"]))
     assert "[dev step 1] accuracy=" in log
     outside = tmp_path / "elsewhere" / "x.mp4"  # a real clip, but outside the named root
@@ -71,4 +72,4 @@ def test_llamafactory_file_with_media_in_a_sibling_folder_trains_with_media_root
     bad = ann / "escaping.json"
     bad.write_text(json.dumps(records))
     proc = run_finetune([*args, f"data.media_root={clips}", f"data.train={bad}"])
-    assert proc.returncode == 2 and "escapes dataset root" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode in (1, 2) and "escapes dataset root" in proc.stderr, proc.stderr[-2000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `error: ...` line of a refused script run (exit 2, no traceback)."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # the ranks write at once: two messages may share a line, so split on the message, not on lines
+    errors = re.findall(r"error: .*?move them aside", proc.stderr)
     assert len(errors) == 1, proc.stderr[-4000:]
     return errors[0]
 
@@ -120,7 +122,8 @@ def test_ddp_ranks_share_the_refusal_and_leave_no_lock(tiny_dir, syn_dir, tmp_pa
     launch = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml")]
     proc = run_finetune([*base_args(tiny_dir, syn_dir, x, tmp_path / "c"), "train.max_steps=2"], launch, timeout=300)
     assert proc.returncode != 0  # every rank stops (none waits for the other), within the timeout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # the ranks write at once: two messages may share a line, so split on the message, not on lines
+    errors = re.findall(r"error: .*?move them aside", proc.stderr)
     assert errors and set(errors) == {  # rank 1, if the launcher has not stopped it first, says the same
         f"error: train.output_dir={x} is not empty: it holds files that are not an mllm_mer run (notes.txt); "
         "choose another train.output_dir, or set train.overwrite=true to move them aside"}, proc.stderr[-3000:]
