@@ -200,6 +200,7 @@ def classification_markdown(result: Mapping[str, Any]) -> str:
             markdown_table(["path", "accuracy", "weighted_f1", "uar"], rows),
             "",
         ]
+    lines += explanations_section(result)
     lines += dnr_ablation_section(result)
     lines += fuse_or_drop_section(result)
     confusion = metrics["confusion"]
@@ -217,6 +218,24 @@ def classification_markdown(result: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines + _warnings_section(result) + _inputs_section(result))
+
+
+def explanations_section(result: Mapping[str, Any]) -> list[str]:
+    """Explanation quality on the synthetic set (`mllm_mer.explanations`), overall and per subset."""
+    quality = result.get("explanations")
+    if not quality:
+        return []
+    keys = ("parse_rate", "label_accuracy", "video_cue_accuracy", "audio_cue_accuracy",
+            "video_intensity_accuracy", "audio_intensity_accuracy")
+    rows = [("all", quality["n"], *(quality[k] for k in keys))]
+    rows += [(subset, q["n"], *(q[k] for k in keys)) for subset, q in quality["per_subset"].items()]
+    return [
+        "## Explanation quality (generated text vs the designed cues)",
+        "",
+        markdown_table(["subset", "n", "parses", "label", "face cue", "voice cue", "face intensity",
+                        "voice intensity"], rows),
+        "",
+    ]
 
 
 def openset_markdown(result: Mapping[str, Any]) -> str:

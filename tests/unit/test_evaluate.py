@@ -496,6 +496,7 @@ def test_script_end_to_end(tmp_path: Path) -> None:
         "per_path",
         "inputs",
         "warnings",
+        "explanations",  # the rows carry generated text
     }
     for name in ("syn.md", "syn.confusion.png", "syn.subsets.png"):
         assert (out.parent / name).is_file(), name
@@ -541,3 +542,31 @@ def test_script_main_bad_input_returns_2(
         ["synthetic", "--predictions", str(pred), "--references", str(refs), "--output", str(out)]
     )
     assert code == 2 and capsys.readouterr().err.startswith(expected) and not out.exists()
+
+
+def test_synthetic_scores_explanation_quality_on_hand_made_rows(tmp_path: Path) -> None:
+    """Generated explanations are read back per display: cue emotion, intensity word, parseable label."""
+    refs = [json.loads(line) for line in syn_refs(tmp_path).read_text().splitlines()]
+    refs[0]["explanation"] = "The face is a strong display and the voice a strong one. The face shows a smile (happy)."
+    refs[1]["explanation"] = "The face is a strong display and the voice a faint one. The face shows tears (sad)."
+    ref = write_jsonl(tmp_path / "refs.jsonl", refs)
+    texts = [
+        "The face is a strong display and the voice a strong one. The face shows a smile (happy). "
+        "The voice is bright (happy). Emotion: happy",  # all right
+        "The face is a strong display and the voice a strong one. The face shows tears (sad). "
+        "The voice is loud (angry). Emotion: sad",  # cues right, the voice's intensity wrong
+        "The face shows a frown (angry). The voice is loud (angry). Emotion: angry",  # face cue wrong
+        "I cannot tell.",  # nothing parses
+    ]
+    pred = write_jsonl(tmp_path / "pred_expl.jsonl", [{"id": sid, "text": t} for (sid, *_), t in zip(SYN_REFS, texts,
+                                                                                                     strict=True)])
+    out = tmp_path / "expl.json"
+    quality = evaluate("synthetic", pred, ref, out)["explanations"]
+    assert quality["n"] == 4 and quality["parse_rate"] == pytest.approx(0.75)
+    assert quality["video_cue_accuracy"] == pytest.approx(0.5) and quality["audio_cue_accuracy"] == pytest.approx(0.75)
+    assert quality["video_intensity_n"] == quality["audio_intensity_n"] == 2  # only s1, s2 have reference words
+    assert quality["video_intensity_accuracy"] == 1.0 and quality["audio_intensity_accuracy"] == 0.5
+    assert quality["per_subset"]["audio_aligned"]["audio_cue_accuracy"] == 0.5
+    assert "mentions" not in quality
+    md = report_paths(out)["markdown"].read_text()
+    assert "## Explanation quality" in md and "| all | 4 | 0.7500 |" in md
