@@ -240,6 +240,7 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         )
     teachers = [aggregate_evidence(token_logits[t].detach(), masks[t]) for t in TEACHERS]
     result.losses["dcr_afd"] = scale * afd_loss(
-        logits[STUDENT], teachers, cfg.afd_temperature, cfg.afd_agreement_power
+        logits[STUDENT], teachers, cfg.afd_temperature, cfg.afd_agreement_power,
+        agreement_floor=cfg.afd_agreement_floor, conflict_target=cfg.afd_conflict_target,
     )
     return result
