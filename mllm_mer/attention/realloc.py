@@ -134,6 +134,7 @@ class _Scope:
     zero: Tensor  # () float32 0
     low: Tensor  # () float32, the most negative float32 (masked scores)
     sample_coef: Tensor | None = None  # (B, 2) per-sample coef (per-sample targets), or None = `coef`
+    paused: bool = False  # inside `reallocation_paused`: every call passes through unchanged
     _buffers: dict[int, Tensor] = field(default_factory=dict)  # batch size -> (B, >= K, 2) indicators
 
     def coef_for(self, batch: int) -> Tensor | None:
@@ -201,7 +202,7 @@ def _ar_attention_forward(
             "mllm_mer.attention.realloc.attention_reallocation(); it was selected outside of it"
         )
     base = _base_function(module)
-    if module.layer_idx not in scope.layers:
+    if scope.paused or module.layer_idx not in scope.layers:
         return base(module, query, key, value, attention_mask, **kwargs)
     Q, K = query.shape[2], key.shape[2]
     first = 0 if scope.cfg.query == "all" else max(0, scope.modality.shape[1] - 1 - (K - Q))  # first row
@@ -322,6 +323,25 @@ def check_attn_backend(implementation: str) -> None:
             f"{implementation!r}, which never materialises them (flash-attention / flex kernels); supported: "
             f"{list(WRAPPABLE)}. Load the backbone with model.attn_implementation=sdpa (or eager)"
         )
+
+
+@contextmanager
+def reallocation_paused(model: nn.Module) -> Iterator[None]:
+    """Inside the block, an active AR scope of `model` leaves every call unchanged (no-op without one).
+
+    For forwards on other prompts than the one AR was set up for, e.g. DCR's unimodal sub-batches inside a
+    prediction batch's scope: AR acts on the fused prompt's answer rows only.
+    """
+    scope = _SCOPES.get(id(find_thinker(model).config.text_config))
+    if scope is None:
+        yield
+        return
+    previous = scope.paused
+    scope.paused = True
+    try:
+        yield
+    finally:
+        scope.paused = previous
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:

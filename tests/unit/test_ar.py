@@ -407,4 +407,9 @@ def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, c
     zero = run(dataclasses.replace(paths, strength=0.0))
     on = run(paths)
     assert zero == off and [r["probs"]["fused"] for r in on] != [r["probs"]["fused"] for r in off]
+    # every query row: the unimodal paths' shorter prompts run with AR paused, their probabilities unchanged
+    every = run(dataclasses.replace(paths, query="all"))
+    assert [r["probs"]["fused"] for r in every] != [r["probs"]["fused"] for r in off]
+    for a, b in zip(every, off, strict=True):
+        assert a["probs"]["audio"] == b["probs"]["audio"] and a["probs"]["video"] == b["probs"]["video"]
     assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
