@@ -95,7 +95,7 @@ def inference_scope(model: InferenceModel, batch: dict) -> Iterator[None]:
     generated tokens count as text)."""
     with ExitStack() as stack:
         for m in active_methods(model.cfg):
-            stack.enter_context(m.inference_scope(model.generator, batch, model.cfg))
+            stack.enter_context(m.inference_scope(model.generator, batch, model.cfg, mer=model.mer))
         if model.mer is not None:
             stack.enter_context(model.mer.backbone_scope(batch["token_modality"]))
         yield

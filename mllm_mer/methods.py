@@ -134,8 +134,11 @@ class Method:
     def contribute(self, mer: nn.Module, state: ForwardState) -> None:
         """Add its logits, paths, losses and statistics to `state` after the fused backbone call."""
 
-    def inference_scope(self, model: nn.Module, batch: dict, cfg: RunConfig) -> AbstractContextManager:
-        """Context around generation / prediction of one batch (e.g. AR on the thinker `model`)."""
+    def inference_scope(
+        self, model: nn.Module, batch: dict, cfg: RunConfig, mer: nn.Module | None = None
+    ) -> AbstractContextManager:
+        """Context around generation / prediction of one batch (e.g. AR on the thinker `model`); `mer` is the
+        trained MerModel when there is one (e.g. for a first pass that decides per sample), else None."""
         return nullcontext()
 
     def explain(self, mer: nn.Module, parts: dict[str, Any]) -> dict[str, list] | None:

@@ -112,6 +112,7 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
             # dropout draws depend only on (seed, rank, epoch, batch): a resumed run repeats them exactly
             torch.manual_seed(C.batch_seed(cfg.train.seed, accelerator.process_index, state))
             batch["train_step"] = state.step  # gates DnR's Refine stage (dnr.refine_start_step)
+            batch["train_steps_total"] = total  # DnR's phased schedule: where Divide ends (dnr.divide_fraction)
             with accelerator.accumulate(model):
                 out = model(batch)
                 if guard.skip_nonfinite(out.loss, state, batch["sample_ids"], optimizer):

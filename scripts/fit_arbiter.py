@@ -9,7 +9,9 @@ The run must be trained with `dcr.enabled=true`. DATA must be held out: it is re
 class probabilities on DATA (`predict_rows`), fits the arbiter from those probabilities and the labels alone
 (`mllm_mer.fusion.dcr.ada.fit_arbiter`) and writes `<run>/arbiter.json`; from then on `predict_rows` /
 `scripts/generate.py` add the "arbiter" path and each row's chosen `arm`. It prints the arm choices and the
-always-fuse / best-single / oracle baselines on DATA (in-sample for the arbiter: evaluate on test).
+always-fuse / best-single / oracle baselines on DATA with the arbiter CROSS-FITTED: DATA is split into
+`dcr.arbiter.folds` seeded folds and each fold is scored by an arbiter fitted on the other folds only, so
+no sample is scored by an arbiter that saw its label (`crossfit` in the saved `fit` record).
 Trailing `key.path=value` arguments are deep-merged into the run's saved config (`dcr.arbiter.alpha=1` keeps the
 other `dcr.arbiter.*` keys; `data.cache_dir`, ...); `--print-config` prints the resolved config and exits.
 """
@@ -22,6 +24,8 @@ import hashlib
 import sys
 from pathlib import Path
 
+import torch
+
 from mllm_mer.config import ConfigError, dump_config, load_run_config
 from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.media import MediaError
@@ -31,6 +35,7 @@ from mllm_mer.fusion.dcr.ada import (
     ARMS,
     arbiter_inputs,
     check_held_out,
+    crossfit_select,
     fit_arbiter,
     save_arbiter,
 )
@@ -77,20 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(predict_rows(model, samples, batch_size=args.batch_size, progress=True))
         probs, y = arbiter_inputs(rows, {s.id: s.label for s in samples}, labels)
         arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter)
+        arms, _ = crossfit_select(probs, y, cfg.dcr.arbiter)
+        chosen = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
+        crossfit = {"folds": cfg.dcr.arbiter.folds, "accuracy": float((chosen == y).double().mean())}
         sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
         arbiter = dataclasses.replace(
             arbiter,
             labels=tuple(labels),
-            fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info},
+            fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info, "crossfit": crossfit},
         )
         out = save_arbiter(arbiter, args.run / ARBITER_FILE)
     except (ConfigError, DataError, MediaError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    arms = arbiter.select(probs)
     preds = {a: [labels[i] for i in probs[a].argmax(-1).tolist()] for a in ARMS}
     report = fuse_or_drop_report([s.label for s in samples], preds, [s.subset for s in samples], arms)
-    print(f"fit on {len(samples)} held-out samples of {args.data} (in-sample for the arbiter):")
+    print(f"fit on {len(samples)} held-out samples of {args.data}; arbiter column cross-fitted over "
+          f"{crossfit['folds']} folds (accuracy {crossfit['accuracy']:.3f}):")
     print(format_report(report))
     print(f"wrote {out}")
     return 0

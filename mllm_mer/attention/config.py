@@ -38,6 +38,17 @@ class ARConfig:
     log-odds bias to the under-attended modality's scores before softmax (text mass shrinks as it grows)."""
     min_mass: float = 1e-6
     """A row is left unchanged unless both its audio and its video mass exceed this (e.g. a clip without audio)."""
+    target_mode: Literal["fixed", "paths"] = "fixed"
+    """Where the target and strength come from (our choice). "fixed": `target_audio_share` and `strength` for
+    every clip. "paths" (per sample; needs `dcr.enabled`): a first pass runs the trained model's unimodal
+    audio and video paths on the clip; with p_a, p_v their class probabilities and c_a, c_v their max
+    probabilities, the clip's target is tau_b = c_a^k / (c_a^k + c_v^k) (k = `sample_sharpness`, clipped to
+    [0.02, 0.98]) and its strength alpha_b = strength * JS(p_a, p_v) / ln 2: a clip whose modalities agree
+    is left alone, one whose modalities disagree has its attention moved toward the modality whose own path
+    is surer (`mllm_mer.attention.sample`)."""
+    sample_sharpness: float = 1.0
+    """k in the per-sample target tau_b = c_a^k / (c_a^k + c_v^k) (`target_mode: paths`); larger = closer to
+    all-or-nothing."""
 
     def problems(self, num_layers: int | None = None, num_heads: int | None = None) -> list[str]:
         """Every problem with these values, one line each (empty = valid).
@@ -55,6 +66,8 @@ class ARConfig:
             )
         if not 0.0 <= self.min_mass < 0.5:
             errors.append(f"ar.min_mass={self.min_mass!r} is out of range [0, 0.5)")
+        if not 0.0 < self.sample_sharpness <= 100.0:
+            errors.append(f"ar.sample_sharpness={self.sample_sharpness!r} is out of range (0, 100]")
         for name, values, size in (("layers", self.layers, num_layers), ("heads", self.heads, num_heads)):
             if values is None:
                 continue

@@ -1,13 +1,21 @@
-"""The `AR` method (`ar.enabled`): attention reallocation while generating / predicting; no weights, no loss."""
+"""The `AR` method (`ar.enabled`): attention reallocation while generating / predicting; no weights, no loss.
+
+With `ar.target_mode: paths` the scope first runs the trained model's DCR unimodal paths on the batch (no AR;
+prompt-only passes, the fused model is not run) and takes each clip's target and strength from the audio and
+video paths' probabilities (`mllm_mer.attention.sample`).
+"""
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
+import torch
 from torch import nn
 
 from mllm_mer.attention.realloc import attention_reallocation
+from mllm_mer.attention.sample import sample_targets
 from mllm_mer.config import RunConfig
+from mllm_mer.fusion.dcr.paths import run_unimodal_paths
 from mllm_mer.methods import Method
 
 
@@ -18,8 +26,19 @@ class ARMethod(Method):
     section = "ar"
     inference_only = True
 
-    def inference_scope(self, model: nn.Module, batch: dict, cfg: RunConfig) -> AbstractContextManager:
-        return attention_reallocation(model, batch["token_modality"], cfg.ar)
+    def inference_scope(
+        self, model: nn.Module, batch: dict, cfg: RunConfig, mer: nn.Module | None = None
+    ) -> AbstractContextManager:
+        targets = None
+        if cfg.ar.target_mode == "paths" and cfg.ar.strength > 0:  # strength 0: an exact no-op, no first pass
+            if mer is None or not cfg.dcr.enabled:
+                raise ValueError("ar.target_mode=paths takes each clip's target from the unimodal audio and video "
+                                 "paths: it needs a run trained with dcr.enabled=true (or use ar.target_mode=fixed)")
+            with torch.no_grad():  # the unimodal paths alone (prompt-only passes), not the fused model
+                logits = run_unimodal_paths(mer, {k: v for k, v in batch.items() if k != "class_id"}).logits
+            targets = sample_targets(torch.softmax(logits["audio"], -1), torch.softmax(logits["video"], -1),
+                                     cfg.ar.strength, cfg.ar.sample_sharpness)
+        return attention_reallocation(model, batch["token_modality"], cfg.ar, sample_targets=targets)
 
     def export_note(self, cfg: RunConfig) -> str:
         return "AR attention reallocation (an inference-time attention function, no weights)"

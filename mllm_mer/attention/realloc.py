@@ -27,6 +27,10 @@ The formula, for one sample, targeted layer, head h in `ar.heads` and selected q
     the over-attended modality keeps its scores. Computed as m_A' - m_A = strength * (tau * m_V -
     (1 - tau) * m_A) and the relative gains (m_A' - m_A) / m_A, -(m_A' - m_A) / m_V.
 
+Per sample (`attention_reallocation(..., sample_targets=(tau, alpha))`, `ar.target_mode: paths`): each clip b
+uses its own tau_b and alpha_b instead of `ar.target_audio_share` and `ar.strength` (`mllm_mer.attention.sample`);
+the layers stay untouched when `ar.strength` is 0.
+
 Where: rows with m_A or m_V <= `ar.min_mass` (a clip without audio, say) and heads outside `ar.heads`
 keep their probabilities. Query rows (`ar.query`): "generated" (default) = the rows at absolute positions
 >= T - 1 (T: prompt length), i.e. the last prompt position in a plain forward (what the classification
@@ -129,7 +133,16 @@ class _Scope:
     sign: Tensor  # (2,) float32 [1, -1]
     zero: Tensor  # () float32 0
     low: Tensor  # () float32, the most negative float32 (masked scores)
+    sample_coef: Tensor | None = None  # (B, 2) per-sample coef (per-sample targets), or None = `coef`
+    paused: bool = False  # inside `reallocation_paused`: every call passes through unchanged
     _buffers: dict[int, Tensor] = field(default_factory=dict)  # batch size -> (B, >= K, 2) indicators
+
+    def coef_for(self, batch: int) -> Tensor | None:
+        """The per-sample coefficients for a call with `batch` rows ((B, 2), repeated like the prompts), or None."""
+        if self.sample_coef is None:
+            return None
+        B = self.sample_coef.shape[0]
+        return self.sample_coef if batch == B else self.sample_coef.repeat_interleave(batch // B, dim=0)
 
     def key_indicators(self, batch: int, keys: int) -> Tensor:
         """Audio / video indicators of the keys of a call with `batch` rows and `keys` keys.
@@ -189,7 +202,7 @@ def _ar_attention_forward(
             "mllm_mer.attention.realloc.attention_reallocation(); it was selected outside of it"
         )
     base = _base_function(module)
-    if module.layer_idx not in scope.layers:
+    if scope.paused or module.layer_idx not in scope.layers:
         return base(module, query, key, value, attention_mask, **kwargs)
     Q, K = query.shape[2], key.shape[2]
     first = 0 if scope.cfg.query == "all" else max(0, scope.modality.shape[1] - 1 - (K - Q))  # first row
@@ -245,7 +258,9 @@ def _reallocate(
     if scope.heads is not None:
         active = (active.view(B, H, Qs) & scope.heads).view(B, H * Qs)
     # m_A' - m_A = (s' - s)(m_A + m_V) = strength * (target * m_V - (1 - target) * m_A), moved from video
-    shift = torch.where(active, torch.matmul(mass, scope.coef), scope.zero)  # (B, H * Qs)
+    per_sample = scope.coef_for(B)
+    delta = torch.matmul(mass, scope.coef) if per_sample is None else (mass * per_sample[:, None, :]).sum(-1)
+    shift = torch.where(active, delta, scope.zero)  # (B, H * Qs)
     gain = shift[..., None] * scope.sign / mass.clamp_min(_TINY)  # relative change of (m_A, m_V)
     if cfg.mode == "probs":  # p_k x (1 + gain of k's modality): s'/s on audio, (1-s')/(1-s) on video keys
         new = torch.addcmul(probs, probs, torch.bmm(gain, av.transpose(1, 2)))
@@ -310,6 +325,25 @@ def check_attn_backend(implementation: str) -> None:
         )
 
 
+@contextmanager
+def reallocation_paused(model: nn.Module) -> Iterator[None]:
+    """Inside the block, an active AR scope of `model` leaves every call unchanged (no-op without one).
+
+    For forwards on other prompts than the one AR was set up for, e.g. DCR's unimodal sub-batches inside a
+    prediction batch's scope: AR acts on the fused prompt's answer rows only.
+    """
+    scope = _SCOPES.get(id(find_thinker(model).config.text_config))
+    if scope is None:
+        yield
+        return
+    previous = scope.paused
+    scope.paused = True
+    try:
+        yield
+    finally:
+        scope.paused = previous
+
+
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """`ar.layers=None`: the middle half of the language model, layers L//4 .. 3L//4-1 (at least one)."""
     start = num_layers // 4
@@ -318,7 +352,8 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 @contextmanager
 def attention_reallocation(
-    model: nn.Module, token_modality: Tensor, cfg: ARConfig, record: bool = False
+    model: nn.Module, token_modality: Tensor, cfg: ARConfig, record: bool = False,
+    sample_targets: tuple[Tensor, Tensor] | None = None,
 ) -> Iterator[ARMonitor]:
     """Apply AR to every forward of `model`'s language model inside the block (see module docstring).
 
@@ -332,6 +367,8 @@ def attention_reallocation(
             forwards / `generate()` inside the block run on.
         cfg: the AR settings (`RunConfig.ar`).
         record: fill the yielded `ARMonitor` with the targeted rows' shares before and after AR.
+        sample_targets: per-sample (tau (B,) in (0, 1), alpha (B,) in [0, 1]) replacing
+            `cfg.target_audio_share` / `cfg.strength` for each prompt (None = the fixed ones).
     Yields:
         An `ARMonitor` (empty unless `record`).
     Raises:
@@ -360,6 +397,15 @@ def attention_reallocation(
         heads = torch.zeros(text_config.num_attention_heads, dtype=torch.bool)
         heads[list(cfg.heads)] = True
     device = next(thinker.parameters()).device
+    sample_coef = None
+    if sample_targets is not None:
+        tau, alpha = (t.detach().to(device=device, dtype=torch.float32).reshape(-1) for t in sample_targets)
+        if len(tau) != token_modality.shape[0] or len(alpha) != token_modality.shape[0]:
+            raise ValueError(f"sample_targets need one (tau, alpha) per prompt ({token_modality.shape[0]}), "
+                             f"got {len(tau)} / {len(alpha)}")
+        if not (bool(((tau > 0) & (tau < 1)).all()) and bool(((alpha >= 0) & (alpha <= 1)).all())):
+            raise ValueError("sample_targets: every tau must lie in (0, 1) and every alpha in [0, 1]")
+        sample_coef = torch.stack([-alpha * (1 - tau), alpha * tau], dim=-1)  # (B, 2)
     monitor = ARMonitor(record=record)
     scope = _Scope(
         cfg=cfg,
@@ -372,6 +418,7 @@ def attention_reallocation(
         sign=torch.tensor([1.0, -1.0], device=device),
         zero=torch.zeros((), device=device),
         low=torch.tensor(torch.finfo(torch.float32).min, device=device),
+        sample_coef=sample_coef,
     )
     _register()
     _SCOPES[id(text_config)] = scope

@@ -1,6 +1,7 @@
-"""DnR end to end on the tiny model: finetune (joint stage, Refine from step 1) -> heads on disk ->
-predict_rows with per-sample component ablation -> evaluation report; then a stage "refine" run from the
-first run's Divide heads (`dnr.init_from`), which keeps them frozen."""
+"""DnR end to end on the tiny model: finetune (joint stage, Refine from step 1, the logits head) -> heads on
+disk -> predict_rows with per-sample component ablation -> evaluation report; then a stage "refine" run from the
+first run's Divide heads (`dnr.init_from`), which keeps them frozen; and the default phased run (Divide, then
+Refine from the divided heads, with the feature head)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ DNR = ["dnr.enabled=true", "dnr.part_dim=16", "train.save_every=0"]
 def dnr_run(tiny_dir: Path, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dnr")
     args = [*base_args(tiny_dir, syn_dir, root / "joint", root / "cache"), *DNR, "train.max_steps=3",
-            "dnr.refine_start_step=1"]
+            "dnr.stage=joint", "dnr.refine_start_step=1", "dnr.head_input=logits"]
     check(run_finetune(args))
     return root / "joint"
 
@@ -71,3 +72,18 @@ def test_refine_stage_from_a_divided_run_keeps_the_divide_heads(
     assert not (after["fusion_dnr.recombine.weight"] == before["fusion_dnr.recombine.weight"]).all()
     rows = [json.loads(line) for line in (tmp_path / "refine" / "train_log.jsonl").read_text().splitlines()]
     assert "dnr_refine" in rows[0] and "dnr_push" not in rows[0]
+
+
+def test_default_phased_run_divides_then_refines_from_the_divided_heads(
+    dnr_run: Path, tiny_dir: Path, syn_dir: Path, tmp_path: Path
+):
+    args = [*base_args(tiny_dir, syn_dir, tmp_path / "phased", dnr_run.parent / "cache"), *DNR,
+            "train.max_steps=4", "data.dev="]  # dnr.stage=phased, divide_fraction=0.5, head_input=features
+    check(run_finetune(args))
+    rows = [json.loads(line) for line in (tmp_path / "phased" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("dnr_push" in r and "dnr_refine" not in r for r in rows[:2])  # Divide: optimizer steps 0, 1
+    assert all("dnr_refine" in r and "dnr_push" not in r and r["dnr_synergy"] == 0.0 for r in rows[2:])
+    heads = load_file(str(tmp_path / "phased" / "heads.safetensors"))
+    assert "fusion_dnr.classifier.weight" not in heads
+    assert heads["fusion_dnr.feature_head.out.weight"].abs().sum() > 0  # the feature head trained

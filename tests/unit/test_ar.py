@@ -14,6 +14,7 @@ import torch
 from mllm_mer.attention import realloc
 from mllm_mer.attention.config import ARConfig
 from mllm_mer.attention.realloc import attention_reallocation, default_layers
+from mllm_mer.attention.sample import sample_targets
 from mllm_mer.attention.stats import attention_shares
 from mllm_mer.backbone import load_backbone
 from mllm_mer.config import ConfigError, load_config
@@ -330,3 +331,85 @@ def test_generate_rows_and_predict_rows_honour_ar_enabled(tiny_backbone_dir, cli
     assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
     record = generation_record(InferenceModel(backbone, dataclasses.replace(cfg, ar=STRONG), mer))
     assert record["ar"]["enabled"] is True and record["ar"]["strength"] == 0.8
+
+
+# ------------------------------------------------------------------------------------------- per sample
+def test_sample_targets_follow_each_clips_own_paths():
+    sure_happy = torch.tensor([[0.9, 0.02, 0.02, 0.02, 0.02, 0.02]])
+    unsure_sad = torch.tensor([[0.2, 0.3, 0.125, 0.125, 0.125, 0.125]])
+    tau, alpha = sample_targets(torch.cat([sure_happy, unsure_sad, sure_happy]),
+                                torch.cat([unsure_sad, sure_happy, sure_happy]), strength=0.8)
+    assert tau[0] > 0.7 and tau[1] < 0.3 and tau[2] == pytest.approx(0.5)  # toward the surer modality
+    assert alpha[0] == pytest.approx(alpha[1]) and 0 < alpha[0] <= 0.8 and alpha[2] == 0.0  # agreement: none
+    sharp, _ = sample_targets(torch.cat([sure_happy, unsure_sad]), torch.cat([unsure_sad, sure_happy]), 0.8, 4.0)
+    assert sharp[0] > tau[0] and sharp[1] < tau[1]
+    assert ((tau >= 0.02) & (tau <= 0.98)).all()
+
+
+def test_per_sample_ar_moves_each_clip_its_own_way(eager, clips):
+    batch, model = clips["av"], eager.model
+    cfg = ARConfig(strength=1.0, layers=(1,))
+    tau, alpha = torch.tensor([0.95, 0.05, 0.5]), torch.tensor([0.8, 0.8, 0.0])
+    base = attention_shares(model, batch)["per_sample"]  # (B, L, 3) text / audio / video
+    with attention_reallocation(model, batch["token_modality"], cfg, sample_targets=(tau, alpha)):
+        moved = attention_shares(model, batch)["per_sample"]
+    assert moved[0, 1, 1] > base[0, 1, 1] + 1e-3  # clip 0 asks for audio: more attention on audio
+    assert moved[1, 1, 2] > base[1, 1, 2] + 1e-3  # clip 1 asks for video: more attention on video
+    torch.testing.assert_close(moved[2], base[2])  # clip 2: strength 0, unchanged (up to rounding)
+    torch.testing.assert_close(moved[:, 0], base[:, 0], rtol=0, atol=0)  # untargeted layer: bitwise
+    # each row follows the formula with its own target: s' = s + alpha_b (tau_b - s)
+    av = lambda s: s[:, 1, 1] / (s[:, 1, 1] + s[:, 1, 2])  # noqa: E731
+    with attention_reallocation(model, batch["token_modality"], cfg, sample_targets=(tau, alpha),
+                                record=True) as monitor:
+        forward(model, batch)
+    before, after = monitor.shares()[1]
+    s, s2 = before[:, 1] / (before[:, 1] + before[:, 2]), after[:, 1] / (after[:, 1] + after[:, 2])
+    assert ((s2 - tau).abs() <= (s - tau).abs() + 1e-6).all() and (s2[:2] - s[:2]).abs().min() > 1e-3
+    assert av(moved)[0] > av(base)[0] and av(moved)[1] < av(base)[1]
+    # strength 0: bitwise no-op whatever the per-sample targets; bad targets are refused
+    ref = forward(model, batch, output_hidden_states=True)
+    with attention_reallocation(model, batch["token_modality"], ARConfig(strength=0.0, layers=(1,)),
+                                sample_targets=(tau, torch.ones(3))):
+        out = forward(model, batch, output_hidden_states=True)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states, strict=True))
+    with pytest.raises(ValueError, match="one \\(tau, alpha\\) per prompt"):
+        with attention_reallocation(model, batch["token_modality"], cfg, sample_targets=(tau[:2], alpha[:2])):
+            pass
+    with pytest.raises(ValueError, match="every tau must lie in"):
+        with attention_reallocation(model, batch["token_modality"], cfg, sample_targets=(tau * 0, alpha)):
+            pass
+    assert model.config.text_config._attn_implementation == "eager" and not realloc._SCOPES
+
+
+def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, clips, tmp_path):
+    backbone = load_backbone(tiny_backbone_dir)
+    paths = ARConfig(enabled=True, strength=0.8, layers=(0, 1), target_mode="paths")
+    plain_cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl",
+                                   f"data.cache_dir={tmp_path}"])
+    plain = build_mer_model(backbone, plain_cfg).eval()
+    with pytest.raises(ValueError, match="needs a run trained with dcr.enabled=true"):  # strength > 0
+        list(predict_rows(InferenceModel(backbone, dataclasses.replace(plain_cfg, ar=paths), plain),
+                          clips["samples"], batch_size=3, prompt_name="label"))
+    cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}",
+                             "dcr.enabled=true"])
+    mer = build_mer_model(backbone, cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # paths whose audio and video heads disagree
+        for name, p in mer.named_parameters():
+            if name.startswith(("fusion_audio", "fusion_video")):
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def run(ar: ARConfig) -> list[dict]:
+        model = InferenceModel(backbone, dataclasses.replace(cfg, ar=ar), mer)
+        return list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
+
+    off = run(ARConfig())
+    zero = run(dataclasses.replace(paths, strength=0.0))
+    on = run(paths)
+    assert zero == off and [r["probs"]["fused"] for r in on] != [r["probs"]["fused"] for r in off]
+    # every query row: the unimodal paths' shorter prompts run with AR paused, their probabilities unchanged
+    every = run(dataclasses.replace(paths, query="all"))
+    assert [r["probs"]["fused"] for r in every] != [r["probs"]["fused"] for r in off]
+    for a, b in zip(every, off, strict=True):
+        assert a["probs"]["audio"] == b["probs"]["audio"] and a["probs"]["video"] == b["probs"]["video"]
+    assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES

@@ -27,6 +27,7 @@ from mllm_mer.fusion.dcr.ada import (
     arm_rewards,
     build_state,
     check_held_out,
+    crossfit_select,
     feature_names,
     fit_arbiter,
     load_arbiter,
@@ -277,6 +278,38 @@ def test_afd_gating_down_weights_disagreeing_teachers():
     assert valid.all() and torch.equal(agreement, torch.ones(2))
 
 
+def test_afd_still_teaches_on_conflict_clips():
+    C = 6
+    big = torch.full((1, 3, C), -30.0)
+    audio_z, video_z = big.clone(), big.clone()
+    audio_z[..., 0] = 30.0  # audio teacher: class 0, very sure
+    video_z[..., 3] = 2.0  # video teacher: class 3, less sure
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    teachers = [aggregate_evidence(audio_z, mask), aggregate_evidence(video_z, mask)]
+    assert float(teachers[0].confidence[0]) > float(teachers[1].confidence[0])
+    _, g, _ = teacher_distribution(teachers, 1.0)
+    student = torch.zeros(1, C)
+    gated = afd_loss(student, teachers, agreement_power=4.0)
+    ungated = afd_loss(student, teachers, agreement_power=0.0)
+    floored = afd_loss(student, teachers, agreement_power=4.0, agreement_floor=0.25)
+    torch.testing.assert_close(floored, (0.25 + 0.75 * g[0] ** 4) * ungated)
+    assert float(floored) >= 0.25 * float(ungated) > float(gated) > 0
+    # "confident": a disagreeing pair teaches mostly the surer teacher (audio here, by its own evidence)
+    p_conf, g, _ = teacher_distribution(teachers, 1.0, "confident")
+    p_mix, _, _ = teacher_distribution(teachers, 1.0, "mix")
+    p_audio = teachers[0].alpha / teachers[0].alpha.sum(-1, keepdim=True)
+    torch.testing.assert_close(p_conf, g[:, None] * p_mix + (1 - g[:, None]) * p_audio)
+    assert float(p_conf[0, 0]) > float(p_mix[0, 0])
+    # swap which teacher is surer: the target follows the evidence, not the modality
+    swapped = [aggregate_evidence(video_z, mask), aggregate_evidence(audio_z, mask)]
+    p_swap, _, _ = teacher_distribution(swapped, 1.0, "confident")
+    torch.testing.assert_close(p_swap, p_conf)
+    # agreeing teachers keep their mixture
+    agree = [aggregate_evidence(audio_z, mask), aggregate_evidence(audio_z.clone(), mask)]
+    torch.testing.assert_close(teacher_distribution(agree, 2.0, "confident")[0],
+                               teacher_distribution(agree, 2.0, "mix")[0])
+
+
 def test_afd_moves_only_the_student():
     student = torch.zeros(2, 6, requires_grad=True)
     teacher_z = torch.randn(2, 4, 6, requires_grad=True)
@@ -314,8 +347,8 @@ def random_probs(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_state_and_rewards_hand_checked():
     probs = {a: torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64) for a in ARMS}
     probs["audio"] = torch.tensor([[0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
-    x = build_state(probs)
-    names = feature_names(["a", "b"])
+    x = build_state(probs, "probs")
+    names = feature_names(["a", "b"], "probs")
     assert x.shape == (2, len(names)) == (2, 4 * 2 + 15)
     row = dict(zip(names, x[0].tolist(), strict=True))
     assert row["entropy_fused"] == pytest.approx(0.0) and row["margin_fused"] == pytest.approx(1.0)
@@ -330,11 +363,64 @@ def test_state_and_rewards_hand_checked():
     assert r[1, 0] == pytest.approx(-0.125)
 
 
+def test_rich_state_adds_confidence_and_agreement():
+    probs = {a: torch.tensor([[0.7, 0.3], [0.4, 0.6]], dtype=torch.float64) for a in ARMS}
+    probs["audio"] = torch.tensor([[0.1, 0.9], [0.2, 0.8]], dtype=torch.float64)
+    names = feature_names(["a", "b"])  # "rich" is the default
+    x = build_state(probs)
+    assert x.shape == (2, len(names)) == (2, 4 * 2 + 25) and names[-1] == "bias"
+    torch.testing.assert_close(x[:, : 4 * 2 + 14], build_state(probs, "probs")[:, :-1])
+    rows = [dict(zip(names, r.tolist(), strict=True)) for r in x]
+    assert rows[0]["maxp_audio"] == pytest.approx(0.9) and rows[0]["maxp_video"] == pytest.approx(0.7)
+    assert rows[0]["agree_audio_video"] == pytest.approx(0.07 + 0.27)  # argmaxes differ: low
+    assert rows[1]["agree_audio_video"] == pytest.approx(0.08 + 0.48)  # same argmax: higher
+    assert rows[0]["agree_fused_video"] == pytest.approx(0.49 + 0.09)
+    one_hot = {a: torch.eye(2, dtype=torch.float64)[[0, 1]] for a in ARMS}
+    one_hot["audio"] = torch.eye(2, dtype=torch.float64)[[1, 1]]
+    hard = [dict(zip(names, r.tolist(), strict=True)) for r in build_state(one_hot)]
+    assert [r["agree_audio_video"] for r in hard] == [0.0, 1.0]  # the indicator for one-hot paths
+    with pytest.raises(ValueError, match="unknown arbiter state"):
+        build_state(probs, "hidden")
+
+
+def test_crossfit_never_scores_a_sample_with_an_arbiter_fitted_on_it():
+    n = 60
+    probs = random_probs(n, seed=4)
+    labels = torch.randint(0, 6, (n,), generator=torch.Generator().manual_seed(5))
+    cfg = ArbiterConfig(folds=4, seed=3)
+    arms, folds = crossfit_select(probs, labels, cfg)
+    assert sorted(set(folds.tolist())) == [0, 1, 2, 3] and len(arms) == n
+    for k in range(4):
+        held = torch.as_tensor(folds == k)
+        # each fold's choices are those of an arbiter fitted on the other folds only
+        other = fit_arbiter({a: p[~held] for a, p in probs.items()}, labels[~held], cfg)
+        assert [arms[i] for i in np.flatnonzero(folds == k)] == other.select({a: p[held] for a, p in probs.items()})
+        # so changing the labels of fold k cannot change fold k's choices (it does change the others' fits)
+        changed = torch.where(held, (labels + 1) % 6, labels)
+        again, _ = crossfit_select(probs, changed, cfg)
+        assert [again[i] for i in np.flatnonzero(folds == k)] == [arms[i] for i in np.flatnonzero(folds == k)]
+    # in-sample choices differ from cross-fitted ones on this noise (the in-sample fit saw each label)
+    assert fit_arbiter(probs, labels, cfg).select(probs) != arms
+
+
+def test_arbiter_config_ranges_and_old_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"dcr.arbiter.folds=1 is out of range"):
+        load_config(None, ["dcr.arbiter.folds=1"])
+    with pytest.raises(ConfigError, match=r"dcr.afd_agreement_floor=1.5 is out of range"):
+        load_config(None, ["dcr.afd_agreement_floor=1.5"])
+    probs, labels = random_probs(20), torch.randint(0, 6, (20,), generator=torch.Generator().manual_seed(6))
+    old = dataclasses.replace(fit_arbiter(probs, labels, ArbiterConfig(state="probs")), labels=tuple(MER2023_LABELS))
+    data = old.to_dict()
+    del data["config"]["state"], data["config"]["folds"]  # a file written before these fields existed
+    (tmp_path / "arbiter.json").write_text(json.dumps(data))
+    assert load_arbiter(tmp_path / "arbiter.json").select(probs) == old.select(probs)
+
+
 def test_full_feedback_fit_is_ridge_regression_per_arm():
     probs, labels = random_probs(40), torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(1))
-    cfg = ArbiterConfig(feedback="full", epochs=1, ridge=2.0)
+    cfg = ArbiterConfig(feedback="full", epochs=3, ridge=2.0)  # full feedback: one pass whatever epochs
     arbiter = fit_arbiter(probs, labels, cfg)
-    x = build_state(probs).numpy()
+    x = build_state(probs, cfg.state).numpy()
     r = arm_rewards(probs, labels, cfg).numpy()
     for k in range(len(ARMS)):
         theta = np.linalg.solve(2.0 * np.eye(x.shape[1]) + x.T @ x, x.T @ r[:, k])

@@ -72,9 +72,11 @@ def test_config_defaults_overrides_and_errors(tiny_backbone_dir):
     with pytest.raises(ConfigError, match="did you mean 'dnr.temperature'"):
         cfg_for(tiny_backbone_dir, "dnr.temprature=1")
     with pytest.raises(ConfigError) as err:
-        bad = ("dnr.part_dim=1", "dnr.noise_sigmas=[]", "dnr.stage=divide", "dnr.refine_start_step=3")
+        bad = ("dnr.part_dim=1", "dnr.noise_sigmas=[]", "dnr.stage=divide", "dnr.refine_start_step=3",
+               "dnr.divide_fraction=1.0")
         cfg_for(tiny_backbone_dir, *bad)
     text = str(err.value)
+    assert "dnr.divide_fraction=1.0 is out of range (0, 1)" in text
     assert "dnr.part_dim=1" in text and "dnr.noise_sigmas" in text
     assert "only used with dnr.stage=joint" in text
     assert DnRConfig(enabled=True, stage="refine").frozen_prefixes() == (DIVIDE_PREFIX,)
@@ -161,12 +163,17 @@ def test_info_nce_aligned_views_lower_than_shuffled():
 # ----------------------------------------------------------------------------------------------- module
 def test_head_adds_exact_zero_at_init_and_zeroes_absent_modalities():
     torch.manual_seed(0)
-    head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))
     hidden, tm, pm = hidden_batch()
     tm = tm.clone()
     tm[2:, 2] = 0  # samples 2, 3 have no audio
     base = torch.randn(4, 6)
-    out = head(hidden, tm, pm, base)
+    pooled = torch.randn(4, 4, 8)
+    logits_head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, head_input="logits"))
+    assert torch.equal(logits_head(hidden, tm, pm, base).fused_logits, base)
+    head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))  # head_input="features"
+    with pytest.raises(ValueError, match="needs the fused head's pooled states"):
+        head(hidden, tm, pm, base)
+    out = head(hidden, tm, pm, base, pooled=pooled)
     assert torch.equal(out.fused_logits, base) and torch.equal(out.dnr_logits, torch.zeros(4, 6))
     assert out.parts.shape == (4, 3, 3, 4) and out.losses == {}  # no targets, no objectives
     assert out.present[:, 1].tolist() == [True, True, False, False]
@@ -177,7 +184,8 @@ def test_stage_gating_and_refine_never_reaches_the_divide_heads():
     hidden, tm, pm = hidden_batch()
     cid = torch.tensor([0, 1, 2, -100])
     torch.manual_seed(0)
-    joint = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, refine_start_step=3)).train()
+    joint = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="joint", refine_start_step=3,
+                                    head_input="logits")).train()
     assert set(joint(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=2).losses) == {
         "dnr_push", "dnr_pull", "dnr_synergy"}
     out = joint(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=3)
@@ -188,12 +196,62 @@ def test_stage_gating_and_refine_never_reaches_the_divide_heads():
         assert reached == name.startswith("recombine."), name  # Divide heads and classifier: no gradient
     joint.eval()  # Refine views are random: training only
     assert "dnr_refine" not in joint(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=5).losses
-    refine = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="refine")).train()
+    refine = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="refine", head_input="logits")).train()
     assert set(refine(hidden, tm, pm, torch.zeros(4, 6), cid).losses) == {"dnr_refine"}
-    divide = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="divide")).train()
+    divide = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4, stage="divide", head_input="logits")).train()
     assert "dnr_refine" not in divide(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=10).losses
     unlabelled = torch.full((4,), -100)
     assert divide(hidden, tm, pm, torch.zeros(4, 6), unlabelled).losses == {}
+
+
+def test_phased_schedule_refines_from_the_divided_model():
+    """Default stage "phased": Divide objectives until divide_fraction of the steps, then Refine on the same
+    (divided) weights; the Divide heads are not re-initialised and get no Divide gradient afterwards."""
+    hidden, tm, pm = hidden_batch()
+    cid = torch.tensor([0, 1, 2, 3])
+    pooled = torch.randn(4, 4, 8)
+    torch.manual_seed(0)
+    head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4)).train()
+    assert head.cfg.stage == "phased" and head.cfg.divide_fraction == 0.5
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    start = {k: v.clone() for k, v in head.divide.state_dict().items()}
+    for step in range(5):  # Divide phase: steps 0-4 of 10
+        out = head(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=step, pooled=pooled, total_steps=10)
+        assert set(out.losses) == {"dnr_push", "dnr_pull", "dnr_synergy"}
+        opt.zero_grad()
+        sum(out.losses.values()).backward()
+        opt.step()
+    divided = {k: v.clone() for k, v in head.divide.state_dict().items()}
+    assert any(not torch.equal(start[k], divided[k]) for k in start)  # the Divide phase trained them
+    out = head(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=5, pooled=pooled, total_steps=10)
+    assert set(out.losses) == {"dnr_synergy", "dnr_refine"} and float(out.losses["dnr_synergy"]) == 0.0
+    # the Refine phase starts from the divided weights: its parts are the divided heads' parts
+    with torch.no_grad():
+        means, present = pool_modalities(hidden[head.cfg.layer], tm, pm, head.cfg.text_tokens)
+        torch.testing.assert_close(out.parts, head.divide_parts(means, present))
+    opt.zero_grad()
+    sum(out.losses.values()).backward()
+    for name, p in head.divide.named_parameters():  # no Divide objective reaches them any more
+        assert p.grad is None or p.grad.abs().sum() == 0, name
+    # without a known total (evaluation, a bare forward) a batch counts as Divide
+    assert "dnr_push" in head(hidden, tm, pm, torch.zeros(4, 6), cid, train_step=9, pooled=pooled).losses
+
+
+def test_feature_head_reads_the_representation_with_the_pooled_states():
+    """head_input=features: once trained, the DnR logits depend on both z and the pooled states, jointly."""
+    torch.manual_seed(0)
+    head = DnRHead(8, 6, DnRConfig(enabled=True, part_dim=4))
+    with torch.no_grad():
+        for p in head.feature_head.parameters():
+            p.normal_()
+    hidden, tm, pm = hidden_batch()
+    pooled = torch.randn(4, 4, 8)
+    out = head(hidden, tm, pm, torch.zeros(4, 6), pooled=pooled)
+    other_pooled = head(hidden, tm, pm, torch.zeros(4, 6), pooled=pooled + 1.0)
+    other_hidden = head(tuple(h * 2.0 for h in hidden), tm, pm, torch.zeros(4, 6), pooled=pooled)
+    assert not torch.allclose(out.dnr_logits, other_pooled.dnr_logits)
+    assert not torch.allclose(out.dnr_logits, other_hidden.dnr_logits)
+    assert "feature_head.hidden.weight" in dict(head.named_parameters()) and not hasattr(head, "classifier")
 
 
 def test_views_mask_and_noise_the_right_parts():
@@ -216,7 +274,7 @@ def test_views_mask_and_noise_the_right_parts():
 
 def test_component_ablation_hand_made():
     """Only text.unique feeds the classifier: ablating it moves the probabilities, other parts are inert."""
-    head = DnRHead(4, 2, DnRConfig(enabled=True, part_dim=2))
+    head = DnRHead(4, 2, DnRConfig(enabled=True, part_dim=2, head_input="logits"))
     with torch.no_grad():
         head.recombine.weight.zero_()
         head.recombine.bias.zero_()
@@ -287,7 +345,7 @@ def test_plugin_off_and_on_at_init_leave_the_fused_logits_bitwise_unchanged(tiny
 
 
 def test_training_forward_backward_and_refine_stage_freezes_divide(tiny_backbone_dir, batch):
-    model, _ = build(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=8")
+    model, _ = build(tiny_backbone_dir, "dnr.enabled=true", "dnr.part_dim=8", "dnr.stage=joint")
     model.train()
     out = model({**batch, "train_step": 0})
     assert set(out.aux_losses) == {"dnr_push", "dnr_pull", "dnr_synergy", "dnr_refine"}

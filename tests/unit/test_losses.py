@@ -26,14 +26,14 @@ PINNED: dict[str, tuple[list[str], float, float, dict[str, float]]] = {
     "none": (["adapter=none"], 8.104246, 1.629899, {}),
     "lora": ([], 8.46959, 1.995243, {}),
     "mose": (["adapter=mose"], 8.940587, 2.458543, {"mose_load_balance": 0.769752, "mose_modality_balance": 0.0}),
-    "dcr": (["dcr.enabled=true"], 15.083413, 1.83757,
-            {"dcr_text": 2.251482, "dcr_audio": 2.108312, "dcr_video": 2.301194, "dcr_afd": 0.221016}),
-    "dnr": (["dnr.enabled=true"], 12.597146, 1.995243,
-            {"dnr_push": 0.551877, "dnr_pull": 0.485349, "dnr_synergy": 2.005129, "dnr_refine": 1.22931}),
-    "full": (["adapter=mose", "dcr.enabled=true", "dnr.enabled=true"], 18.397026, 2.458543,
+    "dcr": (["dcr.enabled=true"], 15.083604, 1.83757,
+            {"dcr_text": 2.251482, "dcr_audio": 2.108312, "dcr_video": 2.301194, "dcr_afd": 0.221397}),
+    "dnr": (["dnr.enabled=true"], 12.474216, 1.995243,
+            {"dnr_push": 0.551877, "dnr_pull": 0.485349, "dnr_synergy": 2.005129}),
+    "full": (["adapter=mose", "dcr.enabled=true", "dnr.enabled=true"], 18.274487, 2.458543,
              {"mose_load_balance": 0.769752, "mose_modality_balance": 0.0, "dcr_text": 1.784577,
-              "dcr_audio": 1.578729, "dcr_video": 1.931241, "dcr_afd": 0.156641, "dnr_push": 0.546814,
-              "dnr_pull": 0.490566, "dnr_synergy": 1.962941, "dnr_refine": 1.227499}),
+              "dcr_audio": 1.578729, "dcr_video": 1.931241, "dcr_afd": 0.15706, "dnr_push": 0.546814,
+              "dnr_pull": 0.490566, "dnr_synergy": 1.962941}),
 }
 LM_LOSS = 6.474347
 """Every adapter starts as the identity (LoRA / MoSE B = 0), so every method starts from the same LM loss."""

@@ -13,8 +13,10 @@ from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord, route
 from mllm_mer.adapters.mose.model import (
     MOSE_WEIGHTS,
     GateStatsMean,
+    answer_logprob,
     apply_mose,
     bound_modalities,
+    decision_balance_loss,
     flatten_gate_stats,
     load_balance_loss,
     modality_balance_loss,
@@ -125,6 +127,84 @@ def test_token_uses_only_its_modality_experts(routing):
         assert grad[AUDIO].abs().sum() > 0, name
         assert grad[TEXT].abs().sum() == 0 and grad[VIDEO].abs().sum() == 0, name
     assert mose.base_layer.weight.grad is None
+
+
+def test_sample_gate_weighs_audio_against_video_per_sample():
+    torch.manual_seed(0)
+    cfg = MoSEConfig(r=4, experts=2, routing="soft", dropout=0.0)
+    gated = MoSELinear(nn.Linear(16, 12).requires_grad_(False), cfg)
+    assert gated.mose_sample_gate.shape == (2, 32) and gated.mose_sample_gate.abs().sum() == 0  # w = 1 at start
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (gated.mose_B, gated.mose_gate, gated.mose_modality_logit, gated.mose_sample_gate):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    plain = MoSELinear(gated.base_layer, MoSEConfig(r=4, experts=2, routing="soft", dropout=0.0, sample_gate=False))
+    assert plain.mose_sample_gate is None
+    with torch.no_grad():
+        for name in ("mose_A", "mose_B", "mose_gate", "mose_modality_logit"):
+            getattr(plain, name).copy_(getattr(gated, name))
+    x = torch.randn(2, 6, 16)
+    x[1, [1, 3]] += 3.0  # sample 1's audio differs
+    tm = torch.tensor([[0, 1, 2, 1, 0, 2], [0, 1, 2, 1, 0, 2]])
+    base = gated.base_layer(x)
+    d_gated, d_plain = gated(x, token_modality=tm) - base, plain(x, token_modality=tm) - base
+    w = gated.sample_weights(x, tm)  # (B, 3): 1, w_a, w_v
+    assert torch.equal(w[:, 0], torch.ones(2)) and torch.allclose(w[:, 1] + w[:, 2], torch.full((2,), 2.0))
+    assert (w[0] - w[1]).abs().max() > 1e-2  # a per-sample decision, not one scalar for every clip
+    expected = d_plain * w.gather(1, tm)[..., None]  # each token's delta scaled by its sample's gate
+    torch.testing.assert_close(d_gated, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_gated[tm == TEXT], d_plain[tm == TEXT], rtol=0, atol=0)  # text: not gated
+    with torch.no_grad():  # zero gate: exactly the layer without it
+        gated.mose_sample_gate.zero_()
+    torch.testing.assert_close(gated(x, token_modality=tm), plain(x, token_modality=tm), rtol=0, atol=0)
+
+
+def test_decision_balance_loss_hand_computed():
+    full = torch.tensor([-1.0, -2.0, -0.5])
+    without = {"audio": torch.tensor([-3.0, -2.0, -0.5]), "video": torch.tensor([-1.5, -2.5, -9.0])}
+    present = {"audio": torch.tensor([True, True, True]), "video": torch.tensor([True, True, False])}
+    loss, d = decision_balance_loss(full, without, present)
+    # D_a = (2 + 0 + 0) / 3, D_v = (0.5 + 0.5) / 2 (sample 2 has no video)
+    torch.testing.assert_close(d, torch.tensor([2 / 3, 0.5]))
+    assert float(loss) == pytest.approx(((2 / 3 - 0.5) / (2 / 3 + 0.5)) ** 2, rel=1e-5)
+    balanced, _ = decision_balance_loss(full, {"audio": full - 1, "video": full + 1}, present)
+    assert float(balanced) == 0.0
+    none_video = {"audio": present["audio"], "video": torch.zeros(3, dtype=torch.bool)}
+    assert float(decision_balance_loss(full, without, none_video)[0]) == 0.0
+    # answer log-probabilities: the mean over answer tokens (labels shifted by one)
+    head = nn.Linear(4, 5, bias=False)
+    hidden = torch.randn(2, 4, 4)
+    labels = torch.tensor([[-100, -100, 3, 1], [-100, 2, -100, -100]])
+    lp = answer_logprob(hidden, labels, head)
+    logp = torch.log_softmax(head(hidden), -1)
+    torch.testing.assert_close(lp, torch.stack([(logp[0, 1, 3] + logp[0, 2, 1]) / 2, logp[1, 0, 2]]))
+
+
+def test_decision_balance_runs_the_batch_without_each_modality(tiny_dir, syn_dir, tmp_path):
+    from tests.unit.test_architecture import train_batch
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={syn_dir / 'train.jsonl'}", "adapter=mose",
+                             f"data.cache_dir={tmp_path / 'c'}", "mose.decision_balance_weight=0.5",
+                             "dcr.enabled=true"])  # composes with DCR's sub-batches
+    backbone = load_backbone(tiny_dir)
+    torch.manual_seed(0)
+    model = build_mer_model(backbone, cfg)
+    apply_trainable(model, cfg)
+    randomize(model, scale=0.05)
+    batch = train_batch(backbone, cfg, syn_dir)
+    masked = batch["mose_masked"]
+    assert not (masked["audio"]["token_modality"] == AUDIO).any() and (masked["audio"]["token_modality"] == VIDEO).any()
+    assert not (masked["video"]["token_modality"] == VIDEO).any() and (masked["video"]["token_modality"] == AUDIO).any()
+    assert "paths" in batch and set(batch["paths"]) == {"text", "audio", "video"}
+    out = model(batch)
+    loss = out.aux_losses["mose_decision_balance"]
+    assert 0 < float(loss) <= 1 and out.gate_stats["decision_change"].shape == (3,)
+    assert model.aux_loss_weights["mose_decision_balance"] == 0.5
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".mose_" in n)
+    # a training batch without the sub-batches is refused, not silently unregularised
+    with pytest.raises(ValueError, match="mose_masked"):
+        model({k: v for k, v in batch.items() if k != "mose_masked"})
 
 
 def test_routing_weights():

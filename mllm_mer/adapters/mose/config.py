@@ -44,6 +44,19 @@ class MoSEConfig:
     modality_weights: Literal["learned", "fixed"] = "learned"
     """Per layer and modality, a scale w_m on the expert delta. "learned": w_m = 2 * sigmoid(s_m), s_m
     trainable from 0 (w_m = 1 at start); "fixed": w_m = 1, no parameter."""
+    sample_gate: bool = True
+    """Per-sample audio-vs-video gate (our choice), per layer: (w_a, w_v) = 2 * softmax(U [mean_a(x), mean_v(x)]),
+    the means of the layer input over the sample's audio and video tokens, U (2, 2 * D_in) trainable from 0
+    (w_a = w_v = 1 at start). Audio tokens' expert delta is scaled by w_a, video tokens' by w_v (on top of
+    `modality_weights`), so each clip can weigh its audio adaptation against its video adaptation. Text
+    tokens are not gated. False: no such parameter (the layer-wide w_m only)."""
+    decision_balance_weight: float = 0.0
+    """Weight of the decision-share regularizer (`aux_losses["mose_decision_balance"]`, our formula): with
+    D_m = batch mean of |log p(answer | full prompt) - log p(answer | prompt without modality m)| (mean
+    log-probability of the answer tokens, teacher-forced), the loss is ((D_a - D_v) / (D_a + D_v))^2: zero
+    when removing the audio moves the answer as much as removing the video. Costs two more backbone passes
+    per training step (the prompt rendered without audio, and without video), so it is off by default (our
+    choice): a knob to choose on dev (e.g. 0.1); the training collator then adds the sub-batches."""
     load_balance_weight: float = 0.01
     """Weight of the within-group load-balance loss (`aux_losses["mose_load_balance"]`) in the total loss."""
     modality_balance_weight: float = 0.1
@@ -56,6 +69,7 @@ class MoSEConfig:
         errors = range_problems("mose", self, {
             "r": (1, None), "alpha": (0, None), "dropout": (0, 0.999), "experts": (1, None), "top_k": (1, None),
             "gate_init_scale": (0, None), "load_balance_weight": (0, None), "modality_balance_weight": (0, None),
+            "decision_balance_weight": (0, None),
         })
         if self.routing == "top_k" and not 1 <= self.top_k <= self.experts:
             errors.append(
@@ -67,7 +81,10 @@ class MoSEConfig:
     @property
     def loss_weights(self) -> dict[str, float]:
         """{aux loss name: weight in the total loss} of the MoSE regularizers."""
-        return {"mose_load_balance": self.load_balance_weight, "mose_modality_balance": self.modality_balance_weight}
+        weights = {"mose_load_balance": self.load_balance_weight, "mose_modality_balance": self.modality_balance_weight}
+        if self.decision_balance_weight > 0:
+            weights["mose_decision_balance"] = self.decision_balance_weight
+        return weights
 
     @property
     def scaling(self) -> float:

@@ -9,6 +9,11 @@ For a token x of modality m (0 text, 1 audio, 2 video; `mllm_mer.data.schema.Mod
 - g(x) (E,) is the gate of modality m: softmax(G[m] x) over m's own E experts, then routed by
   `MoSEConfig.routing` ("soft", "top_k" or "top1_st", see there). With E = 1 there is no gate (g = 1).
 - w_m is the dynamic modality weight of this layer: 2 * sigmoid(s_m) with s_m learned from 0, or 1.
+- With `mose.sample_gate` the audio and video tokens of a sample are further scaled by that sample's
+  (w_a, w_v) = 2 * softmax(U [mean of x over its audio tokens, mean over its video tokens]), U (2, 2 D_in)
+  learned from 0 (so 1, 1 at start): a per-sample gate that weighs the audio adaptation against the video
+  one. Only media tokens are pooled (never the answer), so a cache-free generation step and the prompt
+  pass see the same gate; a KV-cached step carries only new text tokens, which are not gated.
 
 Only the experts of the token's own modality enter its output: the mixture is built in the rank space as
 z[m', e] = [m' == m] * w_m * g_e * (A x) and the delta is one matmul with all B's, so the blocks of the
@@ -46,6 +51,7 @@ class RoutingRecord:
         expert_usage: (M, E) float32, share of the group's tokens whose most probable expert is e (no grad).
         contribution: (M,) float32, mean squared norm of the adapter delta per token (with grad).
         modality_weights: (M,) float32, the layer's w_m (no grad).
+        sample_gate: (M,) float32, mean per-sample gate (w_t = 1, w_a, w_v) over the call's samples (no grad).
     """
 
     tokens: torch.Tensor
@@ -53,6 +59,7 @@ class RoutingRecord:
     expert_usage: torch.Tensor
     contribution: torch.Tensor
     modality_weights: torch.Tensor
+    sample_gate: torch.Tensor | None = None
 
 
 def route(probs: torch.Tensor, routing: str, top_k: int = 1) -> torch.Tensor:
@@ -90,8 +97,8 @@ class MoSELinear(nn.Module):
         ValueError: `cfg.r` or `cfg.experts` < 1.
     """
 
-    adapter_layer_names = ("mose_A", "mose_B", "mose_gate", "mose_modality_logit")
-    """The trainable parameters this layer adds (the last two may be None, see `__init__`)."""
+    adapter_layer_names = ("mose_A", "mose_B", "mose_gate", "mose_modality_logit", "mose_sample_gate")
+    """The trainable parameters this layer adds (the last three may be None, see `__init__`)."""
 
     def __init__(self, base_layer: nn.Linear, cfg: MoSEConfig) -> None:
         super().__init__()
@@ -118,6 +125,7 @@ class MoSELinear(nn.Module):
         self.mose_gate = nn.Parameter(torch.empty(M, E, self.in_features, **kw)) if E > 1 else None
         learned = cfg.modality_weights == "learned"
         self.mose_modality_logit = nn.Parameter(torch.zeros(M, **kw)) if learned else None
+        self.mose_sample_gate = nn.Parameter(torch.zeros(2, 2 * self.in_features, **kw)) if cfg.sample_gate else None
         self.reset_parameters(cfg.gate_init_scale)
 
     def reset_parameters(self, gate_init_scale: float) -> None:
@@ -128,12 +136,34 @@ class MoSELinear(nn.Module):
             nn.init.normal_(self.mose_gate, std=gate_init_scale / math.sqrt(self.in_features))
         if self.mose_modality_logit is not None:
             nn.init.zeros_(self.mose_modality_logit)
+        if self.mose_sample_gate is not None:
+            nn.init.zeros_(self.mose_sample_gate)
 
     def modality_weights(self) -> torch.Tensor:
         """(M,) float32 w_m: 2 * sigmoid(s_m) when learned (1 at init), else ones."""
         if self.mose_modality_logit is None:
             return self.mose_A.new_ones(NUM_MODALITIES)
         return 2.0 * torch.sigmoid(self.mose_modality_logit)
+
+    def sample_weights(self, x: torch.Tensor, token_modality: torch.Tensor) -> torch.Tensor:
+        """Per-sample modality scales (1, w_a, w_v), see the module docstring.
+
+        Args:
+            x: (B, T, D_in) float32 layer input.
+            token_modality: (B, T) long.
+        Returns:
+            (B, M) float32; all ones without `mose.sample_gate`.
+        """
+        B = x.shape[0]
+        ones = x.new_ones(B, NUM_MODALITIES)
+        if self.mose_sample_gate is None:
+            return ones
+        means = []
+        for m in (Modality.AUDIO, Modality.VIDEO):
+            w = (token_modality == int(m)).to(x.dtype)  # (B, T)
+            means.append(torch.einsum("bt,btd->bd", w, x) / w.sum(1, keepdim=True).clamp_min(1.0))
+        gate = 2.0 * torch.softmax(F.linear(torch.cat(means, dim=-1), self.mose_sample_gate), dim=-1)  # (B, 2)
+        return torch.cat([ones[:, :1], gate], dim=-1)
 
     def gate_probs(self, x: torch.Tensor, token_modality: torch.Tensor) -> torch.Tensor:
         """Softmax over the experts of each token's own modality.
@@ -185,24 +215,27 @@ class MoSELinear(nn.Module):
         weights = route(probs, self.routing, self.top_k)  # (B,T,E)
         onehot = F.one_hot(token_modality, NUM_MODALITIES).to(xf.dtype)  # (B,T,M)
         w = self.modality_weights()  # (M,)
-        coef = onehot * w  # (B,T,M): w_m on the token's own modality, 0 elsewhere
+        sample = self.sample_weights(xf, token_modality)  # (B,M): 1, w_a, w_v of each sample
+        coef = onehot * w * sample[:, None, :]  # (B,T,M): own modality only, 0 elsewhere
         # (B,T,M,1,1) * (B,T,1,E,r) -> (B,T,M,E,r): the rank-space mixture, zero outside the own modality
         z = coef[..., None, None] * (weights[..., None] * h[..., None, :])[..., None, :, :]
         K = z.shape[-3] * z.shape[-2] * z.shape[-1]
         b = self.mose_B.transpose(-1, -2).reshape(K, self.out_features)  # (K, D_out), rows ordered like z
         delta = (z.reshape(-1, K) @ b).view(*z.shape[:-3], self.out_features) * self.scaling  # (B,T,D_out)
         if mose_records is not None:
-            mose_records.append(self._record(z, delta, probs, onehot, w))
+            mose_records.append(self._record(z, delta, probs, onehot, w, sample))
         return result + delta.to(result.dtype)
 
     def _record(
-        self, z: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor
+        self, z: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor,
+        sample: torch.Tensor,
     ) -> RoutingRecord:
         """Statistics of one call, per modality group (see `RoutingRecord`).
 
         Args:
             z: (B,T,M,E,r) the rank-space mixture; delta: (B,T,D_out) float32 the adapter delta (scaled);
-            probs: (B,T,E) gate probabilities; onehot: (B,T,M) token modalities; w: (M,) modality weights.
+            probs: (B,T,E) gate probabilities; onehot: (B,T,M) token modalities; w: (M,) modality weights;
+            sample: (B,M) per-sample modality gates (1, w_a, w_v).
         """
         E = self.num_experts
         zf = z.flatten(-3)  # (B,T,K), K = M*E*r
@@ -223,6 +256,7 @@ class MoSELinear(nn.Module):
             expert_usage=(sums[:, E : 2 * E] / denom[:, None]).detach(),
             contribution=sums[:, 2 * E] / denom,
             modality_weights=w.detach(),
+            sample_gate=sample.detach().mean(0),
         )
 
     def extra_repr(self) -> str:

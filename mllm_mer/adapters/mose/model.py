@@ -24,6 +24,12 @@
   balance, 1 when one modality takes the whole delta; 0 for a batch without both modalities. Through w_m
   (the dynamic modality weights) and the B's it pulls the audio and video adaptations to equal size.
   Both are averaged over layers.
+  Decision balance (`decision_balance_loss`, with `mose.decision_balance_weight` > 0): with lp the mean
+  log-probability of a sample's answer tokens (teacher-forced) given the full prompt, and lp_-m given the
+  prompt rendered without modality m (its tokens removed, not zeroed), D_m = mean over the batch's samples
+  that have m of |lp - lp_-m|; the loss ((D_a - D_v) / (D_a + D_v))^2 is zero when removing either modality
+  moves the answer equally, 1 when only one modality matters. It acts on the *decision*, not on adapter
+  sizes; the per-sample gate (`mose.sample_gate`) is free to follow either modality per clip.
 - Weights are saved as `mose.safetensors` (names relative to the thinker, metadata: the MoSE config).
 """
 
@@ -219,22 +225,69 @@ def mose_aux_losses(records: list[RoutingRecord]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------- statistics
+def answer_logprob(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Mean log-probability of each sample's answer tokens (teacher-forced), from its last hidden states.
+
+    Args:
+        hidden: (B, T, D) hidden states after the final norm.
+        labels: (B, T) long LM labels (-100 outside the answer), aligned with the inputs (shifted here).
+        lm_head: the language model's output projection.
+    Returns:
+        (B,) float32 (0 for a sample without answer tokens).
+    """
+    target = labels[:, 1:]
+    keep = target != -100  # (B, T-1)
+    rows = keep.nonzero(as_tuple=True)[0]
+    logits = lm_head(hidden[:, :-1][keep]).float()  # (N, V): answer positions only
+    lp = torch.log_softmax(logits, dim=-1).gather(1, target[keep][:, None]).squeeze(1)  # (N,)
+    total = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, rows, lp)
+    return total / keep.sum(1).clamp_min(1).float()
+
+
+def decision_balance_loss(
+    full: torch.Tensor, without: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((D_a - D_v) / (D_a + D_v))^2 from answer log-probabilities (module docstring).
+
+    Args:
+        full: (B,) answer log-probability with the full prompt.
+        without: {"audio": (B,), "video": (B,)} with that modality removed from the prompt.
+        present: {"audio": (B,) bool, "video": (B,) bool} the sample has that modality in the full prompt.
+    Returns:
+        (scalar loss, (2,) detached [D_a, D_v]); the loss is 0 (in the graph) when a modality is absent.
+    """
+    d = []
+    for m in ("audio", "video"):
+        keep = present[m].float()
+        d.append(((full - without[m]).abs() * keep).sum() / keep.sum().clamp_min(1.0))
+    d_a, d_v = d
+    loss = modality_balance_loss(d_a, d_v)
+    if not (bool(present["audio"].any()) and bool(present["video"].any())):
+        loss = loss * 0.0
+    return loss, torch.stack([d_a, d_v]).detach()
+
+
 def summarize_gates(records: list[RoutingRecord]) -> dict[str, torch.Tensor]:
     """Gate statistics of one forward, averaged over the MoSE layers (all detached, float32).
 
     Returns:
         tokens (M,): tokens per modality; expert_usage (M, E): share of each modality's tokens whose most
         probable expert is e; gate_mass (M, E): mean gate probability; modality_weights (M,): mean w_m;
-        delta_share (M,): each modality's share of the summed per-token squared delta norms.
+        delta_share (M,): each modality's share of the summed per-token squared delta norms; with
+        `mose.sample_gate` also sample_gate (M,): the mean per-sample gate (1, w_a, w_v).
     """
     contrib = torch.stack([r.contribution.detach() for r in records])  # (L, M)
     share = contrib / (contrib.sum(-1, keepdim=True) + _EPS)
+    extra = {}
+    if records[0].sample_gate is not None:
+        extra["sample_gate"] = torch.stack([r.sample_gate for r in records]).mean(0)
     return {
         "tokens": records[0].tokens,
         "expert_usage": torch.stack([r.expert_usage for r in records]).mean(0),
         "gate_mass": torch.stack([r.gate_mass.detach() for r in records]).mean(0),
         "modality_weights": torch.stack([r.modality_weights for r in records]).mean(0),
         "delta_share": share.mean(0),
+        **extra,
     }
 
 

@@ -4,12 +4,16 @@ Arms (`ARMS`): fused, text, audio, video. The paper ("To Fuse or to Drop?", 2026
 only; the state, reward and policy below are ours.
 
 State ("dual view": the fused view and the unimodal views of one sample), from the four paths' class
-probabilities p_a (C each) alone:
+probabilities p_a (C each) alone; `dcr.arbiter.state="probs"`:
 
     x = [p_a for a in ARMS] + [H(p_a) / ln C] + [top1(p_a) - top2(p_a)]
         + [JS(p_a, p_b) / ln 2 for a < b] + [1]
 
-(4C + 4 + 4 + 6 + 1 features; pooled hidden features are not used). Reward of arm a for a sample with label y:
+(4C + 4 + 4 + 6 + 1 features; pooled hidden features are not used); `state="rich"` (the default) inserts
+before the bias every path's max probability (with its entropy: the per-modality confidence of the audio
+and video teachers) and the agreement of every pair (audio vs video, each vs fused, ...), in its smooth form
+sum_c p_a,c p_b,c (the chance that the two paths name the same class; 1[argmax p_a = argmax p_b] for
+one-hot paths, but it does not flip on near-ties): 4 + 6 more features. Reward of arm a for a sample with label y:
 
     r_a = 1[argmax p_a = y] - lambda_cal * cal(p_a, y),   cal = Brier / 2 = sum_c (p_a,c - 1[c = y])^2 / 2
                                                           or  -log max(p_a,y, 1e-6) / ln C   ("nll")
@@ -17,12 +21,15 @@ probabilities p_a (C each) alone:
 so the arbiter learns from the sample's label only, through the reward: nothing here reads per-modality cue
 labels (real datasets have none). `fit_arbiter(probs, labels, config)` takes exactly those two inputs.
 
-Policy: disjoint LinUCB. Per arm, A_a = ridge * I + sum x x^T and b_a = sum r x; theta_a = A_a^-1 b_a; while
-fitting, the arm played is argmax_a theta_a . x + alpha * sqrt(x^T A_a^-1 x) (ties -> the first arm, fused)
-and, with `feedback="bandit"`, only that arm is updated with its reward (`"full"` updates every arm).
-After fitting, `select` is greedy: argmax_a theta_a . x, ties to fused. Fitting is meant for held-out
-predictions (dev): `scripts/fit_arbiter.py` refuses the run's training data. The policy is stored as JSON
-(`arbiter.json` in the run directory; never pickle).
+Policy: disjoint LinUCB. Per arm, A_a = ridge * I + sum x x^T and b_a = sum r x; theta_a = A_a^-1 b_a. With
+`feedback="full"` (the default: the fitting set is labelled, so every arm's reward is known) every arm is
+updated with every sample once (ridge regression per arm); with `feedback="bandit"` the arm played while
+fitting is argmax_a theta_a . x + alpha * sqrt(x^T A_a^-1 x) (ties -> the first arm, fused) and only that arm
+is updated with its reward, `epochs` passes. After fitting, `select` is greedy: argmax_a theta_a . x, ties
+to fused. Fitting is meant for held-out predictions (dev): `scripts/fit_arbiter.py` refuses the run's
+training data, and when it scores the arbiter on the set it was fitted on it cross-fits
+(`crossfit_select`: each of `dcr.arbiter.folds` folds is scored by an arbiter fitted on the other folds).
+The policy is stored as JSON (`arbiter.json` in the run directory; never pickle).
 """
 
 from __future__ import annotations
@@ -49,21 +56,30 @@ ARBITER_FILE = "arbiter.json"
 FORMAT = "mllm_mer.dcr.linucb/1"
 
 
-def feature_names(labels: Sequence[str]) -> list[str]:
-    """Names of the state features, in order (for the JSON file and for reading a fitted policy)."""
+def feature_names(labels: Sequence[str], state: str = "rich") -> list[str]:
+    """Names of the state features, in order (for the JSON file and for reading a fitted policy).
+
+    Args:
+        labels: the class names.
+        state: "probs" or "rich" (`ArbiterConfig.state`).
+    """
     names = [f"p_{a}_{c}" for a in ARMS for c in labels]
     names += [f"entropy_{a}" for a in ARMS] + [f"margin_{a}" for a in ARMS]
     names += [f"js_{a}_{b}" for a, b in itertools.combinations(ARMS, 2)]
+    if state == "rich":
+        names += [f"maxp_{a}" for a in ARMS]
+        names += [f"agree_{a}_{b}" for a, b in itertools.combinations(ARMS, 2)]
     return names + ["bias"]
 
 
-def build_state(probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def build_state(probs: Mapping[str, torch.Tensor], state: str = "rich") -> torch.Tensor:
     """The arbiter's state from the paths' class probabilities (module docstring).
 
     Args:
         probs: {arm: (N, C) probabilities} for every arm in `ARMS` (extra keys are ignored).
+        state: "probs" or "rich" (`ArbiterConfig.state`).
     Returns:
-        (N, 4C + 15) float64.
+        (N, 4C + 15) float64 ("probs"), (N, 4C + 25) ("rich").
     Raises:
         ValueError: an arm is missing or the shapes differ.
     """
@@ -78,13 +94,15 @@ def build_state(probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     top2 = [p.topk(min(2, C), dim=-1).values for p in ps]
     margin = [t[:, 0] - t[:, -1] for t in top2]
     js = [js_divergence(ps[i], ps[j]) / math.log(2.0) for i, j in itertools.combinations(range(len(ARMS)), 2)]
-    columns = [
-        *ps,
-        torch.stack(entropy, 1),
-        torch.stack(margin, 1),
-        torch.stack(js, 1),
-        torch.ones(len(ps[0]), 1),
-    ]
+    columns = [*ps, torch.stack(entropy, 1), torch.stack(margin, 1), torch.stack(js, 1)]
+    if state == "rich":
+        columns.append(torch.stack([t[:, 0] for t in top2], 1))  # max probability per path
+        # soft argmax agreement: sum_c p_a,c p_b,c (the indicator flips on near-ties, e.g. with padding noise)
+        agree = [(ps[i] * ps[j]).sum(-1) for i, j in itertools.combinations(range(len(ARMS)), 2)]
+        columns.append(torch.stack(agree, 1))
+    elif state != "probs":
+        raise ValueError(f"unknown arbiter state {state!r}; valid: 'probs', 'rich'")
+    columns.append(torch.ones(len(ps[0]), 1))
     return torch.cat(columns, dim=1)
 
 
@@ -177,7 +195,7 @@ class Arbiter:
         C = next(iter(probs.values())).shape[-1]
         if C != len(self.labels):
             raise ValueError(f"the arbiter was fit on {len(self.labels)} classes, the paths give {C}")
-        scores = self.policy.expected(build_state(probs).numpy())
+        scores = self.policy.expected(build_state(probs, self.config.state).numpy())
         return [ARMS[i] for i in scores.argmax(axis=1)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +203,7 @@ class Arbiter:
             "format": FORMAT,
             "arms": list(ARMS),
             "labels": list(self.labels),
-            "features": feature_names(self.labels),
+            "features": feature_names(self.labels, self.config.state),
             "config": asdict(self.config),
             "A": self.policy.A.tolist(),
             "b": self.policy.b.tolist(),
@@ -202,8 +220,9 @@ class Arbiter:
         if data.get("format") != FORMAT or list(data.get("arms", [])) != list(ARMS):
             raise ValueError(f"{where}: not a {FORMAT} arbiter over arms {list(ARMS)}")
         labels = tuple(data["labels"])
-        config = ArbiterConfig(**data["config"])
-        dim = len(feature_names(labels))
+        # files written before `state` / `folds` existed used the "probs" state
+        config = ArbiterConfig(**{"state": "probs", **data["config"]})
+        dim = len(feature_names(labels, config.state))
         A, b = np.asarray(data["A"], dtype=np.float64), np.asarray(data["b"], dtype=np.float64)
         if A.shape != (len(ARMS), dim, dim) or b.shape != (len(ARMS), dim):
             raise ValueError(
@@ -224,22 +243,23 @@ def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config:
     Returns:
         The fitted `Arbiter` (`labels` holds placeholders "0".."C-1"; the caller sets the names).
     """
-    x = build_state(probs).numpy()  # (N, d)
+    x = build_state(probs, config.state).numpy()  # (N, d)
     rewards = arm_rewards(probs, labels, config).numpy()  # (N, K)
     if len(x) != len(rewards):
         raise ValueError(f"{len(x)} predictions but {len(rewards)} labels")
     policy = LinUCB(len(ARMS), x.shape[1], config.ridge, config.alpha)
     rng = np.random.default_rng(config.seed)
     played: list[int] = []
-    for _ in range(config.epochs):
-        for i in rng.permutation(len(x)):
-            if config.feedback == "full":
-                for arm in range(len(ARMS)):
-                    policy.update(arm, x[i], float(rewards[i, arm]))
-                continue
-            arm = int(policy.ucb(x[i]).argmax())
-            played.append(arm)
-            policy.update(arm, x[i], float(rewards[i, arm]))
+    if config.feedback == "full":  # every arm learns every sample's reward, once: ridge regression per arm
+        for arm in range(len(ARMS)):
+            policy.A[arm] += x.T @ x
+            policy.b[arm] += x.T @ rewards[:, arm]
+    else:
+        for _ in range(config.epochs):
+            for i in rng.permutation(len(x)):
+                arm = int(policy.ucb(x[i]).argmax())
+                played.append(arm)
+                policy.update(arm, x[i], float(rewards[i, arm]))
     chosen = policy.expected(x).argmax(axis=1)
     info = {
         "n": len(x),
@@ -251,6 +271,50 @@ def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config:
         info["played"] = {a: played.count(k) for k, a in enumerate(ARMS)}
     C = next(iter(probs.values())).shape[1]
     return Arbiter(labels=tuple(str(c) for c in range(C)), policy=policy, config=config, fit_info=info)
+
+
+def fold_ids(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """Seeded fold of each of `n` samples: a random permutation dealt round-robin into `folds` folds.
+
+    Returns:
+        (n,) int array with values in [0, min(folds, n)).
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n) % max(1, min(folds, n))
+    return out
+
+
+def crossfit_select(
+    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig
+) -> tuple[list[str], np.ndarray]:
+    """Cross-fitted arm choices: each sample is scored by an arbiter fitted on the other folds only.
+
+    Use it whenever the arbiter is judged on the set it is fitted on (a sample's own label never reaches
+    the arbiter that scores it).
+
+    Args:
+        probs: {arm: (N, C) probabilities} for every arm in `ARMS`.
+        labels: (N,) long ground-truth class ids.
+        config: the arbiter settings (`folds`, `seed` and the fit settings).
+    Returns:
+        (N arm names, (N,) fold id per sample).
+    Raises:
+        ValueError: fewer than 2 samples.
+    """
+    n = len(labels)
+    if n < 2:
+        raise ValueError(f"cross-fitting needs at least 2 samples, got {n}")
+    folds = fold_ids(n, config.folds, config.seed)
+    arms: list[str] = [""] * n
+    for k in np.unique(folds):
+        held = torch.as_tensor(folds == k)
+        fit = {a: p[~held] for a, p in probs.items() if a in ARMS}
+        arbiter = fit_arbiter(fit, labels[~held], config)
+        chosen = arbiter.select({a: p[held] for a, p in probs.items() if a in ARMS})
+        for i, arm in zip(np.flatnonzero(folds == k), chosen, strict=True):
+            arms[int(i)] = arm
+    return arms, folds
 
 
 def save_arbiter(arbiter: Arbiter, path: str | Path) -> Path:

@@ -18,9 +18,14 @@ mean alpha_m / sum alpha_m); the teachers present in a sample are mixed by confi
 p_T = sum_m c_m p_m / sum_m c_m. Teacher agreement g = 1 - JS(mean_a, mean_v) / ln 2 in [0, 1] is computed on
 the Dirichlet means (tau = 1); g = 1 when only one teacher is present. The loss is
 
-    L_AFD = tau^2 * sum_b g_b^gamma KL(p_T,b || softmax(s_b / tau)) / #{b with a teacher}
+    L_AFD = tau^2 * sum_b w_b KL(p_T,b || softmax(s_b / tau)) / #{b with a teacher},
+    w_b = floor + (1 - floor) * g_b^gamma
 
-for student logits s (the text path). Teachers are detached by the caller: distillation moves the student
+for student logits s (the text path). The floor (`dcr.afd_agreement_floor`) keeps the student taught on
+conflict clips, where g is near 0. With `conflict_target="confident"` the target is
+p_T = g * p_mix + (1 - g) * p_conf, p_mix the confidence-weighted mixture above and p_conf the tempered
+distribution of the present teacher with the larger confidence c_m: agreeing teachers teach their mixture,
+disagreeing ones the surer teacher (which one that is comes from the teachers' own evidence, per sample). Teachers are detached by the caller: distillation moves the student
 only. L_AFD is exactly zero when the student's tempered distribution equals the teachers'.
 """
 
@@ -99,13 +104,14 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_distribution(
-    teachers: list[TeacherEvidence], temperature: float
+    teachers: list[TeacherEvidence], temperature: float, conflict_target: str = "mix"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mix the teachers into one tempered target and measure their agreement.
 
     Args:
         teachers: one or two `TeacherEvidence` (audio, video) over the same batch.
         temperature: tau > 0.
+        conflict_target: "mix" (the confidence-weighted mixture) or "confident" (module docstring).
     Returns:
         p_T: (B, C) float32 target distribution (uniform where no teacher is present).
         agreement: (B,) float32 g in [0, 1]; 1 unless two teachers are present.
@@ -127,6 +133,14 @@ def teacher_distribution(
         both = teachers[0].present & teachers[1].present
         g = 1.0 - js_divergence(means[0], means[1]) / math.log(2.0)
         agreement = torch.where(both, g.clamp(0.0, 1.0), agreement)
+    if conflict_target == "confident":
+        conf = torch.stack([t.confidence * t.present.float() - (~t.present).float() for t in teachers])  # (M, B)
+        surest = conf.argmax(0)  # (B,), the first teacher on ties
+        p_conf = torch.stack(tempered)[surest, torch.arange(p_t.shape[0], device=p_t.device)]  # (B, C)
+        p_conf = torch.where(valid[:, None], p_conf, p_t)
+        p_t = agreement[:, None] * p_t + (1.0 - agreement[:, None]) * p_conf
+    elif conflict_target != "mix":
+        raise ValueError(f"unknown AFD conflict target {conflict_target!r}; valid: 'mix', 'confident'")
     return p_t, agreement, valid
 
 
@@ -136,6 +150,8 @@ def afd_loss(
     temperature: float = 2.0,
     agreement_power: float = 1.0,
     sample_mask: torch.Tensor | None = None,
+    agreement_floor: float = 0.0,
+    conflict_target: str = "mix",
 ) -> torch.Tensor:
     """Agreement-gated KL from the mixed teacher evidence to the student (module docstring).
 
@@ -145,13 +161,15 @@ def afd_loss(
         temperature: tau > 0.
         agreement_power: gamma >= 0 (0 turns the gating off).
         sample_mask: optional (B,) bool, samples allowed to contribute (e.g. labelled ones).
+        agreement_floor: the least weight of a sample, in [0, 1] (0 = plain agreement gating).
+        conflict_target: "mix" or "confident" (module docstring).
     Returns:
         Scalar float32 loss (0 when no sample has a teacher).
     """
-    p_t, agreement, valid = teacher_distribution(teachers, temperature)
+    p_t, agreement, valid = teacher_distribution(teachers, temperature, conflict_target)
     if sample_mask is not None:
         valid = valid & sample_mask
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = (p_t * (p_t.clamp_min(_EPS).log() - log_q)).sum(-1)  # (B,)
-    weight = agreement.pow(agreement_power) * valid.float()
+    weight = (agreement_floor + (1.0 - agreement_floor) * agreement.pow(agreement_power)) * valid.float()
     return temperature**2 * (weight * kl).sum() / valid.sum().clamp_min(1)

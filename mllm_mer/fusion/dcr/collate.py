@@ -37,16 +37,20 @@ class UnimodalPathCollator:
     """Callable collator: `list[(Sample, DecodedMedia)] -> dict`, the fused batch plus `batch["paths"]`.
 
     Attributes:
-        base: the fused-path collator (training or inference).
+        base: the fused-path collator (training or inference), a `MerCollator` or another method's wrapper
+            of one (its `base` chain ends in the `MerCollator` the paths are rendered from).
     """
 
     base: MerCollator
     path_collators: dict[str, MerCollator] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        inner = self.base
+        while not isinstance(inner, MerCollator):  # another method's wrapper (e.g. MoSE's masked sub-batches)
+            inner = inner.base
         self.path_collators = {
             path: dataclasses.replace(
-                self.base, train=False, modality_dropout=0.0, use_video=use_video, use_audio=use_audio
+                inner, train=False, modality_dropout=0.0, use_video=use_video, use_audio=use_audio
             )
             for path, (use_video, use_audio) in PATH_INPUTS.items()
         }

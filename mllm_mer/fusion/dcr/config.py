@@ -34,13 +34,27 @@ class ArbiterConfig:
     -log p_y / log C, clipped at 1e-6 (about 1 for a uniform prediction)."""
     calibration_weight: float = 0.5
     """lambda_cal in the reward r = 1[argmax p = y] - lambda_cal * calibration(p, y)."""
-    feedback: Literal["bandit", "full"] = "bandit"
-    """"bandit": each fitting sample updates only the arm LinUCB chose (the contextual-bandit protocol);
-    "full": every arm is updated with its own reward (full-information ridge regression per arm)."""
+    feedback: Literal["bandit", "full"] = "full"
+    """"full" (our default): every arm is updated with its own reward, one pass (full-information ridge
+    regression per arm: the fitting set is labelled, so every arm's reward is known); "bandit": each fitting
+    sample updates only the arm LinUCB chose (the contextual-bandit protocol, `epochs` passes)."""
     epochs: int = 3
-    """Passes over the fitting predictions (a fresh seeded order each pass)."""
+    """Passes over the fitting predictions with feedback "bandit" (a fresh seeded order each pass); "full"
+    makes one pass (more passes would only scale the data against the ridge)."""
     seed: int = 0
-    """Seed of the pass order (the fit is deterministic given predictions, labels and this)."""
+    """Seed of the pass order and of the cross-fitting folds (the fit is deterministic given predictions,
+    labels and this)."""
+    state: Literal["probs", "rich"] = "rich"
+    """The arbiter's state (our choice). "probs": every path's probabilities, normalized entropy, top-1/top-2
+    margin, the pairwise JS divergences and a bias; "rich" adds every path's max probability (with the
+    entropy, the audio/video teachers' per-modality confidence) and every pair's agreement (audio vs video,
+    each vs fused, ...) as sum_c p_a,c p_b,c: 1[argmax p_a = argmax p_b] for one-hot paths, smooth on
+    near-ties."""
+    folds: int = 5
+    """Cross-fitting (our choice): when the arbiter is scored on the set it is fitted on
+    (`scripts/fit_arbiter.py` on DATA), the samples are split into `folds` seeded folds and each fold is
+    scored by an arbiter fitted on the other folds only, so no sample is scored by an arbiter that saw it.
+    The saved arbiter is fitted on all of DATA (for use on other data)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,16 @@ class DCRConfig:
     afd_temperature: float = 2.0
     """tau: teacher and student distributions are softened by tau; the KL is scaled by tau^2."""
     afd_agreement_power: float = 1.0
-    """gamma: a sample's AFD term is weighted by (1 - JS(p_audio, p_video) / ln 2)^gamma; 0 = no gating."""
+    """gamma: a sample's AFD term is weighted by floor + (1 - floor) * g^gamma with the teachers' agreement
+    g = 1 - JS(p_audio, p_video) / ln 2; gamma = 0: no gating."""
+    afd_agreement_floor: float = 0.25
+    """floor (our choice): the least weight of a sample's AFD term, so the student is still taught on
+    conflict clips (teachers disagreeing, g near 0); 0 = the plain agreement gating."""
+    afd_conflict_target: Literal["mix", "confident"] = "confident"
+    """The teacher target when the teachers disagree (our choice). "mix": the teachers' confidence-weighted
+    mixture p_mix whatever their agreement; "confident": g * p_mix + (1 - g) * p_conf, p_conf the tempered
+    distribution of the teacher with the larger evidential confidence c_m, so on a conflict clip the student
+    learns the teacher that is surer of itself (learned from the data: nothing says which modality that is)."""
     feed_student: bool = True
     """Add g * log_softmax(text logits) (detached; g a learned scalar, 0 at start) to the fused logits."""
     arbiter: ArbiterConfig = field(default_factory=ArbiterConfig)
@@ -74,8 +97,10 @@ class DCRConfig:
         return range_problems("dcr", self, {
             "stage1_steps": (0, None), "path_loss_weight": (0, None), "afd_weight": (0, None),
             "afd_temperature": (0.05, None), "afd_agreement_power": (0, None),
+            "afd_agreement_floor": (0, 1),
         }) + range_problems("dcr.arbiter", self.arbiter, {
             "ridge": (1e-6, None), "alpha": (0, None), "calibration_weight": (0, None), "epochs": (1, None),
+            "folds": (2, None),
         })
 
     @property

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_mer.attention.realloc import reallocation_paused
 from mllm_mer.data.collate import MODEL_INPUT_KEYS
 from mllm_mer.data.schema import Modality
 from mllm_mer.encoders import backbone_inputs
@@ -212,7 +213,8 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
             raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
         inputs = backbone_inputs(mer.backbone, sub, MODEL_INPUT_KEYS)  # cache / ZeRO-3: inputs_embeds
-        with active_adapter(mer.backbone, adapter_name(path)), mer.backbone_scope(sub["token_modality"]):
+        with (active_adapter(mer.backbone, adapter_name(path)), mer.backbone_scope(sub["token_modality"]),
+              reallocation_paused(mer.backbone)):  # AR (inference) acts on the fused prompt only
             out = mer.backbone(
                 **inputs,
                 use_audio_in_video=bool(sub.get("use_audio_in_video", False)),
@@ -240,6 +242,7 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         )
     teachers = [aggregate_evidence(token_logits[t].detach(), masks[t]) for t in TEACHERS]
     result.losses["dcr_afd"] = scale * afd_loss(
-        logits[STUDENT], teachers, cfg.afd_temperature, cfg.afd_agreement_power
+        logits[STUDENT], teachers, cfg.afd_temperature, cfg.afd_agreement_power,
+        agreement_floor=cfg.afd_agreement_floor, conflict_target=cfg.afd_conflict_target,
     )
     return result

@@ -19,7 +19,8 @@ class DnRConfig:
     """Divide-and-Refine parts on the pooled hidden states (`dnr.*` in the run YAML).
 
     Defaults follow upstream where it has a value (part_dim, weights, margin, grl_alpha, sigmas,
-    temperature); the pooling, the zero-initialised additive recombination and the stage switch are ours.
+    temperature); the pooling, the feature head (`head_input`), the phased schedule's switch point
+    (`divide_fraction`) and the stage switch are ours.
     """
 
     enabled: bool = False
@@ -32,11 +33,24 @@ class DnRConfig:
     text_tokens: Literal["after_media", "all"] = "after_media"
     """Text positions pooled: "after_media" = prompt text after the last audio/video token (instruction
     and subtitle; all prompt text when a sample has no media); "all" = every prompt text token."""
-    stage: Literal["divide", "refine", "joint"] = "joint"
-    """"divide": Divide objectives only; "refine": Refine objective only, Divide heads frozen (load them
-    with `init_from`); "joint": Divide objectives throughout, Refine joins at `refine_start_step`."""
+    stage: Literal["phased", "divide", "refine", "joint"] = "phased"
+    """"phased" (the default): the seed's two phases in one run: Divide objectives only for the first
+    `divide_fraction` of the optimizer steps, then Refine starting from the divided model (Divide objectives
+    off, Refine on; the Divide heads keep only the classification loss's gradient); "divide": Divide
+    objectives only; "refine": Refine objective only, Divide heads frozen (load them with `init_from`, e.g.
+    from a "divide" run); "joint": Divide objectives throughout, Refine joins at `refine_start_step`."""
     refine_start_step: int = 0
     """Optimizer step at which Refine joins in stage "joint" (read from `batch["train_step"]`)."""
+    divide_fraction: float = 0.5
+    """Stage "phased" (our choice): the share of the run's optimizer steps (`batch["train_steps_total"]`, set
+    by `scripts/finetune.py`) spent in Divide before Refine starts; without a known total a batch counts as
+    Divide."""
+    head_input: Literal["features", "logits"] = "features"
+    """How the recombined representation z reaches the prediction (our choice). "features" (default): z is
+    concatenated with the fused head's pooled states and fed to a small MLP head, LayerNorm(4D + P) -> Linear
+    -> GELU -> Linear (last layer zero-initialised), whose logits join the fused logits: the decision can
+    depend on z and the pooled states jointly, per sample. "logits": a zero-initialised linear classifier on
+    z alone, added to the fused logits."""
     push_weight: float = 5.0
     """Weight of `dnr_push` (decorrelation of u, r, s within each modality)."""
     pull_weight: float = 0.5
@@ -82,6 +96,8 @@ class DnRConfig:
             errors.append(f"dnr.noise_sigmas={list(self.noise_sigmas)} must list at least one sigma >= 0")
         if self.refine_start_step < 0:
             errors.append(f"dnr.refine_start_step={self.refine_start_step} must be >= 0")
+        if not 0 < self.divide_fraction < 1:
+            errors.append(f"dnr.divide_fraction={self.divide_fraction!r} is out of range (0, 1)")
         if self.refine_start_step and self.stage != "joint":
             errors.append(
                 f"dnr.refine_start_step={self.refine_start_step} is only used with dnr.stage=joint "
@@ -99,11 +115,23 @@ class DnRConfig:
         """Parameter-name prefixes this config freezes (read by `mllm_mer.trainable`)."""
         return (DIVIDE_PREFIX,) if self.enabled and self.stage == "refine" else ()
 
-    def divide_active(self) -> bool:
+    def in_refine_phase(self, train_step: int | None, total_steps: int | None) -> bool:
+        """Stage "phased": whether step `train_step` of `total_steps` lies after the Divide phase (unknown
+        step or total: Divide)."""
+        if train_step is None or not total_steps:
+            return False
+        return train_step >= round(self.divide_fraction * total_steps)
+
+    def divide_active(self, train_step: int | None = None, total_steps: int | None = None) -> bool:
+        """Whether the Divide objectives run at optimizer step `train_step` of `total_steps`."""
+        if self.stage == "phased":
+            return not self.in_refine_phase(train_step, total_steps)
         return self.stage in ("divide", "joint")
 
-    def refine_active(self, train_step: int | None) -> bool:
+    def refine_active(self, train_step: int | None, total_steps: int | None = None) -> bool:
         """Whether Refine runs at optimizer step `train_step` (None = unknown: counts as step 0)."""
         if self.stage == "refine":
             return True
+        if self.stage == "phased":
+            return self.in_refine_phase(train_step, total_steps)
         return self.stage == "joint" and (train_step or 0) >= self.refine_start_step

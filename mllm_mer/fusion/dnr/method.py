@@ -1,4 +1,4 @@
-"""The `DNR` method (`dnr.enabled`): divide-and-refine parts whose logits are added to the fused head's.
+"""The `DNR` method (`dnr.enabled`): divide-and-refine parts, read by a head beside the fused head's pooled states.
 
 Hooks: `add_heads` builds `fusion_dnr` (`mllm_mer.fusion.dnr.model.DnRHead`), `init_fresh` loads the Divide
 weights of `dnr.init_from` and warns about settings that degrade DnR, `contribute` runs it last in the forward
@@ -36,6 +36,9 @@ class DnRMethod(Method):
     def init_fresh(self, mer: nn.Module, cfg: RunConfig) -> None:
         if cfg.dnr.init_from:
             load_divide_weights(mer.fusion_dnr, cfg.dnr.init_from)
+            if cfg.dnr.stage == "phased":
+                log.warning("dnr.init_from with dnr.stage=phased: the loaded Divide heads are divided again "
+                            "before Refine; use dnr.stage=refine to refine them directly")
         elif cfg.dnr.stage == "refine":
             log.warning("dnr.stage=refine without dnr.init_from: the frozen Divide heads stay random")
         if cfg.dnr.stage != "refine" and cfg.train.batch_size < 8:
@@ -45,7 +48,8 @@ class DnRMethod(Method):
     def contribute(self, mer: nn.Module, state: ForwardState) -> None:
         batch = state.batch
         out = mer.fusion_dnr(state.hidden_states, batch["token_modality"], batch["prompt_mask"], state.logits,
-                             batch.get("class_id"), batch.get("train_step"))
+                             batch.get("class_id"), batch.get("train_step"), pooled=state.pooled,
+                             total_steps=batch.get("train_steps_total"))
         state.logits = out.fused_logits
         state.aux_losses.update(out.losses)
         state.parts[self.name] = out

@@ -16,10 +16,15 @@ backbones. Here the inputs are the backbone's own hidden states, pooled per moda
   the views of one sample together. The views are built from *detached* parts, so the Divide heads
   never receive a Refine gradient ("frozen" for Refine); with `stage: refine` they are frozen outright
   by `mllm_mer.trainable` (no `requires_grad`).
-- **Recombination**: z = GELU(W [u, r, s per modality]) -> a classifier whose weight and bias start at
-  zero; its logits are *added* to the fused head's logits. DnR off builds nothing (the fused head's
-  output is the untouched code path); DnR on leaves the fused logits bitwise unchanged at
-  initialisation (base + 0). See `DnRHead`.
+- **Recombination**: z = GELU(W [u, r, s per modality]). With `head_input: features` (default, ours) z is
+  fed to the head as features: [LN-normalised pooled states of the fused head, z] -> Linear -> GELU ->
+  Linear (the last layer starts at zero), so the decision depends on z and the pooled states jointly; with
+  `head_input: logits` a zero-initialised linear classifier reads z alone. Either way the logits are
+  *added* to the fused head's logits. DnR off builds nothing (the fused head's output is the untouched
+  code path); DnR on leaves the fused logits bitwise unchanged at initialisation (base + 0). See `DnRHead`.
+- **Schedule** (`stage: phased`, default): the seed's two phases in one run: Divide objectives for the
+  first `divide_fraction` of the optimizer steps, then Refine starting from the divided model (the Divide
+  objectives stop; the synergy probes stay in the graph with weight 0 so DDP sees every parameter).
 - **Explanations**: `component_ablation` zeroes one part (u/r/s of one modality) at a time and reports
   the KL divergence KL(p_full || p_ablated) of the fused class distribution and the drop of the
   predicted class's probability, per sample.
@@ -213,6 +218,7 @@ class DnROutput:
         parts: (B, 3, 3, P) float32 parts (modality x part; absent modalities are zeros).
         present: (B, 3) bool modality presence.
         base_logits: (B, C) the fused head's logits without DnR.
+        pooled: (B, S, D) the fused head's pooled states (input of the feature head), or None.
         dnr_logits: (B, C) the recombination classifier's logits.
         fused_logits: (B, C) base_logits + dnr_logits (what MerModel reports as "fused").
         losses: unweighted DnR objectives by `LOSS_NAMES` key (only those that ran).
@@ -224,6 +230,7 @@ class DnROutput:
     dnr_logits: torch.Tensor
     fused_logits: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: torch.Tensor | None = None
 
 
 class DivideBranch(nn.Module):
@@ -251,19 +258,39 @@ class SynergyProbes(nn.Module):
         )
 
 
+class FeatureHead(nn.Module):
+    """The head that reads the recombined representation as features beside the fused head's pooled states:
+    LayerNorm(S*D + P) -> Linear(S*D + P, P) -> GELU -> Linear(P, C), the last layer zero-initialised."""
+
+    def __init__(self, in_features: int, part_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.hidden = nn.Linear(in_features, part_dim)
+        self.out = nn.Linear(part_dim, num_classes)
+        nn.init.zeros_(self.out.weight)  # DnR adds exactly 0 to the fused logits at initialisation
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, pooled: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) pooled states, (B, P) z -> (B, C) float32 logits."""
+        x = torch.cat([pooled.flatten(1).float(), z.float()], dim=-1)
+        return self.out(F.gelu(self.hidden(self.norm(x))))
+
+
 class DnRHead(nn.Module):
-    """Divide heads, synergy probes, recombination and the zero-initialised classifier.
+    """Divide heads, synergy probes, recombination and the head that reads it (features or logits).
 
     Parameter names (under MerModel's `fusion_dnr`): `divide.branches.{0,1,2}.*` and `divide.synergy.*`
-    (the Divide side, `DIVIDE_PREFIX`), `recombine.*` and `classifier.*` (the Refine side).
+    (the Divide side, `DIVIDE_PREFIX`), `recombine.*` and `feature_head.*` (`head_input: features`) or
+    `classifier.*` (`head_input: logits`) (the Refine side).
 
     Args:
         hidden_size: D of the pooled hidden states.
         num_classes: C.
         cfg: the DnR settings.
+        pooled_slots: S, the number of pooled vectors of the fused head (`head_input: features`).
     """
 
-    def __init__(self, hidden_size: int, num_classes: int, cfg: DnRConfig) -> None:
+    def __init__(self, hidden_size: int, num_classes: int, cfg: DnRConfig, pooled_slots: int = 4) -> None:
         super().__init__()
         P = cfg.part_dim
         self.cfg = cfg
@@ -272,17 +299,25 @@ class DnRHead(nn.Module):
             "synergy": SynergyProbes(P, num_classes, cfg.probe_dropout),
         })
         self.recombine = nn.Linear(len(MODALITIES) * len(PARTS) * P, P)
-        self.classifier = nn.Linear(P, num_classes)
-        nn.init.zeros_(self.classifier.weight)  # DnR adds exactly 0 to the fused logits at initialisation
-        nn.init.zeros_(self.classifier.bias)
+        if cfg.head_input == "features":
+            self.feature_head = FeatureHead(pooled_slots * hidden_size + P, P, num_classes)
+        else:
+            self.classifier = nn.Linear(P, num_classes)
+            nn.init.zeros_(self.classifier.weight)  # DnR adds exactly 0 to the fused logits at initialisation
+            nn.init.zeros_(self.classifier.bias)
 
     def represent(self, parts: torch.Tensor) -> torch.Tensor:
         """(B, 3, 3, P) parts (or a view of them) -> (B, P) recombined representation z."""
         return F.gelu(self.recombine(parts.flatten(1)))
 
-    def classify(self, parts: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 3, P) parts -> (B, C) DnR logits."""
-        return self.classifier(self.represent(parts))
+    def classify(self, parts: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, 3, P) parts (and (B, S, D) pooled states with `head_input: features`) -> (B, C) DnR logits."""
+        z = self.represent(parts)
+        if self.cfg.head_input == "logits":
+            return self.classifier(z)
+        if pooled is None:
+            raise ValueError("dnr.head_input=features needs the fused head's pooled states (pooled=...)")
+        return self.feature_head(pooled, z)
 
     def divide_parts(self, pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, 3, D) pooled, (B, 3) present -> (B, 3, 3, P) parts, zero for absent modalities."""
@@ -297,6 +332,8 @@ class DnRHead(nn.Module):
         base_logits: torch.Tensor,
         class_id: torch.Tensor | None = None,
         train_step: int | None = None,
+        pooled: torch.Tensor | None = None,
+        total_steps: int | None = None,
     ) -> DnROutput:
         """Parts, DnR logits added to the fused logits and (with targets) the stage's objectives.
 
@@ -306,8 +343,10 @@ class DnRHead(nn.Module):
             prompt_mask: (B, T) bool.
             base_logits: (B, C) float32 fused-head logits.
             class_id: (B,) long targets (-100 = unlabelled); objectives run only with a labelled sample.
-            train_step: the current optimizer step (gates Refine in stage "joint"); Refine also needs
-                training mode (its views are random).
+            train_step: the current optimizer step (gates Refine in stages "joint" and "phased"); Refine
+                also needs training mode (its views are random).
+            pooled: (B, S, D) the fused head's pooled states (needed with `head_input: features`).
+            total_steps: the run's optimizer steps (stage "phased": where Divide ends).
         Returns:
             A `DnROutput`.
         """
@@ -316,18 +355,20 @@ class DnRHead(nn.Module):
             raise ValueError(f"dnr.layer={cfg.layer} is outside the backbone's {len(hidden_states)} hidden "
                              f"states (valid: {-len(hidden_states)} .. {len(hidden_states) - 1})")
         hidden = hidden_states[cfg.layer]  # (B, T, D)
-        pooled, present = pool_modalities(hidden, token_modality, prompt_mask, cfg.text_tokens)
-        parts = self.divide_parts(pooled, present)
-        dnr_logits = self.classify(parts)
-        out = DnROutput(parts, present, base_logits, dnr_logits, base_logits + dnr_logits)
+        modality_means, present = pool_modalities(hidden, token_modality, prompt_mask, cfg.text_tokens)
+        parts = self.divide_parts(modality_means, present)
+        dnr_logits = self.classify(parts, pooled)
+        out = DnROutput(parts, present, base_logits, dnr_logits, base_logits + dnr_logits, pooled=pooled)
         labelled = class_id >= 0 if class_id is not None else None
         if labelled is None or not bool(labelled.any()):
             return out
-        if cfg.divide_active():
+        if cfg.divide_active(train_step, total_steps):
             out.losses["dnr_push"] = push_loss(parts, present)
             out.losses["dnr_pull"] = pull_loss(parts[:, :, 1], present)
             out.losses["dnr_synergy"] = self.synergy(parts[labelled], class_id[labelled])
-        if self.training and cfg.refine_active(train_step):
+        elif cfg.stage == "phased":  # Refine phase: the probes stay in the graph (weight 0) for DDP
+            out.losses["dnr_synergy"] = 0.0 * sum(p.sum() for p in self.divide["synergy"].parameters())
+        if self.training and cfg.refine_active(train_step, total_steps):
             out.losses["dnr_refine"] = self.refine_loss(parts.detach(), present)
         return out
 
@@ -403,7 +444,7 @@ def component_ablation(head: DnRHead, out: DnROutput) -> dict[str, torch.Tensor]
         for k in range(K):
             parts = out.parts.clone()
             parts[:, m, k] = 0.0
-            ablated = F.log_softmax((out.base_logits + head.classify(parts)).float(), dim=-1)
+            ablated = F.log_softmax((out.base_logits + head.classify(parts, out.pooled)).float(), dim=-1)
             kls.append((full.exp() * (full - ablated)).sum(dim=-1).clamp_min(0.0))
             deltas.append((full.exp() - ablated.exp()).gather(1, pred[:, None]).squeeze(1))
     return {"pred": pred, "kl": torch.stack(kls, dim=1), "delta_p": torch.stack(deltas, dim=1)}
