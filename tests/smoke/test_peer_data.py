@@ -71,5 +71,6 @@ def test_llamafactory_file_with_media_in_a_sibling_folder_trains_with_media_root
     records[1]["videos"] = [str(outside)]
     bad = ann / "escaping.json"
     bad.write_text(json.dumps(records))
-    proc = run_finetune([*args, f"data.media_root={clips}", f"data.train={bad}"])
+    proc = run_finetune([*args, f"data.media_root={clips}", f"data.train={bad}",
+                         f"train.output_dir={tmp_path / 'run_escaping'}"])  # the first run owns tmp_path/run
     assert proc.returncode in (1, 2) and "escapes dataset root" in proc.stderr, proc.stderr[-2000:]

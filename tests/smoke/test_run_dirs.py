@@ -31,8 +31,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `error: ...` line of a refused script run (exit 2, no traceback)."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
-    # the ranks write at once: two messages may share a line, so split on the message, not on lines
-    errors = re.findall(r"error: .*?move them aside", proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-4000:]
     return errors[0]
 
