@@ -87,6 +87,10 @@ class ModelConfig:
     """Build the tiny random thinker at `path` first if it does not exist (tests, CI, the demo)."""
     tiny_arch: Literal["qwen2_5_omni", "qwen3_omni"] = "qwen2_5_omni"
     """Family of the tiny twin that `build_tiny` builds (ignored when `build_tiny` is false)."""
+    tiny_weights: Literal["random", "stage0"] = "random"
+    """What `build_tiny` writes at `path`: "random", a random tiny twin of `tiny_arch`; "stage0", the stage-0
+    emotion backbone shipped with the package (`mllm_mer.backbone.stage0`: a tiny Qwen2.5-Omni thinker
+    pretrained by `scripts/pretrain_tiny.py` that recognises both cues and explains in words)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     quantization: Literal["none", "nf4"] = "none"
@@ -99,6 +103,9 @@ class ModelConfig:
         errors = []
         if not self.path:
             errors.append("model.path is empty: give a Qwen2.5-Omni or Qwen3-Omni checkpoint directory")
+        if self.build_tiny and self.tiny_weights == "stage0" and self.tiny_arch != "qwen2_5_omni":
+            errors.append(f"model.tiny_weights=stage0 is a Qwen2.5-Omni thinker but model.tiny_arch="
+                          f"{self.tiny_arch}: set model.tiny_arch=qwen2_5_omni or model.tiny_weights=random")
         if self.quantization != "none" and not self.freeze.language_model:
             errors.append(
                 f"model.quantization={self.quantization} keeps the language model in 4 bits, "

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoProcessor
 
 from mllm_mer.backbone.loader import Backbone
+from mllm_mer.backbone.stage0 import install_stage0
 from mllm_mer.backbone.tiny import ensure_tiny_thinker
 from mllm_mer.cache import load_cached
 from mllm_mer.config import RunConfig, feature_cache_enabled, feature_cache_note
@@ -42,8 +43,11 @@ from mllm_mer.prompts import PromptTemplate, load_prompt
 
 
 def ensure_inputs(cfg: RunConfig) -> None:
-    """Build the tiny backbone and/or the synthetic set if the config asks for them and they are missing."""
-    if cfg.model.build_tiny:
+    """Build the tiny backbone (or install the shipped stage-0 one) and/or the synthetic set if the config asks
+    for them and they are missing."""
+    if cfg.model.build_tiny and cfg.model.tiny_weights == "stage0":
+        install_stage0(cfg.model.path)
+    elif cfg.model.build_tiny:
         ensure_tiny_thinker(cfg.model.path, arch=cfg.model.tiny_arch)
     if cfg.data.synthetic_dir is not None:
         workers = min(2, os.cpu_count() or 1)

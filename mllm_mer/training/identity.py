@@ -37,6 +37,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     # how fast, and what to do about trouble (the trained weights do not depend on them)
     "train.eval_batch_size", "train.torch_threads", "train.gradient_checkpointing", "data.num_workers",
     "train.nan_policy", "train.max_nonfinite_skips", "model.build_tiny",
+    "model.tiny_weights",
     # sections read only after training
     "generate", "eval",
 )
