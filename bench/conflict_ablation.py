@@ -14,11 +14,14 @@ trains: an unknown key or a bad value stops the harness with the config error (e
 Protocol (the harness cannot fool itself):
 - **Primary prediction = the model's answer**, as CA-MER scores it: the greedy generated answer parsed to a
   label (`mllm_mer.generation.predict_rows`, `label`), with the run's training prompt. The `dcr` and `full`
-  rows report their ADA arbiter's choice instead (`primary_path: "arbiter"`), fitted on dev inside the
-  harness. Every row also reports each path it has (`by_path`: generated, head = the fused head's argmax,
-  arbiter).
-- **Knobs are chosen on dev** (`Row.search`: AR strength / target share; the arbiter's exploration bonus and
-  feedback, scored by K-fold cross-fitting within dev) by a grid search that reads dev labels only, run on
+  rows fit their ADA arbiter on dev inside the harness and answer as `dcr.arbiter.answer="arm"` does: a clip
+  the arbiter routes to a unimodal arm is answered again from that modality alone (`primary_path:
+  "arbiter_answer"`, still a generated answer). Every row also reports each path it has (`by_path`:
+  generated = the answer from both modalities, head = the fused head's argmax, arbiter = the chosen arm's
+  head, arbiter_answer).
+- **Knobs are chosen on dev** (`Row.search`: AR strength / target share; the arbiter's exploration bonus,
+  feedback and fusion margin, scored by K-fold cross-fitting within dev on the routed answer) by a grid
+  search that reads dev labels only, run on
   the first seed; the chosen values are then used for every seed and recorded with the whole dev grid under
   `search`. Test is scored once per row and seed, after the search. Training knobs (loss weights, steps:
   `--steps`) are the config's values and are not searched (recorded under `fixed`).
@@ -72,7 +75,7 @@ from mllm_mer.data.jsonl import DataError, read_jsonl  # noqa: E402
 from mllm_mer.data.schema import SUBSETS, Sample  # noqa: E402
 from mllm_mer.fusion.dcr.ada import ARMS, arbiter_inputs, fit_arbiter  # noqa: E402
 from mllm_mer.fusion.dcr.config import ArbiterConfig  # noqa: E402
-from mllm_mer.generation import InferenceModel, load_for_inference, predict_rows  # noqa: E402
+from mllm_mer.generation import ARM_INPUTS, InferenceModel, load_for_inference, predict_rows  # noqa: E402
 from mllm_mer.metrics import audio_dominance, classification_metrics  # noqa: E402
 from mllm_mer.trainable import apply_trainable  # noqa: E402
 
@@ -93,7 +96,8 @@ class Row:
         train: overrides applied when training (and kept in the run's config).
         infer: overrides applied to the run's config when predicting.
         search: inference knobs chosen on dev: {dotted key: candidate values}; the grid is their product.
-        arbiter: the primary prediction is DCR's ADA arbiter, fitted on dev (its knobs in `ARBITER_GRID`).
+        arbiter: DCR's ADA arbiter is fitted on dev (its knobs in `ARBITER_GRID`) and the primary prediction is
+            the answer from the modalities of the arm it picks.
     """
 
     name: str
@@ -105,8 +109,10 @@ class Row:
 
 AR_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.target_audio_share": (0.35, 0.5)}
 """AR's dev grid (strength 0 = AR off: the search may find that AR does not help)."""
-ARBITER_GRID: dict[str, tuple] = {"alpha": (0.1, 0.5), "feedback": ("full", "bandit")}
-"""The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev."""
+ARBITER_GRID: dict[str, tuple] = {"alpha": (0.1, 0.5), "feedback": ("full", "bandit"),
+                                  "fuse_margin": (0.0, 0.1, 0.25)}
+"""The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev (the routed answer's
+accuracy)."""
 
 ROWS: tuple[Row, ...] = (
     Row("plain_lora"),
@@ -227,15 +233,42 @@ def with_overrides(model: InferenceModel, run_dir: Path, overrides: Sequence[str
     return dataclasses.replace(model, cfg=load_run_config(run_dir, list(overrides))) if overrides else model
 
 
-def predict(model: InferenceModel, samples: Sequence[Sample], batch_size: int) -> list[dict]:
-    return list(predict_rows(model, samples, batch_size=batch_size))
+def predict(model: InferenceModel, samples: Sequence[Sample], batch_size: int, **flags: bool) -> list[dict]:
+    """`predict_rows` (flags: use_video / use_audio); the harness fits its own arbiter, so none is loaded."""
+    return list(predict_rows(dataclasses.replace(model, arbiter=None), samples, batch_size=batch_size, **flags))
 
 
-def path_labels(rows: Sequence[dict], arbiter_labels: Sequence[str] | None) -> dict[str, list[str]]:
-    """{path: predicted labels}: generated (the answer), head (fused argmax), arbiter (when fitted)."""
+def path_labels(rows: Sequence[dict], arbiter: tuple[list[str], list[str]] | None) -> dict[str, list[str]]:
+    """{path: predicted labels}: generated (the answer from both modalities), head (fused argmax) and, when
+    an arbiter is fitted (`arbiter` = (its arm's head labels, the routed answers)), arbiter and
+    arbiter_answer."""
     out = {"generated": [r["label"] for r in rows], "head": [r["head_label"] for r in rows]}
-    if arbiter_labels is not None:
-        out["arbiter"] = list(arbiter_labels)
+    if arbiter is not None:
+        out["arbiter"], out["arbiter_answer"] = list(arbiter[0]), list(arbiter[1])
+    return out
+
+
+def arm_answers(model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict], arms: Sequence[str] | None,
+                batch_size: int) -> list[str]:
+    """The answer of each sample from its arm's modalities (`ARM_INPUTS`; fused: the given rows' answer), as
+    `dcr.arbiter.answer="arm"` gives it. `arms=None`: every unimodal arm for every sample (dev search)."""
+    out = [r["label"] for r in rows]
+    for arm, (use_video, use_audio) in ARM_INPUTS.items():
+        idx = [i for i in range(len(samples)) if arm != "fused" and (arms is None or arms[i] == arm)]
+        if not idx:
+            continue
+        routed = predict(model, [samples[i] for i in idx], batch_size, use_video=use_video, use_audio=use_audio)
+        for i, r in zip(idx, routed, strict=True):
+            out[i] = r["label"]
+    return out
+
+
+def all_arm_answers(model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict],
+                    batch_size: int) -> dict[str, list[str]]:
+    """{arm: the answer of every sample from that arm's modalities} (the dev search scores any routing)."""
+    out = {"fused": [r["label"] for r in rows]}
+    for arm in ARMS[1:]:
+        out[arm] = arm_answers(model, samples, rows, [arm] * len(samples), batch_size)
     return out
 
 
@@ -255,25 +288,27 @@ def fit_arbiter_on(rows: Sequence[dict], samples: Sequence[Sample], config: Arbi
     return dataclasses.replace(arbiter, labels=tuple(labels))
 
 
-def arbiter_choice(arbiter, rows: Sequence[dict], labels: Sequence[str]) -> list[str]:
-    """The label of the arm the arbiter picks per row (from the rows' path probabilities)."""
+def arbiter_choice(arbiter, rows: Sequence[dict], labels: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the arm the arbiter picks per row, that arm's head label), from the rows' path probabilities."""
     probs = {a: torch.tensor([[r["probs"][a][c] for c in labels] for r in rows], dtype=torch.float64)
              for a in ARMS}
     arms = arbiter.select(probs)
-    return [max(r["probs"][arm], key=r["probs"][arm].get) for r, arm in zip(rows, arms, strict=True)]
+    return arms, [max(r["probs"][arm], key=r["probs"][arm].get) for r, arm in zip(rows, arms, strict=True)]
 
 
-def cross_fitted_accuracy(rows: Sequence[dict], samples: Sequence[Sample], config: ArbiterConfig,
-                          labels: Sequence[str], folds: int = CV_FOLDS) -> float:
-    """Dev accuracy of arbiters fitted on K-1 folds and scored on the held-out fold (fixed interleaved folds)."""
-    correct = 0
+def cross_fitted_accuracy(rows: Sequence[dict], answers: dict[str, list[str]], samples: Sequence[Sample],
+                          config: ArbiterConfig, labels: Sequence[str], folds: int = CV_FOLDS) -> dict[str, float]:
+    """Dev accuracy of arbiters fitted on K-1 folds and scored on the held-out fold (fixed interleaved folds):
+    of the routed answer (`answers[arm][i]`) and of the chosen arm's head."""
+    correct = {"arbiter_answer": 0, "arbiter": 0}
     for k in range(folds):
         fit_idx = [i for i in range(len(rows)) if i % folds != k]
         held = [i for i in range(len(rows)) if i % folds == k]
         arbiter = fit_arbiter_on([rows[i] for i in fit_idx], [samples[i] for i in fit_idx], config, labels)
-        chosen = arbiter_choice(arbiter, [rows[i] for i in held], labels)
-        correct += sum(c == samples[i].label for c, i in zip(chosen, held, strict=True))
-    return correct / len(rows)
+        arms, heads = arbiter_choice(arbiter, [rows[i] for i in held], labels)
+        correct["arbiter"] += sum(h == samples[i].label for h, i in zip(heads, held, strict=True))
+        correct["arbiter_answer"] += sum(answers[a][i] == samples[i].label for a, i in zip(arms, held, strict=True))
+    return {k: v / len(rows) for k, v in correct.items()}
 
 
 def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sample], batch_size: int) -> dict:
@@ -297,12 +332,15 @@ def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sam
             best_rows, best_acc, out["chosen"] = rows, acc, values
     if row.arbiter:
         labels = list(model.cfg.data.labels)
+        chosen_model = with_overrides(model, run_dir, [*row.infer, *(f"{k}={v}" for k, v in out["chosen"].items())])
+        answers = all_arm_answers(chosen_model, dev, best_rows, batch_size)
         grid = []
         for combo in itertools.product(*ARBITER_GRID.values()):
             settings = dict(zip(ARBITER_GRID, combo, strict=True))
             config = dataclasses.replace(model.cfg.dcr.arbiter, **settings)
-            grid.append({"values": settings, "cross_fitted_dev_accuracy":
-                         cross_fitted_accuracy(best_rows, dev, config, labels)})
+            acc = cross_fitted_accuracy(best_rows, answers, dev, config, labels)
+            grid.append({"values": settings, "cross_fitted_dev_accuracy": acc["arbiter_answer"],
+                         "cross_fitted_dev_accuracy_head": acc["arbiter"]})
         chosen = max(grid, key=lambda g: g["cross_fitted_dev_accuracy"])  # first best on ties
         out["arbiter"] = {"grid": grid, "chosen": chosen["values"], "folds": CV_FOLDS}
     return out
@@ -315,13 +353,14 @@ def score_row(row: Row, model: InferenceModel, run_dir: Path, knobs: dict, dev: 
     model = with_overrides(model, run_dir, infer)
     labels = list(model.cfg.data.labels)
     rows = predict(model, test, batch_size)
-    arbiter_labels = None
+    routed = None
     if row.arbiter:
         config = dataclasses.replace(model.cfg.dcr.arbiter, **knobs["arbiter"]["chosen"])
         arbiter = fit_arbiter_on(predict(model, dev, batch_size), dev, config, labels)
-        arbiter_labels = arbiter_choice(arbiter, rows, labels)
-    paths = path_labels(rows, arbiter_labels)
-    primary = "arbiter" if row.arbiter else "generated"
+        arms, heads = arbiter_choice(arbiter, rows, labels)
+        routed = (heads, arm_answers(model, test, rows, arms, batch_size))
+    paths = path_labels(rows, routed)
+    primary = "arbiter_answer" if row.arbiter else "generated"
     preds = paths[primary]
     m = classification_metrics([s.label for s in test], preds, labels, [s.subset for s in test])
     dom = audio_dominance(preds, [s.cues.get("audio") for s in test], [s.cues.get("video") for s in test])
@@ -452,7 +491,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'config':<11}{'primary':>10}" + "".join(f"{s:>22}" for s in SUBSETS)
+    head = f"{'config':<11}{'primary':>15}" + "".join(f"{s:>22}" for s in SUBSETS)
     head += f"{'wF1':>7}{'audio_dom':>10}{'head v/a':>13}{'trainable':>11}{'step':>7}"
     lines = [head]
     for r in rows:
@@ -463,7 +502,7 @@ def format_table(rows: list[dict]) -> str:
         dom = "n/a" if r["audio_dominance"] is None else f"{r['audio_dominance']:.3f}"
         head_va = r["by_path"]["head"]
         hv = f"{head_va.get('video_aligned', float('nan')):.2f}/{head_va.get('audio_aligned', float('nan')):.2f}"
-        lines.append(f"{r['config']:<11}{r['primary_path']:>10}{cells}{r['weighted_f1']:>7.3f}{dom:>10}{hv:>13}"
+        lines.append(f"{r['config']:<11}{r['primary_path']:>15}{cells}{r['weighted_f1']:>7.3f}{dom:>10}{hv:>13}"
                      f"{r['trainable_params']:>11,}{r['step_time_ratio']:>6.2f}x")
     return "\n".join(lines)
 

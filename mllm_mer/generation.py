@@ -8,7 +8,11 @@ when the run has heads, adds the fused head's class probabilities. Every row rec
 The primary prediction of every row (`label`) is the model's *answer*, as CA-MER scores it: greedy
 generation parsed by `mllm_mer.labels.parse_label` (`label_source: "generated"`; a one-word prompt such as
 `label` generates only as many tokens as the longest label word needs). The fused head's argmax
-(`head_label`) and DCR's arbiter choice (`arbiter_label`) are extra columns, never swapped in.
+(`head_label`) and DCR's arbiter choice (`arbiter_label`) are extra columns, never swapped in. With a fitted
+DCR arbiter and `dcr.arbiter.answer="arm"` (default), the answer follows ADA's decision instead: a clip the
+arbiter routes to a unimodal arm is answered again from that modality alone (`ARM_INPUTS`; the other
+modalities' tokens are absent), `answer_arm` says which, and the both-modality answer stays in
+`fused_text` / `fused_label`.
 Both `generate_rows` and `predict_rows` run each batch inside the active methods' inference scopes
 (`MerModel.inference_scope`: e.g. AR's attention reallocation with `ar.enabled`, MoSE's routing).
 """
@@ -35,6 +39,10 @@ from mllm_mer.labels import parse_label, parse_openset_answer
 from mllm_mer.model import MerModel, active_methods, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
 from mllm_mer.run_files import check_run_files
+
+ARM_INPUTS: dict[str, tuple[bool, bool]] = {"fused": (True, True), "text": (False, False),
+                                            "audio": (False, True), "video": (True, False)}
+"""(use_video, use_audio) of the prompt that answers a clip routed to each arbiter arm (text: subtitle only)."""
 
 
 @dataclass
@@ -155,9 +163,26 @@ def generate_rows(
     Yields:
         {"id", "prompt", "prompt_sha256", "text", "label" (parsed from `text`), "label_source" ("generated"),
         "labels_ov" (prompt "ov"), and for runs with heads "head_label" (fused head's argmax) and "probs"
-        ({path: {label: p}}); with a fitted DCR arbiter also "arbiter_label" and "arm"}.
+        ({path: {label: p}}); with a fitted DCR arbiter also "arbiter_label" and "arm", and with
+        `dcr.arbiter.answer="arm"` the answer of the arm's modalities plus "answer_arm", "fused_text",
+        "fused_label" (`reanswer_by_arm`)}.
     """
     options = options or model.cfg.generate
+    rows = _generate_rows(model, samples, options, progress, use_video=use_video, use_audio=use_audio)
+    if not answers_by_arm(model, use_video, use_audio):
+        yield from rows
+        return
+    rows = list(rows)
+    prompt = load_prompt(options.prompt)
+    yield from reanswer_by_arm(model, samples, rows, prompt, options.batch_size, _gen_kwargs(model, options),
+                               options.label_mode)
+
+
+def _generate_rows(
+    model: InferenceModel, samples: Sequence[Sample], options: GenerateConfig, progress: bool,
+    *, use_video: bool, use_audio: bool,
+) -> Iterator[dict]:
+    """`generate_rows` without the arbiter's re-answering (every row answered from the given modalities)."""
     prompt = load_prompt(options.prompt)
     labels = list(model.cfg.data.labels)
     loader = inference_loader(model, samples, prompt, options.batch_size, use_video=use_video, use_audio=use_audio)
@@ -201,7 +226,9 @@ def predict_rows(
     of the fused head), `probs` ({path: {label: p}}; with DCR also "text", "audio", "video" and, when the run
     has a fitted `arbiter.json`, "arbiter", with `arbiter_label` and the chosen `arm`) and the active methods'
     explanations (`MerModel.explain`, e.g. DnR's `dnr_ablation`). Everything runs inside the methods'
-    inference scopes (e.g. AR with `ar.enabled`, which acts on the generating positions).
+    inference scopes (e.g. AR with `ar.enabled`, which acts on the generating positions). With a fitted
+    arbiter and `dcr.arbiter.answer="arm"`, `label` / `text` are the answer from the chosen arm's modalities
+    (`reanswer_by_arm`; "answer_arm", "fused_text", "fused_label" added).
     """
     if model.mer is None:
         raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
@@ -212,6 +239,21 @@ def predict_rows(
     if answers_with_label_first(prompt):
         tokens = min(tokens, label_answer_tokens(model.backbone.processor.tokenizer, labels))
     gen_kwargs = _gen_kwargs(model, GenerateConfig(max_new_tokens=tokens, batch_size=batch_size))
+    rows = _predict_rows(model, samples, prompt, batch_size, gen_kwargs, progress,
+                         use_video=use_video, use_audio=use_audio)
+    if not answers_by_arm(model, use_video, use_audio):
+        yield from rows
+        return
+    yield from reanswer_by_arm(model, samples, list(rows), prompt, batch_size, gen_kwargs, options.label_mode)
+
+
+def _predict_rows(
+    model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, gen_kwargs: dict,
+    progress: bool, *, use_video: bool, use_audio: bool,
+) -> Iterator[dict]:
+    """`predict_rows` without the arbiter's re-answering (every row answered from the given modalities)."""
+    labels = list(model.cfg.data.labels)
+    options = model.cfg.generate
     loader = inference_loader(model, samples, prompt, batch_size, use_video=use_video, use_audio=use_audio)
     for batch in tqdm(loader, disable=not progress, desc="predict"):
         with inference_scope(model, batch):
@@ -228,6 +270,57 @@ def predict_rows(
             row.update(_head_columns(labels, probs, arms, i))
             row.update({key: values[i] for key, values in explained.items()})
             yield row
+
+
+def answers_by_arm(model: InferenceModel, use_video: bool = True, use_audio: bool = True) -> bool:
+    """Whether answers follow the arbiter's arm: a fitted arbiter, `dcr.arbiter.answer="arm"`, both modalities."""
+    return (model.arbiter is not None and model.cfg.dcr.arbiter.answer == "arm" and use_video and use_audio)
+
+
+def arm_answer_rows(
+    model: InferenceModel, samples: Sequence[Sample], arms: Sequence[str], prompt: PromptTemplate,
+    batch_size: int, gen_kwargs: dict,
+) -> dict[int, str]:
+    """Generate, for every sample routed to a unimodal arm, the answer from that arm's modalities only.
+
+    Args:
+        samples: N samples.
+        arms: N arm names (`ARM_INPUTS` keys); "fused" samples are skipped.
+    Returns:
+        {index into samples: generated text} for the non-fused samples.
+    """
+    out: dict[int, str] = {}
+    for arm, (use_video, use_audio) in ARM_INPUTS.items():
+        idx = [i for i, a in enumerate(arms) if a == arm]
+        if arm == "fused" or not idx:
+            continue
+        loader = inference_loader(model, [samples[i] for i in idx], prompt, batch_size,
+                                  use_video=use_video, use_audio=use_audio)
+        texts: list[str] = []
+        for batch in loader:
+            with inference_scope(model, batch):
+                texts += _generate(model, batch, gen_kwargs)
+        out.update(zip(idx, texts, strict=True))
+    return out
+
+
+def reanswer_by_arm(
+    model: InferenceModel, samples: Sequence[Sample], rows: list[dict], prompt: PromptTemplate,
+    batch_size: int, gen_kwargs: dict, label_mode: str,
+) -> list[dict]:
+    """Rows whose answer follows the arbiter: a row with a unimodal `arm` is answered again from that
+    modality alone (`arm_answer_rows`); `answer_arm` names the arm whose inputs produced `text` / `label`,
+    and `fused_text` / `fused_label` keep the both-modality answer."""
+    labels = list(model.cfg.data.labels)
+    texts = arm_answer_rows(model, samples, [r["arm"] for r in rows], prompt, batch_size, gen_kwargs)
+    for i, row in enumerate(rows):
+        row["fused_text"], row["fused_label"] = row["text"], row["label"]
+        row["answer_arm"] = row["arm"]
+        if i in texts:
+            row["text"], row["label"] = texts[i], parse_label(texts[i], labels, mode=label_mode)
+            if "labels_ov" in row:
+                row["labels_ov"] = parse_openset_answer(texts[i])
+    return rows
 
 
 def generation_record(model: InferenceModel, options: GenerateConfig | None = None) -> dict:

@@ -1,5 +1,6 @@
 """bench/conflict_ablation.py end to end on the tiny random thinker (2 steps, rows plain_lora + ar + dcr, 2
-seeds): the report's schema (primary prediction = the generated answer, arbiter for dcr; by_path, seeds,
+seeds): the report's schema (primary prediction = the generated answer; for dcr the answer from the modalities
+of the arm its arbiter picks; by_path, seeds,
 intervals), a second run whose test labels are permuted (the dev search must not change: it never reads
 test), config errors that stop the harness before it trains, and scripts/bias_report.py on a run it trained."""
 
@@ -66,9 +67,9 @@ def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, sy
     test = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)
     for row in report["rows"]:
         assert set(row) == ROW_KEYS
-        assert row["primary_path"] == ("arbiter" if row["config"] == "dcr" else "generated")
-        assert set(row["by_path"]) == ({"generated", "head", "arbiter"} if row["config"] == "dcr"
-                                       else {"generated", "head"})
+        assert row["primary_path"] == ("arbiter_answer" if row["config"] == "dcr" else "generated")
+        assert set(row["by_path"]) == ({"generated", "head", "arbiter", "arbiter_answer"}
+                                       if row["config"] == "dcr" else {"generated", "head"})
         assert [s["seed"] for s in row["seeds"]] == [0, 1]
         for subset in SUBSETS:
             cell = row["per_subset"][subset]
@@ -89,7 +90,9 @@ def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, sy
     assert search["ar"]["chosen"] == next(g["values"] for g in grid if g["dev_accuracy"] == best)
     assert report["rows"][1]["knobs"] == search["ar"]["chosen"]
     arbiter = search["dcr"]["arbiter"]
-    assert len(arbiter["grid"]) == 4 and arbiter["folds"] >= 2
+    assert len(arbiter["grid"]) == 12 and arbiter["folds"] >= 2
+    best = max(g["cross_fitted_dev_accuracy"] for g in arbiter["grid"])
+    assert arbiter["chosen"] == next(g["values"] for g in arbiter["grid"] if g["cross_fitted_dev_accuracy"] == best)
     plain = report["rows"][0]
     assert plain["step_time_ratio"] == 1.0
     # exact: the trained parameters of a fresh model built from the same config

@@ -12,7 +12,10 @@ from mllm_mer.backbone import load_backbone
 from mllm_mer.config import load_config
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.data.schema import MER2023_LABELS
+from mllm_mer.fusion.dcr.ada import ARMS, Arbiter, LinUCB, feature_names
+from mllm_mer.fusion.dcr.config import ArbiterConfig
 from mllm_mer.generation import (
+    ARM_INPUTS,
     InferenceModel,
     answers_with_label_first,
     generate_rows,
@@ -76,3 +79,65 @@ def test_generated_rows_keep_the_head_as_a_column(setup):
     for r in rows:
         assert r["label_source"] == "generated" and r["label"] == parse_label(r["text"], cfg.data.labels)
         assert r["head_label"] == max(r["probs"]["fused"], key=r["probs"]["fused"].get)
+
+
+@pytest.fixture(scope="module")
+def dcr_setup(setup, tiny_backbone_dir):
+    """A model with DCR's unimodal paths (the arbiter needs every path's probabilities)."""
+    _, cfg, _, samples = setup
+    backbone = load_backbone(tiny_backbone_dir)  # its own: peft wraps the backbone it is given
+    cfg = dataclasses.replace(cfg, dcr=dataclasses.replace(cfg.dcr, enabled=True))
+    torch.manual_seed(0)
+    mer = build_mer_model(backbone, cfg)
+    mer.eval()
+    return backbone, cfg, mer, samples
+
+
+def routing_arbiter(labels, arm: str, **config) -> Arbiter:
+    """A real arbiter whose reward model prefers `arm` on every clip (its bias feature's weight)."""
+    cfg = ArbiterConfig(**config)
+    dim = len(feature_names(labels, cfg.state))
+    policy = LinUCB(len(ARMS), dim, cfg.ridge, cfg.alpha)
+    policy.b[ARMS.index(arm), -1] = 10.0  # theta_arm . x = 10 * bias for every x
+    return Arbiter(labels=tuple(labels), policy=policy, config=cfg, fit_info={})
+
+
+@pytest.mark.parametrize("arm", ["audio", "video", "text"])
+def test_the_answer_drops_to_the_arm_the_arbiter_picks(dcr_setup, arm):
+    """With a fitted arbiter the answer of a clip routed to a unimodal arm is the answer from that modality
+    alone, exactly as `predict_rows(use_video/use_audio=False)` gives it; the both-modality answer is kept."""
+    backbone, cfg, mer, samples = dcr_setup
+    use_video, use_audio = ARM_INPUTS[arm]
+    plain = InferenceModel(backbone, cfg, mer)
+    fused = list(predict_rows(plain, samples, batch_size=2, prompt_name="label"))
+    alone = list(predict_rows(plain, samples, batch_size=2, prompt_name="label",
+                              use_video=use_video, use_audio=use_audio))
+    routed = InferenceModel(backbone, cfg, mer, routing_arbiter(cfg.data.labels, arm))
+    rows = list(predict_rows(routed, samples, batch_size=2, prompt_name="label"))
+    for r, f, a in zip(rows, fused, alone, strict=True):
+        assert r["arm"] == r["answer_arm"] == arm
+        assert (r["text"], r["label"]) == (a["text"], a["label"])
+        assert (r["fused_text"], r["fused_label"]) == (f["text"], f["label"])
+        assert r["arbiter_label"] == max(r["probs"][arm], key=r["probs"][arm].get)
+    options = dataclasses.replace(cfg.generate, prompt="label", max_new_tokens=3, batch_size=2)
+    gen = list(generate_rows(routed, samples[:2], options, progress=False))
+    gen_alone = list(generate_rows(plain, samples[:2], options, progress=False,
+                                   use_video=use_video, use_audio=use_audio))
+    assert [g["text"] for g in gen] == [g["text"] for g in gen_alone]
+    assert all(g["answer_arm"] == arm for g in gen)
+
+
+def test_fuse_margin_and_answer_fused_keep_the_bimodal_answer(dcr_setup):
+    backbone, cfg, mer, samples = dcr_setup
+    fused = list(predict_rows(InferenceModel(backbone, cfg, mer), samples, batch_size=2, prompt_name="label"))
+    for arbiter, arm in ((routing_arbiter(cfg.data.labels, "video", fuse_margin=20.0), "fused"),
+                         (routing_arbiter(cfg.data.labels, "video"), "video")):
+        for answer in ("arm", "fused"):
+            run_cfg = dataclasses.replace(cfg, dcr=dataclasses.replace(
+                cfg.dcr, arbiter=dataclasses.replace(cfg.dcr.arbiter, answer=answer)))
+            rows = list(predict_rows(InferenceModel(backbone, run_cfg, mer, arbiter), samples, batch_size=2,
+                                     prompt_name="label"))
+            assert [r["arm"] for r in rows] == [arm] * len(samples)
+            if answer == "fused" or arm == "fused":
+                assert [r["text"] for r in rows] == [f["text"] for f in fused]
+            assert ("answer_arm" in rows[0]) == (answer == "arm")

@@ -25,10 +25,12 @@ Policy: disjoint LinUCB. Per arm, A_a = ridge * I + sum x x^T and b_a = sum r x;
 `feedback="full"` (the default: the fitting set is labelled, so every arm's reward is known) every arm is
 updated with every sample once (ridge regression per arm); with `feedback="bandit"` the arm played while
 fitting is argmax_a theta_a . x + alpha * sqrt(x^T A_a^-1 x) (ties -> the first arm, fused) and only that arm
-is updated with its reward, `epochs` passes. After fitting, `select` is greedy: argmax_a theta_a . x, ties
-to fused. Fitting is meant for held-out predictions (dev): `scripts/fit_arbiter.py` refuses the run's
-training data, and when it scores the arbiter on the set it was fitted on it cross-fits
-(`crossfit_select`: each of `dcr.arbiter.folds` folds is scored by an arbiter fitted on the other folds).
+is updated with its reward, `epochs` passes. After fitting, `select` is greedy: argmax_a theta_a . x, with
+`fuse_margin` added to the fused arm's score (ties to fused). Fitting is meant for held-out predictions
+(dev): `scripts/fit_arbiter.py` refuses the run's training data, and when it scores the arbiter on the set
+it was fitted on it cross-fits (`crossfit_select`: each of `dcr.arbiter.folds` folds is scored by an
+arbiter fitted on the other folds). With `answer="arm"` (default), `mllm_mer.generation` answers a clip
+routed to a unimodal arm again from that modality alone (`ARM_INPUTS`).
 The policy is stored as JSON (`arbiter.json` in the run directory; never pickle).
 """
 
@@ -185,7 +187,8 @@ class Arbiter:
     fit_info: dict[str, Any]
 
     def select(self, probs: Mapping[str, torch.Tensor]) -> list[str]:
-        """Greedy arm per sample: argmax_a theta_a . x (ties to fused).
+        """Greedy arm per sample: argmax_a theta_a . x, the fused arm's score raised by
+        `config.fuse_margin` (ties to fused).
 
         Args:
             probs: {arm: (N, C) probabilities} in `labels` order.
@@ -195,7 +198,8 @@ class Arbiter:
         C = next(iter(probs.values())).shape[-1]
         if C != len(self.labels):
             raise ValueError(f"the arbiter was fit on {len(self.labels)} classes, the paths give {C}")
-        scores = self.policy.expected(build_state(probs, self.config.state).numpy())
+        scores = self.policy.expected(build_state(probs, self.config.state).numpy())  # (N, K)
+        scores[:, ARMS.index("fused")] += self.config.fuse_margin
         return [ARMS[i] for i in scores.argmax(axis=1)]
 
     def to_dict(self) -> dict[str, Any]:

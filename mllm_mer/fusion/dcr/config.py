@@ -55,6 +55,15 @@ class ArbiterConfig:
     (`scripts/fit_arbiter.py` on DATA), the samples are split into `folds` seeded folds and each fold is
     scored by an arbiter fitted on the other folds only, so no sample is scored by an arbiter that saw it.
     The saved arbiter is fitted on all of DATA (for use on other data)."""
+    fuse_margin: float = 0.0
+    """Preference for fusion (our choice): a unimodal arm is picked only when its expected reward beats the
+    fused arm's by more than this margin (0 = plain greedy). Dropping a modality on a clip where the paths
+    agree can only lose; a margin keeps fusion on near-ties."""
+    answer: Literal["arm", "fused"] = "arm"
+    """What the generated answer sees once an arbiter is fitted (our choice). "arm": a clip the arbiter routes
+    to a unimodal arm is answered again from that modality alone (the other modalities' tokens absent from
+    the prompt; text = the subtitle only), so the model's *answer* drops to one modality as ADA decides;
+    "fused": the answer always sees every modality and the arbiter only fills `arbiter_label`."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ class DCRConfig:
             "afd_agreement_floor": (0, 1),
         }) + range_problems("dcr.arbiter", self.arbiter, {
             "ridge": (1e-6, None), "alpha": (0, None), "calibration_weight": (0, None), "epochs": (1, None),
-            "folds": (2, None),
+            "folds": (2, None), "fuse_margin": (0, None),
         })
 
     @property
