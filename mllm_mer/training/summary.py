@@ -233,14 +233,26 @@ def write_summary(cfg: RunConfig, final: dict[str, Any], dev_samples: Sequence[S
 
 
 # ------------------------------------------------------------------------------ sample explanations (hook)
+def spread_by_subset(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """Up to `n` samples taking the first of each subset in turn (consistent, video_aligned, ... in order of
+    first appearance), so a few explanations show the conflict clips too; file order within a subset."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.subset or "", []).append(s)
+    out: list[Sample] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[i] for g in groups.values() if i < len(g)]
+    return out[:n]
+
+
 def sample_explanations(cfg: RunConfig, samples: Sequence[Sample], n: int) -> str:
-    """Generate answers (`generate.*` settings, the run's prompt) for the first `n` of `samples` with the
-    finished run in `train.output_dir` and format each beside the clip's true label and cues.
+    """Generate answers (`generate.*` settings, the run's prompt) for `n` of `samples` (`spread_by_subset`) with
+    the finished run in `train.output_dir` and format each beside the clip's true label and cues.
 
     Meant for a backbone that can speak (e.g. the testbed's stage-0 backbone); `train.summary_explanations`
     switches it on. Loads the run from disk (`generation.load_for_inference`), so call it after the weights
     are saved, on the main process."""
-    chosen = list(samples)[:n]
+    chosen = spread_by_subset(samples, n)
     if not chosen:
         return ""
     model = load_for_inference(run_dir=cfg.train.output_dir, cfg=cfg)

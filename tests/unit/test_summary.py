@@ -78,3 +78,12 @@ def test_summary_table_curves_and_commands(tmp_path, monkeypatch):
 
 def test_curves_without_logs_is_none(tmp_path):
     assert S.write_curves(Path(tmp_path)) is None
+
+
+def test_sample_explanations_spread_over_subsets():
+    samples = [Sample(id=f"{sub}{i}", video=None, audio=None, label="happy", subset=sub)
+               for sub in ("consistent", "video_aligned", "audio_aligned") for i in range(3)]
+    assert [s.id for s in S.spread_by_subset(samples, 4)] == ["consistent0", "video_aligned0", "audio_aligned0",
+                                                            "consistent1"]
+    assert [s.id for s in S.spread_by_subset(samples[:2], 5)] == ["consistent0", "consistent1"]
+    assert S.spread_by_subset([], 3) == []
