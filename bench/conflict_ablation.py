@@ -19,8 +19,9 @@ Protocol (the harness cannot fool itself):
   "arbiter_answer"`, still a generated answer). Every row also reports each path it has (`by_path`:
   generated = the answer from both modalities, head = the fused head's argmax, arbiter = the chosen arm's
   head, arbiter_answer).
-- **Knobs are chosen on dev** (`Row.search`: AR strength / target share; the arbiter's exploration bonus,
-  feedback and fusion margin, scored by K-fold cross-fitting within dev on the routed answer) by a grid
+- **Knobs are chosen on dev** (`Row.search`: AR strength / target share; the arbiter's feedback,
+  calibration weight and fusion margin, scored by K-fold cross-fitting within dev on the routed answer; its
+  reward is the config's, by default each arm's own answer) by a grid
   search that reads dev labels only, run on
   the first seed; the chosen values are then used for every seed and recorded with the whole dev grid under
   `search`. Test is scored once per row and seed, after the search. Training knobs (loss weights, steps:
@@ -73,9 +74,15 @@ from safetensors import safe_open  # noqa: E402
 from mllm_mer.config import ConfigError, load_config, load_run_config  # noqa: E402
 from mllm_mer.data.jsonl import DataError, read_jsonl  # noqa: E402
 from mllm_mer.data.schema import SUBSETS, Sample  # noqa: E402
-from mllm_mer.fusion.dcr.ada import ARMS, arbiter_inputs, fit_arbiter  # noqa: E402
+from mllm_mer.fusion.dcr.ada import ARMS, answer_inputs, arbiter_inputs, fit_arbiter  # noqa: E402
 from mllm_mer.fusion.dcr.config import ArbiterConfig  # noqa: E402
-from mllm_mer.generation import ARM_INPUTS, InferenceModel, load_for_inference, predict_rows  # noqa: E402
+from mllm_mer.generation import (  # noqa: E402
+    ARM_INPUTS,
+    InferenceModel,
+    answers_per_arm,
+    load_for_inference,
+    predict_rows,
+)
 from mllm_mer.metrics import audio_dominance, classification_metrics  # noqa: E402
 from mllm_mer.trainable import apply_trainable  # noqa: E402
 
@@ -109,7 +116,7 @@ class Row:
 
 AR_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.target_audio_share": (0.35, 0.5)}
 """AR's dev grid (strength 0 = AR off: the search may find that AR does not help)."""
-ARBITER_GRID: dict[str, tuple] = {"alpha": (0.1, 0.5), "feedback": ("full", "bandit"),
+ARBITER_GRID: dict[str, tuple] = {"feedback": ("full", "bandit"), "calibration_weight": (0.0, 0.5),
                                   "fuse_margin": (0.0, 0.1, 0.25)}
 """The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev (the routed answer's
 accuracy)."""
@@ -248,27 +255,18 @@ def path_labels(rows: Sequence[dict], arbiter: tuple[list[str], list[str]] | Non
     return out
 
 
-def arm_answers(model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict], arms: Sequence[str] | None,
+def arm_answers(model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict], arms: Sequence[str],
                 batch_size: int) -> list[str]:
     """The answer of each sample from its arm's modalities (`ARM_INPUTS`; fused: the given rows' answer), as
-    `dcr.arbiter.answer="arm"` gives it. `arms=None`: every unimodal arm for every sample (dev search)."""
+    `dcr.arbiter.answer="arm"` gives it; only the routed samples are predicted again."""
     out = [r["label"] for r in rows]
     for arm, (use_video, use_audio) in ARM_INPUTS.items():
-        idx = [i for i in range(len(samples)) if arm != "fused" and (arms is None or arms[i] == arm)]
+        idx = [i for i in range(len(samples)) if arm != "fused" and arms[i] == arm]
         if not idx:
             continue
         routed = predict(model, [samples[i] for i in idx], batch_size, use_video=use_video, use_audio=use_audio)
         for i, r in zip(idx, routed, strict=True):
             out[i] = r["label"]
-    return out
-
-
-def all_arm_answers(model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict],
-                    batch_size: int) -> dict[str, list[str]]:
-    """{arm: the answer of every sample from that arm's modalities} (the dev search scores any routing)."""
-    out = {"fused": [r["label"] for r in rows]}
-    for arm in ARMS[1:]:
-        out[arm] = arm_answers(model, samples, rows, [arm] * len(samples), batch_size)
     return out
 
 
@@ -282,9 +280,11 @@ def subset_accuracy(samples: Sequence[Sample], preds: Sequence[str]) -> dict[str
     return out
 
 
-def fit_arbiter_on(rows: Sequence[dict], samples: Sequence[Sample], config: ArbiterConfig, labels: Sequence[str]):
+def fit_arbiter_on(rows: Sequence[dict], samples: Sequence[Sample], config: ArbiterConfig, labels: Sequence[str],
+                   answers: dict[str, list[str]]):
+    """The arbiter fitted on these rows' path probabilities, labels and (reward="answer") per-arm answers."""
     probs, y = arbiter_inputs(rows, {s.id: s.label for s in samples}, labels)
-    arbiter = fit_arbiter(probs, y, config)
+    arbiter = fit_arbiter(probs, y, config, answer_inputs(answers, labels) if config.reward == "answer" else None)
     return dataclasses.replace(arbiter, labels=tuple(labels))
 
 
@@ -304,7 +304,8 @@ def cross_fitted_accuracy(rows: Sequence[dict], answers: dict[str, list[str]], s
     for k in range(folds):
         fit_idx = [i for i in range(len(rows)) if i % folds != k]
         held = [i for i in range(len(rows)) if i % folds == k]
-        arbiter = fit_arbiter_on([rows[i] for i in fit_idx], [samples[i] for i in fit_idx], config, labels)
+        arbiter = fit_arbiter_on([rows[i] for i in fit_idx], [samples[i] for i in fit_idx], config, labels,
+                                 {a: [v[i] for i in fit_idx] for a, v in answers.items()})
         arms, heads = arbiter_choice(arbiter, [rows[i] for i in held], labels)
         correct["arbiter"] += sum(h == samples[i].label for h, i in zip(heads, held, strict=True))
         correct["arbiter_answer"] += sum(answers[a][i] == samples[i].label for a, i in zip(arms, held, strict=True))
@@ -333,7 +334,7 @@ def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sam
     if row.arbiter:
         labels = list(model.cfg.data.labels)
         chosen_model = with_overrides(model, run_dir, [*row.infer, *(f"{k}={v}" for k, v in out["chosen"].items())])
-        answers = all_arm_answers(chosen_model, dev, best_rows, batch_size)
+        answers = answers_per_arm(chosen_model, dev, batch_size, best_rows)
         grid = []
         for combo in itertools.product(*ARBITER_GRID.values()):
             settings = dict(zip(ARBITER_GRID, combo, strict=True))
@@ -356,7 +357,8 @@ def score_row(row: Row, model: InferenceModel, run_dir: Path, knobs: dict, dev: 
     routed = None
     if row.arbiter:
         config = dataclasses.replace(model.cfg.dcr.arbiter, **knobs["arbiter"]["chosen"])
-        arbiter = fit_arbiter_on(predict(model, dev, batch_size), dev, config, labels)
+        dev_rows = predict(model, dev, batch_size)
+        arbiter = fit_arbiter_on(dev_rows, dev, config, labels, answers_per_arm(model, dev, batch_size, dev_rows))
         arms, heads = arbiter_choice(arbiter, rows, labels)
         routed = (heads, arm_answers(model, test, rows, arms, batch_size))
     paths = path_labels(rows, routed)

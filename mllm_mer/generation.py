@@ -19,6 +19,7 @@ Both `generate_rows` and `predict_rows` run each batch inside the active methods
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -270,6 +271,24 @@ def _predict_rows(
             row.update(_head_columns(labels, probs, arms, i))
             row.update({key: values[i] for key, values in explained.items()})
             yield row
+
+
+def answers_per_arm(
+    model: InferenceModel, samples: Sequence[Sample], batch_size: int = 16, rows: Sequence[dict] | None = None,
+    prompt_name: str | None = None,
+) -> dict[str, list[str]]:
+    """{arm: the answer label of every sample generated from that arm's modalities (`ARM_INPUTS`)}: what
+    `dcr.arbiter.reward="answer"` fits the arbiter on. Predicted without an arbiter; `rows` (the
+    both-modality `predict_rows` output, if already computed) is reused for "fused"."""
+    bare = dataclasses.replace(model, arbiter=None)
+    out: dict[str, list[str]] = {}
+    for arm, (use_video, use_audio) in ARM_INPUTS.items():
+        if arm == "fused" and rows is not None:
+            out[arm] = [r["label"] for r in rows]
+            continue
+        out[arm] = [r["label"] for r in predict_rows(bare, samples, batch_size=batch_size, prompt_name=prompt_name,
+                                                     use_video=use_video, use_audio=use_audio)]
+    return out
 
 
 def answers_by_arm(model: InferenceModel, use_video: bool = True, use_audio: bool = True) -> bool:

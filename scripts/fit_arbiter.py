@@ -6,9 +6,11 @@
 
 The run must be trained with `dcr.enabled=true`. DATA must be held out: it is refused when it is the run's
 `data.train` file (same path or same file) or shares any sample id with it. The script predicts every path's
-class probabilities on DATA (`predict_rows`), fits the arbiter from those probabilities and the labels alone
-(`mllm_mer.fusion.dcr.ada.fit_arbiter`) and writes `<run>/arbiter.json`; from then on `predict_rows` /
-`scripts/generate.py` add the "arbiter" path and each row's chosen `arm`. It prints the arm choices and the
+class probabilities on DATA (`predict_rows`) and, with `dcr.arbiter.reward=answer` (default), each arm's answer
+(generated from that arm's modalities alone: three more prediction passes), fits the arbiter from those and
+the labels alone (`mllm_mer.fusion.dcr.ada.fit_arbiter`) and writes `<run>/arbiter.json`; from then on
+`predict_rows` / `scripts/generate.py` add the "arbiter" path and each row's chosen `arm`, and answer a clip
+routed to a unimodal arm from that modality (`dcr.arbiter.answer=arm`). It prints the arm choices and the
 always-fuse / best-single / oracle baselines on DATA with the arbiter CROSS-FITTED: DATA is split into
 `dcr.arbiter.folds` seeded folds and each fold is scored by an arbiter fitted on the other folds only, so
 no sample is scored by an arbiter that saw its label (`crossfit` in the saved `fit` record).
@@ -33,6 +35,7 @@ from mllm_mer.data.sources import read_samples
 from mllm_mer.fusion.dcr.ada import (
     ARBITER_FILE,
     ARMS,
+    answer_inputs,
     arbiter_inputs,
     check_held_out,
     crossfit_select,
@@ -40,7 +43,7 @@ from mllm_mer.fusion.dcr.ada import (
     save_arbiter,
 )
 from mllm_mer.fusion.dcr.report import format_report, fuse_or_drop_report
-from mllm_mer.generation import load_for_inference, predict_rows
+from mllm_mer.generation import answers_per_arm, load_for_inference, predict_rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         model.arbiter = None  # predictions of the paths themselves (a previous arbiter is replaced)
         rows = list(predict_rows(model, samples, batch_size=args.batch_size, progress=True))
         probs, y = arbiter_inputs(rows, {s.id: s.label for s in samples}, labels)
-        arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter)
-        arms, _ = crossfit_select(probs, y, cfg.dcr.arbiter)
+        answers = None
+        if cfg.dcr.arbiter.reward == "answer":  # each arm judged by the answer from its modalities
+            answers = answer_inputs(answers_per_arm(model, samples, args.batch_size, rows), labels)
+        arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter, answers)
+        arms, _ = crossfit_select(probs, y, cfg.dcr.arbiter, answers)
         chosen = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
         crossfit = {"folds": cfg.dcr.arbiter.folds, "accuracy": float((chosen == y).double().mean())}
+        if answers is not None:  # what the arbiter decides: the answer from the chosen arm's modalities
+            routed = torch.stack([answers[a][i] for i, a in enumerate(arms)])
+            crossfit["answer_accuracy"] = float((routed == y).double().mean())
         sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
         arbiter = dataclasses.replace(
             arbiter,
@@ -97,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     preds = {a: [labels[i] for i in probs[a].argmax(-1).tolist()] for a in ARMS}
     report = fuse_or_drop_report([s.label for s in samples], preds, [s.subset for s in samples], arms)
+    answer = f", answer from the chosen arm {crossfit['answer_accuracy']:.3f}" if "answer_accuracy" in crossfit else ""
     print(f"fit on {len(samples)} held-out samples of {args.data}; arbiter column cross-fitted over "
-          f"{crossfit['folds']} folds (accuracy {crossfit['accuracy']:.3f}):")
+          f"{crossfit['folds']} folds (accuracy {crossfit['accuracy']:.3f}{answer}):")
     print(format_report(report))
     print(f"wrote {out}")
     return 0

@@ -15,9 +15,11 @@ and video teachers) and the agreement of every pair (audio vs video, each vs fus
 sum_c p_a,c p_b,c (the chance that the two paths name the same class; 1[argmax p_a = argmax p_b] for
 one-hot paths, but it does not flip on near-ties): 4 + 6 more features. Reward of arm a for a sample with label y:
 
-    r_a = 1[argmax p_a = y] - lambda_cal * cal(p_a, y),   cal = Brier / 2 = sum_c (p_a,c - 1[c = y])^2 / 2
+    r_a = 1[answer_a = y] - lambda_cal * cal(p_a, y),     cal = Brier / 2 = sum_c (p_a,c - 1[c = y])^2 / 2
                                                           or  -log max(p_a,y, 1e-6) / ln C   ("nll")
 
+where answer_a is, with `reward="answer"` (our default), the label of the answer the model generates from
+arm a's modalities (what the arbiter decides, with `answer="arm"`), and with `reward="head"` argmax p_a;
 so the arbiter learns from the sample's label only, through the reward: nothing here reads per-modality cue
 labels (real datasets have none). `fit_arbiter(probs, labels, config)` takes exactly those two inputs.
 
@@ -109,24 +111,33 @@ def build_state(probs: Mapping[str, torch.Tensor], state: str = "rich") -> torch
 
 
 def arm_rewards(
-    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig
+    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
+    answers: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Calibration-aware reward of every arm for every sample (module docstring).
 
     Args:
         probs: {arm: (N, C) probabilities}.
         labels: (N,) long class ids (the ground truth; the only supervision the arbiter gets).
-        config: reward settings (`calibration`, `calibration_weight`).
+        config: reward settings (`reward`, `calibration`, `calibration_weight`).
+        answers: {arm: (N,) long class id of the answer generated from that arm's modalities, -1 when it
+            names no label}; needed by `config.reward="answer"` (the correctness term is then the answer's).
     Returns:
         (N, len(ARMS)) float64.
+    Raises:
+        ValueError: `reward="answer"` without every arm's answers.
     """
     labels = labels.long().cpu()
+    if config.reward == "answer" and (answers is None or any(a not in answers for a in ARMS)):
+        raise ValueError("dcr.arbiter.reward=answer needs the answer of every arm on the fitting samples "
+                         f"({list(ARMS)}); give them or set dcr.arbiter.reward=head")
     out = []
     for arm in ARMS:
         p = probs[arm].detach().to(torch.float64).cpu()
         C = p.shape[1]
         onehot = torch.nn.functional.one_hot(labels, C).to(torch.float64)
-        correct = (p.argmax(-1) == labels).to(torch.float64)
+        predicted = answers[arm].long().cpu() if config.reward == "answer" else p.argmax(-1)
+        correct = (predicted == labels).to(torch.float64)
         if config.calibration == "brier":
             cal = ((p - onehot) ** 2).sum(-1) / 2.0
         else:
@@ -225,7 +236,7 @@ class Arbiter:
             raise ValueError(f"{where}: not a {FORMAT} arbiter over arms {list(ARMS)}")
         labels = tuple(data["labels"])
         # files written before `state` / `folds` existed used the "probs" state
-        config = ArbiterConfig(**{"state": "probs", **data["config"]})
+        config = ArbiterConfig(**{"state": "probs", "reward": "head", **data["config"]})  # older files
         dim = len(feature_names(labels, config.state))
         A, b = np.asarray(data["A"], dtype=np.float64), np.asarray(data["b"], dtype=np.float64)
         if A.shape != (len(ARMS), dim, dim) or b.shape != (len(ARMS), dim):
@@ -237,18 +248,22 @@ class Arbiter:
         return cls(labels=labels, policy=policy, config=config, fit_info=dict(data.get("fit", {})))
 
 
-def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig) -> Arbiter:
-    """Fit the LinUCB arbiter on held-out predictions: path probabilities and labels, nothing else.
+def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
+                answers: Mapping[str, torch.Tensor] | None = None) -> Arbiter:
+    """Fit the LinUCB arbiter on held-out predictions: path probabilities, the model's own answers per arm
+    and labels, nothing else.
 
     Args:
         probs: {arm: (N, C) probabilities} for every arm in `ARMS`, columns in label order.
         labels: (N,) long ground-truth class ids.
         config: policy and reward settings.
+        answers: {arm: (N,) long class ids of the answer from that arm's modalities (-1: none)}; needed
+            by `config.reward="answer"` (`arm_rewards`).
     Returns:
         The fitted `Arbiter` (`labels` holds placeholders "0".."C-1"; the caller sets the names).
     """
     x = build_state(probs, config.state).numpy()  # (N, d)
-    rewards = arm_rewards(probs, labels, config).numpy()  # (N, K)
+    rewards = arm_rewards(probs, labels, config, answers).numpy()  # (N, K)
     if len(x) != len(rewards):
         raise ValueError(f"{len(x)} predictions but {len(rewards)} labels")
     policy = LinUCB(len(ARMS), x.shape[1], config.ridge, config.alpha)
@@ -290,7 +305,8 @@ def fold_ids(n: int, folds: int, seed: int = 0) -> np.ndarray:
 
 
 def crossfit_select(
-    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig
+    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
+    answers: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Cross-fitted arm choices: each sample is scored by an arbiter fitted on the other folds only.
 
@@ -301,6 +317,7 @@ def crossfit_select(
         probs: {arm: (N, C) probabilities} for every arm in `ARMS`.
         labels: (N,) long ground-truth class ids.
         config: the arbiter settings (`folds`, `seed` and the fit settings).
+        answers: per-arm answers (`fit_arbiter`), for `config.reward="answer"`.
     Returns:
         (N arm names, (N,) fold id per sample).
     Raises:
@@ -314,7 +331,8 @@ def crossfit_select(
     for k in np.unique(folds):
         held = torch.as_tensor(folds == k)
         fit = {a: p[~held] for a, p in probs.items() if a in ARMS}
-        arbiter = fit_arbiter(fit, labels[~held], config)
+        fit_answers = None if answers is None else {a: v[~held] for a, v in answers.items()}
+        arbiter = fit_arbiter(fit, labels[~held], config, fit_answers)
         chosen = arbiter.select({a: p[held] for a, p in probs.items() if a in ARMS})
         for i, arm in zip(np.flatnonzero(folds == k), chosen, strict=True):
             arms[int(i)] = arm
@@ -412,6 +430,13 @@ def arbiter_inputs(
     return {a: torch.tensor(v, dtype=torch.float64) for a, v in probs.items()}, torch.tensor(
         ys, dtype=torch.long
     )
+
+
+def answer_inputs(answers: Mapping[str, Sequence[str]], label_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{arm: answer labels} -> {arm: (N,) long class ids}, -1 for an answer outside `label_names` (e.g.
+    "unknown": never right), the `answers` input of `fit_arbiter`."""
+    index = {name: i for i, name in enumerate(label_names)}
+    return {a: torch.tensor([index.get(x, -1) for x in v], dtype=torch.long) for a, v in answers.items()}
 
 
 def check_held_out(

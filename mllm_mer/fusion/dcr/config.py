@@ -59,6 +59,11 @@ class ArbiterConfig:
     """Preference for fusion (our choice): a unimodal arm is picked only when its expected reward beats the
     fused arm's by more than this margin (0 = plain greedy). Dropping a modality on a clip where the paths
     agree can only lose; a margin keeps fusion on near-ties."""
+    reward: Literal["answer", "head"] = "answer"
+    """What an arm's correctness term is judged on (our choice). "answer": the answer the model generates from
+    that arm's modalities (what the arbiter decides with `answer="arm"`; `scripts/fit_arbiter.py` generates
+    each arm's answer on the fitting data, three more prediction passes); "head": the arm's head argmax.
+    The calibration term always reads the arm's head probabilities."""
     answer: Literal["arm", "fused"] = "arm"
     """What the generated answer sees once an arbiter is fitted (our choice). "arm": a clip the arbiter routes
     to a unimodal arm is answered again from that modality alone (the other modalities' tokens absent from
@@ -110,7 +115,9 @@ class DCRConfig:
         }) + range_problems("dcr.arbiter", self.arbiter, {
             "ridge": (1e-6, None), "alpha": (0, None), "calibration_weight": (0, None), "epochs": (1, None),
             "folds": (2, None), "fuse_margin": (0, None),
-        })
+        }) + ([] if self.arbiter.reward == "head" or self.arbiter.answer == "arm" else [
+            "dcr.arbiter.reward=answer judges each arm by the answer from its modalities, but "
+            "dcr.arbiter.answer=fused never answers from one modality: set dcr.arbiter.reward=head"])
 
     @property
     def loss_weights(self) -> dict[str, float]:
