@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mllm_mer.config import load_run_config
 from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.fusion.dcr.ada import ARBITER_FILE, ARMS
 from mllm_mer.generation import generate_rows, load_for_inference, predict_rows
@@ -79,7 +80,8 @@ def test_fit_arbiter_refuses_training_data(dcr_run, syn_dir, tmp_path):
 
 def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
     run, _ = dcr_run
-    proc = fit_arbiter(run, syn_dir / "dev.jsonl", "dcr.arbiter.epochs=2")
+    # reward=answer generates every arm's answer on dev: short answers keep the random model's babble cheap
+    proc = fit_arbiter(run, syn_dir / "dev.jsonl", "dcr.arbiter.epochs=2", "generate.max_new_tokens=6")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "always_fuse" in proc.stdout and "oracle" in proc.stdout
     saved = json.loads((run / ARBITER_FILE).read_text())
@@ -89,13 +91,15 @@ def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
         and saved["config"]["epochs"] == 2
     )
 
-    model = load_for_inference(run_dir=run)
-    assert model.arbiter is not None
+    model = load_for_inference(run_dir=run, cfg=load_run_config(run, ["generate.max_new_tokens=6"]))
+    assert model.arbiter is not None and saved["config"]["reward"] == "answer"
+    assert 0.0 <= saved["fit"]["crossfit"]["answer_accuracy"] <= 1.0
     samples = read_jsonl(syn_dir / "test.jsonl", model.cfg.data.labels)
     rows = list(predict_rows(model, samples, batch_size=6))
     for r in rows:
         assert set(r["probs"]) == {*ARMS, "arbiter"} and r["arm"] in ARMS
         assert r["probs"]["arbiter"] == r["probs"][r["arm"]]
+        assert r["answer_arm"] == r["arm"] and "fused_label" in r  # the answer follows the arbiter
     options = dataclasses.replace(model.cfg.generate, prompt="label", max_new_tokens=2)
     generated = list(generate_rows(model, samples[:2], options, False))
     assert [g["arm"] for g in generated] == [r["arm"] for r in rows[:2]]
