@@ -5,8 +5,9 @@ choose every inference knob on dev, score test once, print one table with interv
     python bench/conflict_ablation.py --data data/syn --seed 1 --output runs/ablation/report.json
     python bench/conflict_ablation.py --configs plain_lora,ar --seeds 0,1 --workdir runs/ablation train.batch_size=4
 
-Rows (`ROWS`): plain_lora (no overrides), mose (`adapter=mose`), ar (the plain_lora run with AR at inference),
-mose_ar, dcr (`dcr.enabled=true`), dnr (`dnr.enabled=true`) and full (all of them). Rows with the same
+Rows (`ROWS`): plain_lora (no overrides), mose (`adapter=mose`), ar (the plain_lora run with AR at inference,
+one target share for all clips), mose_ar, dcr (`dcr.enabled=true`), dnr (`dnr.enabled=true`) and full (all of
+them, with per-sample AR: `ar.target_mode=paths`). Rows with the same
 training overrides share one training run per seed (ar reuses plain_lora's, mose_ar reuses mose's). Every
 row's overrides, and the trailing `key.path=value` arguments added to every run, are checked before anything
 trains: an unknown key or a bad value stops the harness with the config error (exit 2), never a skipped row.
@@ -115,7 +116,11 @@ class Row:
 
 
 AR_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.target_audio_share": (0.35, 0.5)}
-"""AR's dev grid (strength 0 = AR off: the search may find that AR does not help)."""
+"""AR's dev grid, one target share for every clip (strength 0 = AR off: the search may find that AR does not
+help)."""
+AR_PATHS_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.sample_sharpness": (1.0, 4.0)}
+"""Per-sample AR's dev grid (`ar.target_mode=paths`: each clip's target and strength from its unimodal paths;
+needs DCR)."""
 ARBITER_GRID: dict[str, tuple] = {"feedback": ("full", "bandit"), "calibration_weight": (0.0, 0.5),
                                   "fuse_margin": (0.0, 0.1, 0.25)}
 """The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev (the routed answer's
@@ -128,8 +133,8 @@ ROWS: tuple[Row, ...] = (
     Row("mose_ar", train=("adapter=mose",), infer=("ar.enabled=true",), search=AR_GRID),
     Row("dcr", train=("dcr.enabled=true",), arbiter=True),
     Row("dnr", train=("dnr.enabled=true",)),
-    Row("full", train=("adapter=mose", "dcr.enabled=true", "dnr.enabled=true"), infer=("ar.enabled=true",),
-        search=AR_GRID, arbiter=True),
+    Row("full", train=("adapter=mose", "dcr.enabled=true", "dnr.enabled=true"),
+        infer=("ar.enabled=true", "ar.target_mode=paths"), search=AR_PATHS_GRID, arbiter=True),
 )
 BASELINE = "plain_lora"
 
