@@ -2,6 +2,8 @@
 
     python bench/ar_overhead.py                                   # tiny thinker, configs/tiny_cpu.yaml
     python bench/ar_overhead.py --rounds 15 --new-tokens 64 ar.layers=[0,1] ar.mode=scores
+    python bench/ar_overhead.py --run runs/ablation/seed0/full --data .cache/mllm_mer/testbed_data/test.jsonl \
+        ar.target_mode=paths ar.strength=0.9                     # per-sample AR of a trained DCR run
 
 One left-padded batch of test clips is collated once; `generate()` (greedy, exactly --new-tokens tokens) then
 runs alternately without and with AR (A B A B ..., torch threads 1, after one warm-up of each), and the
@@ -10,7 +12,8 @@ thread it is the generation's compute time, and it does not count the time the p
 jobs hold a shared CPU); the wall-clock median ratio is in the JSON too. Prints one JSON line, then the
 ratio as the last line.
 Trailing `key.path=value` arguments override the config (the `ar.*` settings used for the "on" runs;
-`ar.enabled` is forced on for them).
+`ar.enabled` is forced on for them). With `--run` a trained run is measured instead of the bare backbone (its
+methods' inference scopes included: per-sample AR's first pass over the unimodal paths counts as AR's cost).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from mllm_mer.config import load_config  # noqa: E402
+from mllm_mer.config import load_config, load_run_config  # noqa: E402
 from mllm_mer.data.collate import model_inputs  # noqa: E402
+from mllm_mer.data.jsonl import read_jsonl  # noqa: E402
 from mllm_mer.data.loading import ensure_inputs, read_splits  # noqa: E402
 from mllm_mer.generation import inference_loader, inference_scope, load_for_inference  # noqa: E402
 from mllm_mer.prompts import load_prompt  # noqa: E402
@@ -41,13 +45,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15, help="A/B pairs measured (after one warm-up pair)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--run", help="a trained run directory (default: the config's bare backbone)")
+    p.add_argument("--data", help="JSONL of clips to generate for (default: the config's data.test)")
     p.add_argument("overrides", nargs="*", help="key.path=value")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(args.config, args.overrides)
-    ensure_inputs(cfg)
-    samples = read_splits(cfg, ("test",))["test"][: args.batch_size]
-    model = load_for_inference(model_path=cfg.model.path, cfg=cfg)
+    if args.run:
+        cfg = load_run_config(args.run, args.overrides)
+        model = load_for_inference(run_dir=args.run, cfg=cfg)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        ensure_inputs(cfg)
+        model = load_for_inference(model_path=cfg.model.path, cfg=cfg)
+    samples = (read_jsonl(args.data, cfg.data.labels) if args.data else read_splits(cfg, ("test",))["test"])
+    samples = samples[: args.batch_size]
     batch = next(iter(inference_loader(model, samples, load_prompt("label"), args.batch_size)))
     inputs = model_inputs(batch)
     variants = {"off": dataclasses.replace(model, cfg=dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, enabled=False))),
@@ -74,13 +85,13 @@ def main() -> None:
     ratios = [on / off for on, off in zip(cpu["on"], cpu["off"], strict=True)]
     ratio = statistics.median(ratios)
     print(json.dumps({
-        "bench": "ar_overhead", "backbone": cfg.model.path, "batch_size": len(samples),
+        "bench": "ar_overhead", "backbone": cfg.model.path, "run": args.run, "batch_size": len(samples),
         "prompt_tokens": int(batch["input_ids"].shape[1]), "new_tokens": args.new_tokens, "rounds": args.rounds,
         "ar": dataclasses.asdict(cfg.ar) | {"enabled": True}, "torch_threads": torch.get_num_threads(),
         "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
         "median_wall_s": {k: statistics.median(v) for k, v in wall.items()},
         "cpu_ratios": [round(r, 4) for r in ratios], "median_wall_ratio_on_off": round(wall_ratio, 4),
-        "median_cpu_ratio_on_off": round(ratio, 4), "goal": "<= 1.10",
+        "median_cpu_ratio_on_off": round(ratio, 4), "goal": "<= 1.30" if cfg.ar.target_mode == "paths" else "<= 1.10",
     }))
     print(f"AR on / AR off generation time (thread CPU time, median of {args.rounds} A/B rounds): {ratio:.3f}")
 
