@@ -349,4 +349,5 @@ def generation_record(model: InferenceModel, options: GenerateConfig | None = No
     return {"version": mllm_mer.__version__, "backbone": model.backbone.path, "prompt": prompt.name,
             "prompt_sha256": prompt.sha256, "generation": config_to_dict(options),
             "labels": list(model.cfg.data.labels), "methods": [m.name for m in active_methods(model.cfg)],
-            "ar": config_to_dict(model.cfg.ar)}
+            "ar": config_to_dict(model.cfg.ar),
+            "arbiter": config_to_dict(model.cfg.dcr.arbiter) if model.arbiter is not None else None}

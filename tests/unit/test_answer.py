@@ -19,6 +19,7 @@ from mllm_mer.generation import (
     InferenceModel,
     answers_with_label_first,
     generate_rows,
+    generation_record,
     label_answer_tokens,
     predict_rows,
 )
@@ -125,6 +126,7 @@ def test_the_answer_drops_to_the_arm_the_arbiter_picks(dcr_setup, arm):
                                    use_video=use_video, use_audio=use_audio))
     assert [g["text"] for g in gen] == [g["text"] for g in gen_alone]
     assert all(g["answer_arm"] == arm for g in gen)
+    assert generation_record(routed)["arbiter"]["answer"] == "arm" and generation_record(plain)["arbiter"] is None
 
 
 def test_fuse_margin_and_answer_fused_keep_the_bimodal_answer(dcr_setup):
