@@ -392,7 +392,8 @@ def bootstrap_interval(correct: Sequence[Sequence[int]], rng: np.random.Generato
 
 
 def aggregate(row: Row, per_seed: list[dict], test: Sequence[Sample], seeds: Sequence[int]) -> dict:
-    """Mean over seeds of the primary prediction's figures, with bootstrap intervals; per-seed rows kept."""
+    """Mean over seeds of the primary prediction's figures, with bootstrap intervals (per subset and for the
+    conflict mean: both conflict subsets pooled); per-seed rows and per-clip correctness kept."""
     rng = np.random.default_rng(0)
     primary = per_seed[0]["primary_path"]
     per_subset, ci = {}, {}
@@ -403,6 +404,11 @@ def aggregate(row: Row, per_seed: list[dict], test: Sequence[Sample], seeds: Seq
         correct = [[r["correct"][primary][i] for i in idx] for r in per_seed]
         ci[subset] = bootstrap_interval(correct, rng)
         per_subset[subset] = {"accuracy": float(np.mean(correct)), "ci": ci[subset]}
+    conflict = [i for i, s in enumerate(test) if s.subset in ("video_aligned", "audio_aligned")]
+    conflict_mean = None
+    if conflict:  # both conflict subsets pooled (equal sizes on the testbed: their mean)
+        correct = [[r["correct"][primary][i] for i in conflict] for r in per_seed]
+        conflict_mean = {"accuracy": float(np.mean(correct)), "ci": bootstrap_interval(correct, rng)}
     doms = [r["audio_dominance"] for r in per_seed if r["audio_dominance"] is not None]
     by_path = {p: {k: float(np.mean([r["by_path"][p][k] for r in per_seed])) for k in per_seed[0]["by_path"][p]}
                for p in per_seed[0]["by_path"]}
@@ -411,6 +417,8 @@ def aggregate(row: Row, per_seed: list[dict], test: Sequence[Sample], seeds: Seq
         "primary_path": primary,
         "per_subset": per_subset,
         "ci": ci,
+        "conflict_mean": conflict_mean,
+        "correct": {str(seed): r["correct"][primary] for seed, r in zip(seeds, per_seed, strict=True)},
         "weighted_f1": float(np.mean([r["weighted_f1"] for r in per_seed])),
         "audio_dominance": float(np.mean(doms)) if doms else None,
         "by_path": by_path,

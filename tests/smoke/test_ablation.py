@@ -26,7 +26,7 @@ from mllm_mer.trainable import apply_trainable
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "bench" / "conflict_ablation.py"
 ROW_KEYS = {"config", "primary_path", "per_subset", "ci", "weighted_f1", "audio_dominance", "by_path", "seeds",
-            "knobs", "trainable_params", "step_time_ratio"}
+            "knobs", "trainable_params", "step_time_ratio", "conflict_mean", "correct"}
 
 
 def load_harness():
@@ -79,6 +79,9 @@ def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, sy
             seeds = [s["per_subset"][subset] for s in row["seeds"]]
             assert cell["accuracy"] == pytest.approx(sum(seeds) / len(seeds))
             assert row["by_path"][row["primary_path"]][subset] == pytest.approx(cell["accuracy"])
+        conflict = [i for i, t in enumerate(test) if t.subset != "consistent"]
+        assert row["conflict_mean"]["accuracy"] == pytest.approx(
+            sum(row["correct"][str(s)][i] for s in (0, 1) for i in conflict) / (2 * len(conflict)))
         assert row["audio_dominance"] is None or 0.0 <= row["audio_dominance"] <= 1.0
         assert row["step_time_ratio"] > 0
     assert report["test_clips_per_subset"] == {s: sum(t.subset == s for t in test) for s in SUBSETS}
