@@ -283,22 +283,22 @@ class MoSELinear(nn.Module):
         """
         E = self.num_experts
         K = b.shape[1]
-        if self.out_features <= K * K:  # |delta|^2 directly: the cheaper exact form here
-            sq = delta.square().sum(-1)  # (N,), sorted
+        if self.out_features <= K * K:  # sum of |delta|^2 over each group's rows directly: cheaper here
+            flat = delta.split(plan.counts)
+            sq = torch.stack([torch.dot(d.flatten(), d.flatten()) for d in flat])  # (M,)
         else:  # |delta|^2 = z^T (B B^T) z per group: no (N, D_out) product kept for backward
-            sq = torch.cat([((g @ (b[m] @ b[m].T)) * g).sum(-1) for m, g in enumerate(groups)]).clamp_min(0)
-        sq = sq.index_select(0, plan.inverse).view(probs.shape[:-1])  # (B,T)
+            sq = torch.stack([((g @ (b[m] @ b[m].T)) * g).sum(-1).clamp_min(0).sum()
+                              for m, g in enumerate(groups)])  # (M,)
         top1 = F.one_hot(probs.detach().argmax(-1), E).to(probs.dtype)  # (B,T,E)
-        # one product for every per-group sum: [gate mass E | top-1 counts E | squared delta 1 | tokens 1]
-        per_token = torch.cat([probs, top1, sq[..., None], torch.ones_like(sq)[..., None]], dim=-1)
-        sums = plan.onehot.to(probs.dtype).flatten(0, 1).T @ per_token.flatten(0, 1)  # (M, 2E+2)
-        tokens = sums[:, -1].detach()  # (M,)
+        # one product for the per-group sums of the gate mass and the top-1 counts
+        sums = plan.onehot.to(probs.dtype).flatten(0, 1).T @ torch.cat([probs, top1], dim=-1).flatten(0, 1)
+        tokens = probs.new_tensor(plan.counts)  # (M,)
         denom = tokens.clamp_min(1.0)
         return RoutingRecord(
             tokens=tokens,
             gate_mass=sums[:, :E] / denom[:, None],
             expert_usage=(sums[:, E : 2 * E] / denom[:, None]).detach(),
-            contribution=sums[:, 2 * E] / denom,
+            contribution=sq / denom,
             modality_weights=w.detach(),
             sample_gate=sample.detach().mean(0),
         )
