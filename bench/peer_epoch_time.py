@@ -50,18 +50,20 @@ Differences that remain (also printed under the table):
   tokens); the peers train the LM loss on the explanation alone.
 - Start-up and end: mllm_mer checks every row and every clip before the model loads, fills its
   frozen-encoder cache (the default row: each clip decoded and run through the towers once, before the
-  first epoch) and writes a final checkpoint (accelerate state) besides the adapter; LLaMA-Factory tokenizes the whole set (running its
-  media processors) before training and saves the adapter; ms-swift tokenizes lazily (in every step) and,
-  with `--save_strategy no`, saves nothing.
-- Default DataLoader workers of each framework (mllm_mer's config: 0; LLaMA-Factory: 0; ms-swift: its
-  default); their CPU is in the process tree either way.
+  first epoch) and writes a final checkpoint (accelerate state) besides the adapter; LLaMA-Factory
+  tokenizes the whole set (running its media processors) before training and saves the adapter; ms-swift
+  tokenizes lazily (in every step) and, with `--save_strategy no`, saves nothing.
+- DataLoader workers: each framework's default. mllm_mer's default config (`configs/tiny_cpu.yaml`) has
+  `data.num_workers: 1`, used by the decoding loader (`ours_nocache`); the frozen-encoder cache's loader
+  (`ours`) reads the stored tensors in the main process. LLaMA-Factory: 0; ms-swift: its default. Worker
+  CPU is in the process tree either way.
 - Versions: each framework runs with the transformers / peft / accelerate its own pins resolve to
   (printed from each venv), all with torch 2.14.1.
 - Start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch);
   `llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python.
   mllm_mer runs in the interpreter that runs this script: in the project's dev venv the `qlora` and
-  `deepspeed` extras are installed, so peft imports bitsandbytes at start-up and the final save imports
-  deepspeed; the peers' venvs have neither.
+  `deepspeed` extras are installed, so peft imports bitsandbytes at start-up; the peers' venvs have
+  neither.
 
 Without the peers' venvs (no `--setup` yet) the script says how to create them and measures the rows it
 can (`--only ours` skips the peers on purpose). Venvs, clips and runs live under `--root` (default
@@ -603,16 +605,18 @@ DIFFERENCES = (
     "(about five tokens); the peers train the LM loss on the explanation alone",
     "mllm_mer checks every clip before loading the model, fills its frozen-encoder cache (default row: every "
     "clip decoded and encoded once, in the N-epoch run's time, not in the marginal epoch) and writes a final "
-    "accelerate checkpoint besides the adapter; LLaMA-Factory tokenizes the whole set (running its media processors) before training and "
-    "saves the adapter; ms-swift tokenizes lazily (each step) and, with --save_strategy no, saves nothing",
-    "DataLoader workers: each framework's default (mllm_mer's config: 0, LLaMA-Factory: 0, ms-swift: its "
-    "default); worker CPU is in the process tree",
+    "accelerate checkpoint besides the adapter; LLaMA-Factory tokenizes the whole set (running its media "
+    "processors) before training and saves the adapter; ms-swift tokenizes lazily (each step) and, with "
+    "--save_strategy no, saves nothing",
+    "DataLoader workers: each framework's default (mllm_mer's default config: 1 for the decoding loader, "
+    "ours_nocache; the frozen-encoder cache's loader, ours, reads in the main process; LLaMA-Factory: 0; "
+    "ms-swift: its default); worker CPU is in the process tree",
     "each peer runs with the transformers / peft / accelerate its own pins resolve to (see 'versions')",
     "start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch); "
     "`llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python",
     "mllm_mer runs in the interpreter that runs this script: in the project's dev venv bitsandbytes and "
-    "deepspeed are installed too (the qlora / deepspeed extras), so peft imports bitsandbytes at start-up and "
-    "the final save imports deepspeed; the peers' venvs have neither",
+    "deepspeed are installed too (the qlora / deepspeed extras), so peft imports bitsandbytes at start-up; "
+    "the peers' venvs have neither",
 )
 
 
