@@ -74,8 +74,8 @@ class TokenPlan:
         token_modality: the (B, T) input.
         onehot: (B, T, M) float32.
         order: (N,) long, N = B * T: the flat token positions sorted by modality (stable).
-        inverse: (N,) long, the position of each token in `order` (undoes the sort).
-        counts: M ints, tokens of each modality (the groups of `order`, in modality order).
+        counts: M ints, tokens of each modality (the groups of `order`, in modality order; read to the host
+            once per bound call).
         media_mask: (B, 2, T) float32, the audio and the video tokens of each sample.
         media_count: (B, 2, 1) float32, their numbers (at least 1).
     """
@@ -85,8 +85,6 @@ class TokenPlan:
         self.onehot = F.one_hot(token_modality, NUM_MODALITIES).to(torch.float32)
         flat = token_modality.reshape(-1)
         self.order = torch.sort(flat, stable=True).indices
-        self.inverse = torch.empty_like(self.order)
-        self.inverse[self.order] = torch.arange(flat.numel(), device=flat.device)
         self.counts = torch.bincount(flat, minlength=NUM_MODALITIES).tolist()
         media = (int(Modality.AUDIO), int(Modality.VIDEO))
         self.media_mask = self.onehot[..., list(media)].transpose(1, 2)  # (B, 2, T)
