@@ -37,26 +37,33 @@ and wall time. Rows:
 
 - `llamafactory`: `llamafactory-cli train <yaml>`;
 - `swift`: `swift sft ...`;
-- `ours`: `accelerate launch scripts/finetune.py` with the default config (decode cache, no feature cache);
-- `ours_cache`: the same with `data.feature_cache=true` (the fill is part of every run: fresh cache).
+- `ours`: `accelerate launch scripts/finetune.py` with the default config as a user runs it: every tower
+  and projector is frozen, so the frozen-encoder cache is on (`data.feature_cache` unset = auto); the cache
+  lives in the run's own folder and starts empty, so its fill (decoding and running the towers once per
+  clip) is part of every run;
+- `ours_nocache`: the same with `data.feature_cache=false` (decode cache only: feature extraction and the
+  towers run in every step, as in the peers).
 
 Differences that remain (also printed under the table):
 - mllm_mer also trains its fused classification head (a linear layer on pooled states, a cross-entropy
   beside the LM loss) and appends "\\nEmotion: <label>" to the answer (our `explain` template; about five
   tokens); the peers train the LM loss on the explanation alone.
-- Start-up and end: mllm_mer checks every row and every clip before the model loads and writes a final
-  checkpoint (accelerate state) besides the adapter; LLaMA-Factory tokenizes the whole set (running its
-  media processors) before training and saves the adapter; ms-swift tokenizes lazily (in every step) and,
-  with `--save_strategy no`, saves nothing.
-- Default DataLoader workers of each framework (mllm_mer's config: 1; LLaMA-Factory: 0; ms-swift: its
-  default); their CPU is in the process tree either way.
+- Start-up and end: mllm_mer checks every row and every clip before the model loads, fills its
+  frozen-encoder cache (the default row: each clip decoded and run through the towers once, before the
+  first epoch) and writes a final checkpoint (accelerate state) besides the adapter; LLaMA-Factory
+  tokenizes the whole set (running its media processors) before training and saves the adapter; ms-swift
+  tokenizes lazily (in every step) and, with `--save_strategy no`, saves nothing.
+- DataLoader workers: each framework's default. mllm_mer's default config (`configs/tiny_cpu.yaml`) has
+  `data.num_workers: 1`, used by the decoding loader (`ours_nocache`); the frozen-encoder cache's loader
+  (`ours`) reads the stored tensors in the main process. LLaMA-Factory: 0; ms-swift: its default. Worker
+  CPU is in the process tree either way.
 - Versions: each framework runs with the transformers / peft / accelerate its own pins resolve to
   (printed from each venv), all with torch 2.14.1.
 - Start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch);
   `llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python.
   mllm_mer runs in the interpreter that runs this script: in the project's dev venv the `qlora` and
-  `deepspeed` extras are installed, so peft imports bitsandbytes at start-up and the final save imports
-  deepspeed; the peers' venvs have neither.
+  `deepspeed` extras are installed, so peft imports bitsandbytes at start-up; the peers' venvs have
+  neither.
 
 Without the peers' venvs (no `--setup` yet) the script says how to create them and measures the rows it
 can (`--only ours` skips the peers on purpose). Venvs, clips and runs live under `--root` (default
@@ -89,7 +96,7 @@ CLIPS: dict[str, dict] = {
     "camera": {"frame_size": 360, "fps": 25, "clip_seconds": 4.0},
 }
 """Clip geometries: synthetic-set fields (side in pixels, frames per second in the file, duration)."""
-ROWS: tuple[str, ...] = ("llamafactory", "swift", "ours", "ours_cache")
+ROWS: tuple[str, ...] = ("llamafactory", "swift", "ours", "ours_nocache")
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,8 @@ PEERS: dict[str, Peer] = {
 }
 DISPLAY = {
     **{k: p.display for k, p in PEERS.items()},
-    "ours": "mllm_mer default (decode cache)",
-    "ours_cache": "mllm_mer data.feature_cache=true",
+    "ours": "mllm_mer default (feature cache auto)",
+    "ours_nocache": "mllm_mer data.feature_cache=false",
 }
 
 
@@ -484,8 +491,10 @@ def ours_command(
         "train.torch_threads=1",
         f"train.output_dir={work / 'out'}",
     ]
-    if feature_cache:
-        overrides += ["data.feature_cache=true", f"data.feature_cache_dir={work / 'features'}"]
+    # the default leaves data.feature_cache unset (auto: on, every tower frozen); its cache starts empty
+    overrides.append(f"data.feature_cache_dir={work / 'features'}")
+    if not feature_cache:
+        overrides.append("data.feature_cache=false")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
     return [
         *launch,
@@ -529,7 +538,7 @@ def run_one(
     elif row == "swift":
         cmd, extra = swift_command(root, work, data, models["omni"], epochs), SWIFT_ENV
     else:
-        cmd = ours_command(work, data, models["thinker"], epochs, feature_cache=row == "ours_cache")
+        cmd = ours_command(work, data, models["thinker"], epochs, feature_cache=row == "ours")
     log = work / "log.txt"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -594,17 +603,20 @@ def summarize(results: list[RunResult], rows: list[str], clip_sets: list[str], n
 DIFFERENCES = (
     "mllm_mer also trains its fused classification head and appends '\\nEmotion: <label>' to the answer "
     "(about five tokens); the peers train the LM loss on the explanation alone",
-    "mllm_mer checks every clip before loading the model and writes a final accelerate checkpoint besides "
-    "the adapter; LLaMA-Factory tokenizes the whole set (running its media processors) before training and "
-    "saves the adapter; ms-swift tokenizes lazily (each step) and, with --save_strategy no, saves nothing",
-    "DataLoader workers: each framework's default (mllm_mer's config: 1, LLaMA-Factory: 0, ms-swift: its "
-    "default); worker CPU is in the process tree",
+    "mllm_mer checks every clip before loading the model, fills its frozen-encoder cache (default row: every "
+    "clip decoded and encoded once, in the N-epoch run's time, not in the marginal epoch) and writes a final "
+    "accelerate checkpoint besides the adapter; LLaMA-Factory tokenizes the whole set (running its media "
+    "processors) before training and saves the adapter; ms-swift tokenizes lazily (each step) and, with "
+    "--save_strategy no, saves nothing",
+    "DataLoader workers: each framework's default (mllm_mer's default config: 1 for the decoding loader, "
+    "ours_nocache; the frozen-encoder cache's loader, ours, reads in the main process; LLaMA-Factory: 0; "
+    "ms-swift: its default); worker CPU is in the process tree",
     "each peer runs with the transformers / peft / accelerate its own pins resolve to (see 'versions')",
     "start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch); "
     "`llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python",
     "mllm_mer runs in the interpreter that runs this script: in the project's dev venv bitsandbytes and "
-    "deepspeed are installed too (the qlora / deepspeed extras), so peft imports bitsandbytes at start-up and "
-    "the final save imports deepspeed; the peers' venvs have neither",
+    "deepspeed are installed too (the qlora / deepspeed extras), so peft imports bitsandbytes at start-up; "
+    "the peers' venvs have neither",
 )
 
 
@@ -669,7 +681,7 @@ def main() -> None:
     if missing:
         print(
             f"peers not set up under {root}: {missing}; measuring the other rows.\n{setup_hint(root)}\n"
-            f"(or pass --only ours,ours_cache to measure mllm_mer alone)",
+            f"(or pass --only ours,ours_nocache to measure mllm_mer alone)",
             flush=True,
         )
         rows = [r for r in rows if r not in missing]

@@ -158,6 +158,9 @@ class DataConfig:
     max_subtitle_chars: int = 4000
     """Longer subtitles are refused (a runaway transcript would blow up the prompt)."""
     num_workers: int = 0
+    """DataLoader worker processes of the loaders that decode media and run the processor. The frozen-encoder
+    cache's loader (`data.feature_cache`) always reads in the main process: a worker would spend more CPU
+    handing each batch over than reading the stored tensors costs (the batches are the same either way)."""
     cache_dir: str = ".cache/mllm_mer/decoded"
     """Where the `datasets` cache of decoded media lives."""
     decode_cache: bool = True

@@ -152,13 +152,16 @@ def build_loader(
     Decoding is cached once per sample; the main process decodes first, the others read the cache
     (`data.decode_cache=false`: the ranks split one checking pass, then items are decoded when read). With
     `data.feature_cache` the loader serves the frozen towers' cached outputs instead (`mllm_mer.cache`: the
-    missing entries are filled first). Either way the active methods wrap the collator (`wrap_collator`).
+    missing entries are filled first), in the main process (`data.num_workers` applies to the decoding
+    loaders). Either way the active methods wrap the collator (`wrap_collator`).
     """
     collator = base_collator(cfg, backbone, train=train)
+    workers = cfg.data.num_workers
     if feature_cache_enabled(cfg):
         samples, dataset, collator, problems = load_cached(
             cfg, backbone, samples, collator, prompt_variants(cfg), accelerator, split=split
         )
+        workers = 0  # reading stored tensors costs less CPU than handing the batch over from a worker
     else:
         options = decode_options(cfg, backbone.processor)
         samples, dataset, problems = load_media_on_ranks(
@@ -173,7 +176,7 @@ def build_loader(
         batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
         shuffle=train,
         collate_fn=wrap_collator(cfg, collator),
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         drop_last=False,
     )
     return loader, samples

@@ -462,3 +462,20 @@ def test_the_cache_imports_neither_the_loaders_nor_the_model_nor_the_methods():
                  "mllm_mer.fusion.dcr.collate", "mllm_mer.fusion.dcr.paths")
     assert {"mllm_mer.cache.fill", "mllm_mer.data.collate"} <= seen
     assert not [m for m in seen if m.startswith(forbidden)], sorted(seen)
+
+
+def test_cached_loader_reads_in_the_main_process(tiny_dir, syn_dir, tmp_path):
+    """`data.num_workers` drives the decoding loader; the cached loader always reads in the main process."""
+    from accelerate import Accelerator
+
+    from mllm_mer.data.loading import build_loader
+
+    bb = load_backbone(tiny_dir)
+    samples = read_jsonl(syn_dir / "train.jsonl", MER2023_LABELS)[:2]
+    accelerator = Accelerator(cpu=True)
+    cached, _ = build_loader(cfg_for(tiny_dir, tmp_path, "data.num_workers=2"), bb, samples, train=True,
+                             accelerator=accelerator)
+    assert cached.num_workers == 0
+    decoding, _ = build_loader(cfg_for(tiny_dir, tmp_path, "data.num_workers=2", "data.feature_cache=false"), bb,
+                               samples, train=True, accelerator=accelerator)
+    assert decoding.num_workers == 2

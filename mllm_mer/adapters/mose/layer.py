@@ -15,14 +15,17 @@ For a token x of modality m (0 text, 1 audio, 2 video; `mllm_mer.data.schema.Mod
   one. Only media tokens are pooled (never the answer), so a cache-free generation step and the prompt
   pass see the same gate; a KV-cached step carries only new text tokens, which are not gated.
 
-Only the experts of the token's own modality enter its output: the mixture is built in the rank space as
-z[m', e] = [m' == m] * w_m * g_e * (A x) and the delta is one matmul with all B's, so the blocks of the
-other modalities are exact zeros (their B's get exactly zero gradient from that token; every parameter
-still takes part in every forward, which keeps DDP free of unused parameters).
+Only the experts of the token's own modality enter its output, and only they are computed: the mixture
+is built in the rank space as z[e] = w_m * g_e * (A x) (E * r values per token), the tokens are grouped
+by modality (one stable sort per bound call, `TokenPlan`) and each group takes one matmul with its own
+modality's B's. Other modalities' B's get exactly zero gradient from that token; every parameter still
+takes part in every forward (a modality absent from the batch multiplies an empty group), which keeps DDP
+free of unused parameters.
 
 Trainable parameters are named `mose_*` (`mllm_mer.trainable` recognises them). The token modalities reach
 the layer as the keyword `token_modality`, injected by `bound_modalities` (`.model`); the layer refuses to
-run without them. When given a list as `mose_records`, the layer appends a `RoutingRecord` with its gate
+run without them; with them comes one `TokenPlan` (the sort by modality, the masks) that every layer of
+the call shares. When given a list as `mose_records`, the layer appends a `RoutingRecord` with its gate
 and delta statistics (what the regularizers and the gate statistics are computed from).
 """
 
@@ -60,6 +63,32 @@ class RoutingRecord:
     contribution: torch.Tensor
     modality_weights: torch.Tensor
     sample_gate: torch.Tensor | None = None
+
+
+class TokenPlan:
+    """What every MoSELinear of one bound call derives from the token modalities, computed once.
+
+    Args:
+        token_modality: (B, T) long, values in `Modality`.
+    Attributes:
+        token_modality: the (B, T) input.
+        onehot: (B, T, M) float32.
+        order: (N,) long, N = B * T: the flat token positions sorted by modality (stable).
+        counts: M ints, tokens of each modality (the groups of `order`, in modality order; read to the host
+            once per bound call).
+        media_mask: (B, 2, T) float32, the audio and the video tokens of each sample.
+        media_count: (B, 2, 1) float32, their numbers (at least 1).
+    """
+
+    def __init__(self, token_modality: torch.Tensor) -> None:
+        self.token_modality = token_modality
+        self.onehot = F.one_hot(token_modality, NUM_MODALITIES).to(torch.float32)
+        flat = token_modality.reshape(-1)
+        self.order = torch.sort(flat, stable=True).indices
+        self.counts = torch.bincount(flat, minlength=NUM_MODALITIES).tolist()
+        media = (int(Modality.AUDIO), int(Modality.VIDEO))
+        self.media_mask = self.onehot[..., list(media)].transpose(1, 2)  # (B, 2, T)
+        self.media_count = self.media_mask.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def route(probs: torch.Tensor, routing: str, top_k: int = 1) -> torch.Tensor:
@@ -145,12 +174,15 @@ class MoSELinear(nn.Module):
             return self.mose_A.new_ones(NUM_MODALITIES)
         return 2.0 * torch.sigmoid(self.mose_modality_logit)
 
-    def sample_weights(self, x: torch.Tensor, token_modality: torch.Tensor) -> torch.Tensor:
+    def sample_weights(
+        self, x: torch.Tensor, token_modality: torch.Tensor, plan: TokenPlan | None = None
+    ) -> torch.Tensor:
         """Per-sample modality scales (1, w_a, w_v), see the module docstring.
 
         Args:
             x: (B, T, D_in) float32 layer input.
             token_modality: (B, T) long.
+            plan: `TokenPlan(token_modality)` when already built.
         Returns:
             (B, M) float32; all ones without `mose.sample_gate`.
         """
@@ -158,11 +190,10 @@ class MoSELinear(nn.Module):
         ones = x.new_ones(B, NUM_MODALITIES)
         if self.mose_sample_gate is None:
             return ones
-        means = []
-        for m in (Modality.AUDIO, Modality.VIDEO):
-            w = (token_modality == int(m)).to(x.dtype)  # (B, T)
-            means.append(torch.einsum("bt,btd->bd", w, x) / w.sum(1, keepdim=True).clamp_min(1.0))
-        gate = 2.0 * torch.softmax(F.linear(torch.cat(means, dim=-1), self.mose_sample_gate), dim=-1)  # (B, 2)
+        plan = plan if plan is not None else TokenPlan(token_modality)
+        # [mean over audio tokens | mean over video tokens] of each sample: (B, 2, D_in) -> (B, 2 D_in)
+        means = (torch.bmm(plan.media_mask.to(x.dtype), x) / plan.media_count.to(x.dtype)).flatten(1)
+        gate = 2.0 * torch.softmax(F.linear(means, self.mose_sample_gate), dim=-1)  # (B, 2)
         return torch.cat([ones[:, :1], gate], dim=-1)
 
     def gate_probs(self, x: torch.Tensor, token_modality: torch.Tensor) -> torch.Tensor:
@@ -186,6 +217,7 @@ class MoSELinear(nn.Module):
         x: torch.Tensor,
         token_modality: torch.Tensor | None = None,
         mose_records: list[RoutingRecord] | None = None,
+        mose_plan: TokenPlan | None = None,
     ) -> torch.Tensor:
         """Base projection plus the routed expert delta of each token's modality.
 
@@ -193,6 +225,8 @@ class MoSELinear(nn.Module):
             x: (B, T, D_in) activations, any float dtype.
             token_modality: (B, T) long, values in `Modality` (injected by `bound_modalities`).
             mose_records: a list to append this call's `RoutingRecord` to, or None.
+            mose_plan: `TokenPlan(token_modality)`, shared by the layers of one bound call (built here
+                when None).
         Returns:
             (B, T, D_out), same dtype as the base layer's output.
         Raises:
@@ -209,52 +243,60 @@ class MoSELinear(nn.Module):
             raise ValueError(
                 f"token_modality has shape {tuple(token_modality.shape)}, x has {tuple(x.shape)}"
             )
+        plan = mose_plan if mose_plan is not None else TokenPlan(token_modality)
         xf = x.to(self.mose_A.dtype)
         h = F.linear(self.mose_dropout(xf), self.mose_A)  # (B,T,r)
         probs = self.gate_probs(xf, token_modality)  # (B,T,E)
         weights = route(probs, self.routing, self.top_k)  # (B,T,E)
-        onehot = F.one_hot(token_modality, NUM_MODALITIES).to(xf.dtype)  # (B,T,M)
         w = self.modality_weights()  # (M,)
-        sample = self.sample_weights(xf, token_modality)  # (B,M): 1, w_a, w_v of each sample
-        coef = onehot * w * sample[:, None, :]  # (B,T,M): own modality only, 0 elsewhere
-        # (B,T,M,1,1) * (B,T,1,E,r) -> (B,T,M,E,r): the rank-space mixture, zero outside the own modality
-        z = coef[..., None, None] * (weights[..., None] * h[..., None, :])[..., None, :, :]
-        K = z.shape[-3] * z.shape[-2] * z.shape[-1]
-        b = self.mose_B.transpose(-1, -2).reshape(K, self.out_features)  # (K, D_out), rows ordered like z
-        delta = (z.reshape(-1, K) @ b).view(*z.shape[:-3], self.out_features) * self.scaling  # (B,T,D_out)
+        sample = self.sample_weights(xf, token_modality, plan)  # (B,M): 1, w_a, w_v of each sample
+        coef = (w * sample).gather(1, token_modality)  # (B,T): w_m * sample gate of the token's own m
+        # the rank-space mixture z[e] = coef * g_e * (A x) of each token's own modality, built on the tokens
+        # sorted by modality (groups in modality order), then one matmul per group with its modality's B's
+        N, E = plan.order.numel(), self.num_experts
+        gated = (coef[..., None] * weights).reshape(N, E).index_select(0, plan.order)  # (N,E)
+        z = gated[:, :, None] * h.reshape(N, self.r).index_select(0, plan.order)[:, None, :]  # (N,E,r)
+        groups = z.flatten(1).split(plan.counts)  # per modality: (N_m, K), K = E*r
+        b = self.mose_B.transpose(-1, -2).reshape(NUM_MODALITIES, E * self.r, self.out_features)
+        b = b * self.scaling  # (M, K, D_out), rows ordered like z; the delta's alpha / r folded in
+        delta = torch.cat([g @ b[m] for m, g in enumerate(groups)])  # (N, D_out), sorted order
         if mose_records is not None:
-            mose_records.append(self._record(z, delta, probs, onehot, w, sample))
-        return result + delta.to(result.dtype)
+            mose_records.append(self._record(groups, b, delta, probs, plan, w, sample))
+        # unsort and add in one op: each output row gets its own delta row exactly once
+        out = result.reshape(N, self.out_features).index_add(0, plan.order, delta.to(result.dtype))
+        return out.view(result.shape)
 
     def _record(
-        self, z: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor,
-        sample: torch.Tensor,
+        self, groups: tuple[torch.Tensor, ...], b: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor,
+        plan: TokenPlan, w: torch.Tensor, sample: torch.Tensor,
     ) -> RoutingRecord:
         """Statistics of one call, per modality group (see `RoutingRecord`).
 
         Args:
-            z: (B,T,M,E,r) the rank-space mixture; delta: (B,T,D_out) float32 the adapter delta (scaled);
-            probs: (B,T,E) gate probabilities; onehot: (B,T,M) token modalities; w: (M,) modality weights;
-            sample: (B,M) per-sample modality gates (1, w_a, w_v).
+            groups: per modality, (N_m, K) the rank-space mixture of its tokens (K = E*r, `plan.order`);
+            b: (M, K, D_out) the B's of each modality times alpha / r, rows ordered like the groups;
+            delta: (N, D_out) float32 the adapter delta, in `plan.order`; probs: (B,T,E) gate probabilities;
+            plan: the call's `TokenPlan`; w: (M,) modality weights; sample: (B,M) per-sample modality
+            gates (1, w_a, w_v).
         """
         E = self.num_experts
-        zf = z.flatten(-3)  # (B,T,K), K = M*E*r
-        if self.out_features <= zf.shape[-1]:  # |delta|^2 directly: the cheaper exact form here
-            sq = delta.square().sum(-1)  # (B,T)
-        else:  # |delta|^2 = z^T (B^T B) z * scaling^2: no (B,T,D_out) product kept for backward
-            b = self.mose_B.permute(2, 0, 1, 3).flatten(1)  # (D_out, K), columns ordered like zf
-            sq = ((zf @ (b.T @ b)) * zf).sum(-1).clamp_min(0) * self.scaling**2  # (B,T)
+        K = b.shape[1]
+        if self.out_features <= K * K:  # sum of |delta|^2 over each group's rows directly: cheaper here
+            flat = delta.split(plan.counts)
+            sq = torch.stack([torch.dot(d.flatten(), d.flatten()) for d in flat])  # (M,)
+        else:  # |delta|^2 = z^T (B B^T) z per group: no (N, D_out) product kept for backward
+            sq = torch.stack([((g @ (b[m] @ b[m].T)) * g).sum(-1).clamp_min(0).sum()
+                              for m, g in enumerate(groups)])  # (M,)
         top1 = F.one_hot(probs.detach().argmax(-1), E).to(probs.dtype)  # (B,T,E)
-        # one product for every per-group sum: [gate mass E | top-1 counts E | squared delta 1 | tokens 1]
-        per_token = torch.cat([probs, top1, sq[..., None], torch.ones_like(sq)[..., None]], dim=-1)
-        sums = onehot.flatten(0, 1).T @ per_token.flatten(0, 1)  # (M, 2E+2)
-        tokens = sums[:, -1].detach()  # (M,)
+        # one product for the per-group sums of the gate mass and the top-1 counts
+        sums = plan.onehot.to(probs.dtype).flatten(0, 1).T @ torch.cat([probs, top1], dim=-1).flatten(0, 1)
+        tokens = probs.new_tensor(plan.counts)  # (M,)
         denom = tokens.clamp_min(1.0)
         return RoutingRecord(
             tokens=tokens,
             gate_mass=sums[:, :E] / denom[:, None],
             expert_usage=(sums[:, E : 2 * E] / denom[:, None]).detach(),
-            contribution=sums[:, 2 * E] / denom,
+            contribution=sq / denom,
             modality_weights=w.detach(),
             sample_gate=sample.detach().mean(0),
         )

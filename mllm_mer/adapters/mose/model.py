@@ -3,8 +3,9 @@
 - `apply_mose(model, cfg)` replaces every nn.Linear whose full name matches `cfg.target_modules` (language
   model only) by a `MoSELinear` on the one model instance and returns the replaced names.
 - `bound_modalities(model, token_modality)` passes `token_modality` to every MoSELinear through forward
-  pre-hooks that exist only inside the `with` block (as peft's poly `_manage_pre_hooks`). The hooks are
-  idempotent (they set a keyword), so nesting or re-entry is harmless. Under gradient checkpointing the
+  pre-hooks that exist only inside the `with` block (as peft's poly `_manage_pre_hooks`), together with
+  one `TokenPlan` per call shape, built by the first layer and shared by the others. The hooks are
+  idempotent (they set keywords), so nesting or re-entry is harmless. Under gradient checkpointing the
   decoder layers run forward again during backward, after the block has exited: `checkpoint_context_fn`
   (given to the checkpoint function by `mllm_mer.model.build_mer_model`) re-binds the same tensor for
   exactly that recompute (torch's non-reentrant checkpoint `context_fn`).
@@ -48,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm_mer.adapters.mose.config import MoSEConfig
-from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord
+from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord, TokenPlan
 from mllm_mer.data.schema import Modality
 
 MOSE_WEIGHTS = "mose.safetensors"
@@ -113,10 +114,15 @@ def _aligned(token_modality: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _bind_pre_hook(
     module: MoSELinear, args: tuple, kwargs: dict, *, token_modality: torch.Tensor,
-    records: list[RoutingRecord] | None,
+    records: list[RoutingRecord] | None, plans: dict[tuple, TokenPlan],
 ) -> tuple[tuple, dict]:
     x = args[0] if args else kwargs["x"]
-    kwargs["token_modality"] = _aligned(token_modality.to(x.device), x.shape[:-1])
+    key = (x.device, *x.shape[:-1])  # the layers of one call share the aligned modalities and their plan
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = TokenPlan(_aligned(token_modality.to(x.device), x.shape[:-1]))
+    kwargs["token_modality"] = plan.token_modality
+    kwargs["mose_plan"] = plan
     kwargs["mose_records"] = records
     return args, kwargs
 
@@ -144,7 +150,7 @@ def bound_modalities(
             f"token_modality must be (B, T) long, got {tuple(token_modality.shape)} {token_modality.dtype}"
         )
     records: list[RoutingRecord] | None = [] if collect else None
-    hook = partial(_bind_pre_hook, token_modality=token_modality, records=records)
+    hook = partial(_bind_pre_hook, token_modality=token_modality, records=records, plans={})
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     previous = getattr(model, _BINDING, None)
     setattr(model, _BINDING, (token_modality, collect))
