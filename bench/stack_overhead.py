@@ -49,6 +49,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+RANDOM_TWIN: tuple[str, ...] = ("model.path=.cache/mllm_mer/tiny-qwen2_5-omni", "model.tiny_weights=random")
+"""The model the speed figures are measured on (before the user's overrides): the tiny random Qwen2.5-Omni twin
+with its 30 s Whisper window, not the config's stage-0 backbone (a 4 s window: camera clips would not fit);
+the peer bench measures on the same twin."""
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny_cpu.yaml")
@@ -57,7 +62,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfgs = {name: load_config(args.config, [*args.overrides, *extra]) for name, extra in VARIANTS.items()}
+    cfgs = {name: load_config(args.config, [*RANDOM_TWIN, *args.overrides, *extra]) for name, extra in VARIANTS.items()}
     base_cfg = cfgs["dcr"]  # its collator adds the unimodal sub-batches; the other variants ignore them
     ensure_inputs(base_cfg)
     samples = read_splits(base_cfg, ("train",))["train"][: args.batch_size]
