@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers.integrations import deepspeed as hf_deepspeed
+
 from mllm_mer.config import RunConfig
 from mllm_mer.data.schema import Sample
 from mllm_mer.generation import generate_rows, load_for_inference
@@ -227,7 +229,11 @@ def write_summary(cfg: RunConfig, final: dict[str, Any], dev_samples: Sequence[S
     curves = write_curves(run_dir)
     text = format_summary(cfg, final, dev_samples, read_log(run_dir / DEV_LOG), next_commands(cfg, scripts_dir),
                           curves)
-    if cfg.train.summary_explanations and dev_samples:
+    if cfg.train.summary_explanations and dev_samples and hf_deepspeed.is_deepspeed_zero3_enabled():
+        # loading a whole model on the main process would partition it with collectives the other ranks
+        # never join (a deadlock): ZeRO-3 runs point to the generate command instead
+        text += "\nexplanations: skipped under DeepSpeed ZeRO-3 (weights partitioned across ranks); run `generate` above"
+    elif cfg.train.summary_explanations and dev_samples:
         text += "\n" + sample_explanations(cfg, dev_samples, cfg.train.summary_explanations)
     return text
 
