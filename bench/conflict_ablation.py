@@ -78,11 +78,11 @@ from mllm_mer.data.schema import SUBSETS, Sample  # noqa: E402
 from mllm_mer.fusion.dcr.ada import ARMS, answer_inputs, arbiter_inputs, fit_arbiter  # noqa: E402
 from mllm_mer.fusion.dcr.config import ArbiterConfig  # noqa: E402
 from mllm_mer.generation import (  # noqa: E402
-    ARM_INPUTS,
     InferenceModel,
     answers_per_arm,
     load_for_inference,
     predict_rows,
+    routed_answers,
 )
 from mllm_mer.metrics import audio_dominance, classification_metrics  # noqa: E402
 from mllm_mer.trainable import apply_trainable  # noqa: E402
@@ -260,21 +260,6 @@ def path_labels(rows: Sequence[dict], arbiter: tuple[list[str], list[str]] | Non
     return out
 
 
-def arm_answers(model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict], arms: Sequence[str],
-                batch_size: int) -> list[str]:
-    """The answer of each sample from its arm's modalities (`ARM_INPUTS`; fused: the given rows' answer), as
-    `dcr.arbiter.answer="arm"` gives it; only the routed samples are predicted again."""
-    out = [r["label"] for r in rows]
-    for arm, (use_video, use_audio) in ARM_INPUTS.items():
-        idx = [i for i in range(len(samples)) if arm != "fused" and arms[i] == arm]
-        if not idx:
-            continue
-        routed = predict(model, [samples[i] for i in idx], batch_size, use_video=use_video, use_audio=use_audio)
-        for i, r in zip(idx, routed, strict=True):
-            out[i] = r["label"]
-    return out
-
-
 def subset_accuracy(samples: Sequence[Sample], preds: Sequence[str]) -> dict[str, float]:
     """Accuracy per subset (and "all")."""
     out = {}
@@ -365,7 +350,7 @@ def score_row(row: Row, model: InferenceModel, run_dir: Path, knobs: dict, dev: 
         dev_rows = predict(model, dev, batch_size)
         arbiter = fit_arbiter_on(dev_rows, dev, config, labels, answers_per_arm(model, dev, batch_size, dev_rows))
         arms, heads = arbiter_choice(arbiter, rows, labels)
-        routed = (heads, arm_answers(model, test, rows, arms, batch_size))
+        routed = (heads, routed_answers(model, test, rows, arms, batch_size))
     paths = path_labels(rows, routed)
     primary = "arbiter_answer" if row.arbiter else "generated"
     preds = paths[primary]

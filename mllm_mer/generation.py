@@ -273,6 +273,26 @@ def _predict_rows(
             yield row
 
 
+def routed_answers(
+    model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict], arms: Sequence[str],
+    batch_size: int = 16, prompt_name: str | None = None,
+) -> list[str]:
+    """The answer label of each sample from its arm's modalities (`ARM_INPUTS`), as `predict_rows` gives it
+    without an arbiter: "fused" samples keep their label in `rows` (the both-modality `predict_rows` output);
+    only the samples routed to a unimodal arm are predicted again."""
+    bare = dataclasses.replace(model, arbiter=None)
+    out = [r["label"] for r in rows]
+    for arm, (use_video, use_audio) in ARM_INPUTS.items():
+        idx = [i for i, a in enumerate(arms) if a == arm and arm != "fused"]
+        if not idx:
+            continue
+        again = predict_rows(bare, [samples[i] for i in idx], batch_size=batch_size, prompt_name=prompt_name,
+                             use_video=use_video, use_audio=use_audio)
+        for i, r in zip(idx, again, strict=True):
+            out[i] = r["label"]
+    return out
+
+
 def answers_per_arm(
     model: InferenceModel, samples: Sequence[Sample], batch_size: int = 16, rows: Sequence[dict] | None = None,
     prompt_name: str | None = None,
@@ -280,15 +300,11 @@ def answers_per_arm(
     """{arm: the answer label of every sample generated from that arm's modalities (`ARM_INPUTS`)}: what
     `dcr.arbiter.reward="answer"` fits the arbiter on. Predicted without an arbiter; `rows` (the
     both-modality `predict_rows` output, if already computed) is reused for "fused"."""
-    bare = dataclasses.replace(model, arbiter=None)
-    out: dict[str, list[str]] = {}
-    for arm, (use_video, use_audio) in ARM_INPUTS.items():
-        if arm == "fused" and rows is not None:
-            out[arm] = [r["label"] for r in rows]
-            continue
-        out[arm] = [r["label"] for r in predict_rows(bare, samples, batch_size=batch_size, prompt_name=prompt_name,
-                                                     use_video=use_video, use_audio=use_audio)]
-    return out
+    if rows is None:
+        rows = list(predict_rows(dataclasses.replace(model, arbiter=None), samples, batch_size=batch_size,
+                                 prompt_name=prompt_name))
+    return {arm: routed_answers(model, samples, rows, [arm] * len(samples), batch_size, prompt_name)
+            for arm in ARM_INPUTS}
 
 
 def answers_by_arm(model: InferenceModel, use_video: bool = True, use_audio: bool = True) -> bool:

@@ -229,13 +229,13 @@ def write_summary(cfg: RunConfig, final: dict[str, Any], dev_samples: Sequence[S
     curves = write_curves(run_dir)
     text = format_summary(cfg, final, dev_samples, read_log(run_dir / DEV_LOG), next_commands(cfg, scripts_dir),
                           curves)
-    if cfg.train.summary_explanations and dev_samples and hf_deepspeed.is_deepspeed_zero3_enabled():
+    if not (cfg.train.summary_explanations and dev_samples):
+        return text
+    if hf_deepspeed.is_deepspeed_zero3_enabled():
         # loading a whole model on the main process would partition it with collectives the other ranks
         # never join (a deadlock): ZeRO-3 runs point to the generate command instead
-        text += "\nexplanations: skipped under DeepSpeed ZeRO-3 (weights partitioned across ranks); run `generate` above"
-    elif cfg.train.summary_explanations and dev_samples:
-        text += "\n" + sample_explanations(cfg, dev_samples, cfg.train.summary_explanations)
-    return text
+        return text + "\nexplanations: skipped under DeepSpeed ZeRO-3 (weights partitioned across ranks); run `generate` above"
+    return text + "\n" + sample_explanations(cfg, dev_samples, cfg.train.summary_explanations)
 
 
 # ------------------------------------------------------------------------------ sample explanations (hook)

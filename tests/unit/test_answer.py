@@ -22,6 +22,7 @@ from mllm_mer.generation import (
     generation_record,
     label_answer_tokens,
     predict_rows,
+    routed_answers,
 )
 from mllm_mer.labels import parse_label
 from mllm_mer.model import build_mer_model
@@ -113,6 +114,9 @@ def test_the_answer_drops_to_the_arm_the_arbiter_picks(dcr_setup, arm):
     fused = list(predict_rows(plain, samples, batch_size=2, prompt_name="label"))
     alone = list(predict_rows(plain, samples, batch_size=2, prompt_name="label",
                               use_video=use_video, use_audio=use_audio))
+    mixed = [arm if i % 2 else "fused" for i in range(len(samples))]  # the library's label-path twin
+    assert routed_answers(plain, samples, fused, mixed, 2, "label") == [
+        (a if i % 2 else f)["label"] for i, (f, a) in enumerate(zip(fused, alone, strict=True))]
     routed = InferenceModel(backbone, cfg, mer, routing_arbiter(cfg.data.labels, arm))
     rows = list(predict_rows(routed, samples, batch_size=2, prompt_name="label"))
     for r, f, a in zip(rows, fused, alone, strict=True):
