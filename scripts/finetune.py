@@ -22,6 +22,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from mllm_mer.startup import skip_unused_imports
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+
+if __name__ == "__main__":  # before peft / transformers load (`mllm_mer.startup`)
+    skip_unused_imports(sys.argv[1:], DEFAULT_CONFIG)
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -40,8 +47,6 @@ from mllm_mer.training import run_dir as R
 from mllm_mer.training import summary as S
 from mllm_mer.training.evaluate import report_dev
 from mllm_mer.training.ownership import claim_output_dir
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
 
 
 def parse_args(argv: list[str] | None) -> tuple[RunConfig, argparse.Namespace]:
