@@ -37,11 +37,13 @@ and wall time. Rows:
 
 - `llamafactory`: `llamafactory-cli train <yaml>`;
 - `swift`: `swift sft ...`;
-- `ours`: `accelerate launch scripts/finetune.py` with the default config as a user runs it: every tower
-  and projector is frozen, so the frozen-encoder cache is on (`data.feature_cache` unset = auto); the cache
-  lives in the run's own folder and starts empty, so its fill (decoding and running the towers once per
-  clip) is part of every run;
-- `ours_nocache`: the same with `data.feature_cache=false` (decode cache only: feature extraction and the
+- `ours`: `python scripts/finetune.py` with the default config as a user runs it on one device (one
+  process, as `llamafactory-cli train` trains on one device): every tower and projector is frozen, so the
+  frozen-encoder cache is on (`data.feature_cache` unset = auto); the cache lives in the run's own folder and
+  starts empty, so its fill (decoding and running the towers once per clip) is part of every run;
+- `ours_launch`: the same run started through `accelerate launch` (the README's command; needed for
+  several processes): the launcher is a second Python that imports accelerate and torch;
+- `ours_nocache`: `ours` with `data.feature_cache=false` (decode cache only: feature extraction and the
   towers run in every step, as in the peers).
 
 Differences that remain (also printed under the table):
@@ -59,11 +61,11 @@ Differences that remain (also printed under the table):
   CPU is in the process tree either way.
 - Versions: each framework runs with the transformers / peft / accelerate its own pins resolve to
   (printed from each venv), all with torch 2.14.1.
-- Start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch);
-  `llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python.
-  mllm_mer runs in the interpreter that runs this script: in the project's dev venv the `qlora` and
-  `deepspeed` extras are installed, so peft imports bitsandbytes at start-up; the peers' venvs have
-  neither.
+- Start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch;
+  `ours_launch`); `llamafactory-cli train` trains in its own process on one device; `swift sft` starts a
+  second Python. mllm_mer runs in the interpreter that runs this script: in the project's dev venv the
+  `qlora` and `deepspeed` extras are installed; `scripts/finetune.py` keeps bitsandbytes out of a run
+  without quantization (`mllm_mer.startup`), as it is absent from the peers' venvs.
 
 Without the peers' venvs (no `--setup` yet) the script says how to create them and measures the rows it
 can (`--only ours` skips the peers on purpose). Venvs, clips and runs live under `--root` (default
@@ -96,7 +98,7 @@ CLIPS: dict[str, dict] = {
     "camera": {"frame_size": 360, "fps": 25, "clip_seconds": 4.0},
 }
 """Clip geometries: synthetic-set fields (side in pixels, frames per second in the file, duration)."""
-ROWS: tuple[str, ...] = ("llamafactory", "swift", "ours", "ours_nocache")
+ROWS: tuple[str, ...] = ("llamafactory", "swift", "ours", "ours_launch", "ours_nocache")
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ PEERS: dict[str, Peer] = {
 DISPLAY = {
     **{k: p.display for k, p in PEERS.items()},
     "ours": "mllm_mer default (feature cache auto)",
+    "ours_launch": "mllm_mer default, accelerate launch",
     "ours_nocache": "mllm_mer data.feature_cache=false",
 }
 
@@ -469,8 +472,9 @@ SWIFT_ENV = {
 
 
 def ours_command(
-    work: Path, data: dict[str, Path], model: Path, epochs: int, feature_cache: bool
+    work: Path, data: dict[str, Path], model: Path, epochs: int, feature_cache: bool, launcher: bool = False
 ) -> list[str]:
+    """`python scripts/finetune.py ...` (one process), or through `accelerate launch` with `launcher`."""
     overrides = [
         f"model.path={model}",
         "model.build_tiny=false",
@@ -495,18 +499,11 @@ def ours_command(
     overrides.append(f"data.feature_cache_dir={work / 'features'}")
     if not feature_cache:
         overrides.append("data.feature_cache=false")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
-    return [
-        *launch,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(REPO / "scripts" / "finetune.py"),
-        *overrides,
-    ]
+    script = [str(REPO / "scripts" / "finetune.py"), *overrides]
+    if not launcher:
+        return [sys.executable, *script]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    return [*launch, "--mixed_precision", "no", "--dynamo_backend", "no", *script]
 
 
 @dataclass
@@ -538,7 +535,9 @@ def run_one(
     elif row == "swift":
         cmd, extra = swift_command(root, work, data, models["omni"], epochs), SWIFT_ENV
     else:
-        cmd = ours_command(work, data, models["thinker"], epochs, feature_cache=row == "ours")
+        cmd = ours_command(
+            work, data, models["thinker"], epochs, feature_cache=row != "ours_nocache", launcher=row == "ours_launch"
+        )
     log = work / "log.txt"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -597,6 +596,10 @@ def summarize(results: list[RunResult], rows: list[str], clip_sets: list[str], n
             }
             out[clips][row]["epoch_ratio_to"] = {p: statistics.median(r) for p, r in ratios.items()}
             out[clips][row]["epoch_ratio_to_rounds"] = ratios
+            runs = {p: [r for r in results if (r.row, r.clips, r.epochs) == (p, clips, n)] for p in [row, *ratios]}
+            out[clips][row]["run_ratio_to"] = {  # the whole N-epoch run's CPU, paired per round the same way
+                p: statistics.median(a.cpu / b.cpu for a, b in zip(runs[row], runs[p], strict=False)) for p in ratios
+            }
     return out
 
 
@@ -612,11 +615,11 @@ DIFFERENCES = (
     "ours_nocache; the frozen-encoder cache's loader, ours, reads in the main process; LLaMA-Factory: 0; "
     "ms-swift: its default); worker CPU is in the process tree",
     "each peer runs with the transformers / peft / accelerate its own pins resolve to (see 'versions')",
-    "start-up: `accelerate launch` starts two Pythons (the launcher alone imports accelerate and torch); "
-    "`llamafactory-cli train` trains in its own process on one device; `swift sft` starts a second Python",
+    "start-up: `python scripts/finetune.py` (ours) and `llamafactory-cli train` train in one process on one "
+    "device; `accelerate launch` (ours_launch) and `swift sft` start a second Python",
     "mllm_mer runs in the interpreter that runs this script: in the project's dev venv bitsandbytes and "
-    "deepspeed are installed too (the qlora / deepspeed extras), so peft imports bitsandbytes at start-up; "
-    "the peers' venvs have neither",
+    "deepspeed are installed too (the qlora / deepspeed extras); finetune.py keeps bitsandbytes out of a run "
+    "without quantization (mllm_mer.startup), as in the peers' venvs, which have neither",
 )
 
 
@@ -628,10 +631,12 @@ def print_table(summary: dict, rows: list[str], n: int, m: int) -> None:
         print(
             f"\n{clips} clips ({geo['frame_size']} px, {geo['fps']} fps, {geo['clip_seconds']:g} s): "
             f"marginal epoch = (CPU of {m} epochs - CPU of {n}) / {m - n}, median over rounds; "
-            "'/ peer' = median over rounds of (ours / that peer in the same round)"
+            "'/ peer' = median over rounds of (ours / that peer in the same round); 'run / peer': the same for "
+            f"the whole {n}-epoch run's CPU"
         )
         head = f"{'row':36s} {'CPU s/epoch':>12s} {'(min-max)':>15s} {f'{n}-ep run CPU s':>16s} {f'{n}-ep wall s':>13s}"
         head += "".join(f" {'/ ' + p:>16s}" for p in peers)
+        head += "".join(f" {f'{n}-ep run / ' + p:>24s}" for p in peers)
         print(head)
         for row in rows:
             if row not in by_row:
@@ -643,9 +648,10 @@ def print_table(summary: dict, rows: list[str], n: int, m: int) -> None:
                 f"{s['run_cpu_s']:16.2f} {s['run_wall_s']:13.2f}"
             )
             if row in ours:
-                for p in peers:
-                    if p in s.get("epoch_ratio_to", {}):
-                        line += f" {s['epoch_ratio_to'][p]:15.2f}x"
+                for key, width in (("epoch_ratio_to", 15), ("run_ratio_to", 23)):
+                    for p in peers:
+                        if p in s.get(key, {}):
+                            line += f" {s[key][p]:{width}.2f}x"
             print(line)
     print("\ndifferences that remain:")
     for d in DIFFERENCES:
