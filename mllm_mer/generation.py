@@ -253,6 +253,14 @@ def _answer_gen_kwargs(model: InferenceModel, prompt: PromptTemplate, batch_size
     return _gen_kwargs(model, GenerateConfig(max_new_tokens=tokens, batch_size=batch_size))
 
 
+def predict_decodes_like(model: InferenceModel, prompt: PromptTemplate, batch_size: int,
+                         options: GenerateConfig) -> bool:
+    """Whether `predict_rows(prompt_name=prompt.name, batch_size=batch_size)` decodes exactly as `generate_rows`
+    with `options` (then its `text` column is that generation's answer and need not be generated again)."""
+    return (options.prompt == prompt.name and options.batch_size == batch_size
+            and _answer_gen_kwargs(model, prompt, batch_size) == _gen_kwargs(model, options))
+
+
 def _predict_rows(
     model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, gen_kwargs: dict,
     progress: bool, *, use_video: bool, use_audio: bool,
