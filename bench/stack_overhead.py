@@ -12,8 +12,8 @@ Variants, each its own model on the same frozen backbone weights, all trained on
     dcr    LoRA + DCR unimodal paths, path adapters, AFD       (dcr.enabled)
     full   MoSE + DnR + DCR                                    (every part this package has)
 
-One step = forward, backward, AdamW step. Each round runs every variant once in turn (after one warm-up
-round), torch threads 1, and each variant's ratio to the round's `lora` step is taken; the medians over
+One step = forward, backward, AdamW step. Each round runs every variant once in turn, starting one variant
+later every round (after one warm-up round), torch threads 1, and each variant's ratio to the round's `lora` step is taken; the medians over
 the rounds are reported (main-thread CPU time; wall-clock medians in the JSON). Prints one JSON line, then
 the full-stack ratio as the last line. Trailing `key.path=value` arguments override the config.
 """
@@ -93,8 +93,9 @@ def main() -> None:
         step(name)
     wall: dict[str, list[float]] = {n: [] for n in VARIANTS}
     cpu: dict[str, list[float]] = {n: [] for n in VARIANTS}
-    for _ in range(args.rounds):
-        for name in VARIANTS:
+    names = list(VARIANTS)
+    for r in range(args.rounds):  # the order rotates every round: no variant always runs right after another
+        for name in names[r % len(names):] + names[: r % len(names)]:
             w, c = step(name)
             wall[name].append(w)
             cpu[name].append(c)

@@ -233,19 +233,32 @@ def predict_rows(
     """
     if model.mer is None:
         raise ValueError("predict_rows needs a trained run with heads (load_for_inference(run_dir=...))")
-    labels = list(model.cfg.data.labels)
     prompt = load_prompt(prompt_name or model.cfg.data.prompt)
-    options = model.cfg.generate
-    tokens = options.max_new_tokens
-    if answers_with_label_first(prompt):
-        tokens = min(tokens, label_answer_tokens(model.backbone.processor.tokenizer, labels))
-    gen_kwargs = _gen_kwargs(model, GenerateConfig(max_new_tokens=tokens, batch_size=batch_size))
+    gen_kwargs = _answer_gen_kwargs(model, prompt, batch_size)
     rows = _predict_rows(model, samples, prompt, batch_size, gen_kwargs, progress,
                          use_video=use_video, use_audio=use_audio)
     if not answers_by_arm(model, use_video, use_audio):
         yield from rows
         return
-    yield from reanswer_by_arm(model, samples, list(rows), prompt, batch_size, gen_kwargs, options.label_mode)
+    yield from reanswer_by_arm(model, samples, list(rows), prompt, batch_size, gen_kwargs,
+                               model.cfg.generate.label_mode)
+
+
+def _answer_gen_kwargs(model: InferenceModel, prompt: PromptTemplate, batch_size: int) -> dict:
+    """Decoding settings of `predict_rows`: greedy, `label_answer_tokens` new tokens for a prompt whose answer
+    starts with the label, else `cfg.generate.max_new_tokens`."""
+    tokens = model.cfg.generate.max_new_tokens
+    if answers_with_label_first(prompt):
+        tokens = min(tokens, label_answer_tokens(model.backbone.processor.tokenizer, list(model.cfg.data.labels)))
+    return _gen_kwargs(model, GenerateConfig(max_new_tokens=tokens, batch_size=batch_size))
+
+
+def predict_decodes_like(model: InferenceModel, prompt: PromptTemplate, batch_size: int,
+                         options: GenerateConfig) -> bool:
+    """Whether `predict_rows(prompt_name=prompt.name, batch_size=batch_size)` decodes exactly as `generate_rows`
+    with `options` (then its `text` column is that generation's answer and need not be generated again)."""
+    return (options.prompt == prompt.name and options.batch_size == batch_size
+            and _answer_gen_kwargs(model, prompt, batch_size) == _gen_kwargs(model, options))
 
 
 def _predict_rows(
@@ -277,20 +290,14 @@ def routed_answers(
     model: InferenceModel, samples: Sequence[Sample], rows: Sequence[dict], arms: Sequence[str],
     batch_size: int = 16, prompt_name: str | None = None,
 ) -> list[str]:
-    """The answer label of each sample from its arm's modalities (`ARM_INPUTS`), as `predict_rows` gives it
-    without an arbiter: "fused" samples keep their label in `rows` (the both-modality `predict_rows` output);
-    only the samples routed to a unimodal arm are predicted again."""
+    """The answer label of each sample from its arm's modalities (`ARM_INPUTS`), decoded as `predict_rows`
+    decodes: "fused" samples keep their label in `rows` (the both-modality `predict_rows` output); only the
+    samples routed to a unimodal arm are answered again (`arm_answer_rows`, generation only: no head pass)."""
+    prompt = load_prompt(prompt_name or model.cfg.data.prompt)
     bare = dataclasses.replace(model, arbiter=None)
-    out = [r["label"] for r in rows]
-    for arm, (use_video, use_audio) in ARM_INPUTS.items():
-        idx = [i for i, a in enumerate(arms) if a == arm and arm != "fused"]
-        if not idx:
-            continue
-        again = predict_rows(bare, [samples[i] for i in idx], batch_size=batch_size, prompt_name=prompt_name,
-                             use_video=use_video, use_audio=use_audio)
-        for i, r in zip(idx, again, strict=True):
-            out[i] = r["label"]
-    return out
+    texts = arm_answer_rows(bare, samples, arms, prompt, batch_size, _answer_gen_kwargs(model, prompt, batch_size))
+    labels, mode = list(model.cfg.data.labels), model.cfg.generate.label_mode
+    return [parse_label(texts[i], labels, mode=mode) if i in texts else r["label"] for i, r in enumerate(rows)]
 
 
 def answers_per_arm(

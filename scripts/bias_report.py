@@ -29,13 +29,17 @@ answers (the label parsed from the generated text, `mllm_mer.labels.parse_label`
   (which modality is genuine on conflict clips, from all slots); layer and regularisation chosen by
   cross-validation on train.
 
-With `--run` also (accuracy of the run's classification heads):
+With `--run` also (accuracy of the run's classification heads, `head_label` of `predict_rows`):
 
 - per-subset accuracy, weighted F1 and the audio-dominance index (on audio/video conflicts, the share of
   cue-following predictions that follow the audio cue) of the fused head;
 - unimodal recognition: the same heads with only the audio, or only the video, in the prompt
   (`predict_rows(use_video=False)` / `use_audio=False`); accuracy against the label and against that
   modality's own cue.
+
+`predict_rows` also generates each condition's answer; when it decodes exactly as the generated answers
+above (`predict_decodes_like`: same prompt, batch size and decoding settings) those texts are reused, so
+each condition is generated once.
 
 Writes OUT.json and OUT.png (audio and video share per layer, one line per model) and prints a markdown
 summary. `--run` without `--backbone` uses the run's own `model.path`.
@@ -63,6 +67,7 @@ from mllm_mer.generation import (
     generate_rows,
     inference_loader,
     load_for_inference,
+    predict_decodes_like,
     predict_rows,
 )
 from mllm_mer.labels import UNKNOWN_LABEL, parse_label
@@ -115,23 +120,29 @@ def shares_report(per_sample: torch.Tensor, samples: Sequence[Sample]) -> dict:
     return out
 
 
-def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: str, batch_size: int) -> dict:
-    """Fused-head metrics on the full prompt, the audio-dominance index, and unimodal recognition."""
+def condition_rows(model: InferenceModel, samples: Sequence[Sample], prompt: str, batch_size: int) -> dict:
+    """{"full" | "audio_only" | "video_only": the `predict_rows` rows of that condition}."""
+    return {name: list(predict_rows(model, samples, batch_size=batch_size, prompt_name=prompt, **flags))
+            for name, flags in {"full": {}, **UNIMODAL}.items()}
+
+
+def accuracy_report(model: InferenceModel, samples: Sequence[Sample], rows: dict[str, list[dict]]) -> dict:
+    """Fused-head metrics on the full prompt, the audio-dominance index, and unimodal recognition, from the
+    heads' argmax (`head_label`) of each condition's `condition_rows`."""
     labels = list(model.cfg.data.labels)
     y_true = [s.label for s in samples]
     subsets = [s.subset for s in samples]
     audio_cues = [s.cues.get("audio") for s in samples]
     video_cues = [s.cues.get("video") for s in samples]
-    preds = [r["label"] for r in predict_rows(model, samples, batch_size=batch_size, prompt_name=prompt)]
+    preds = [r["head_label"] for r in rows["full"]]
     m = classification_metrics(y_true, preds, labels, subsets)
     out = {
         "fused": {"accuracy": m["accuracy"], "weighted_f1": m["weighted_f1"], "per_subset": m["per_subset"]},
         "audio_dominance": audio_dominance(preds, audio_cues, video_cues),
         "unimodal": {},
     }
-    for name, flags in UNIMODAL.items():
-        rows = predict_rows(model, samples, batch_size=batch_size, prompt_name=prompt, **flags)
-        uni = [r["label"] for r in rows]
+    for name in UNIMODAL:
+        uni = [r["head_label"] for r in rows[name]]
         cues = audio_cues if name == "audio_only" else video_cues
         known = [i for i, c in enumerate(cues) if c in labels]
         um = classification_metrics(y_true, uni, labels, subsets)
@@ -145,12 +156,15 @@ def accuracy_report(model: InferenceModel, samples: Sequence[Sample], prompt: st
 
 def generated_answers(
     model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, max_new_tokens: int,
-    *, use_video: bool = True, use_audio: bool = True,
+    *, use_video: bool = True, use_audio: bool = True, predicted: list[dict] | None = None,
 ) -> list[str]:
     """Greedy generated text per sample, in order (`generate_rows`), with `use_video=False` / `use_audio=False`
-    removing that modality from every prompt."""
+    removing that modality from every prompt; `predicted` (the same condition's `predict_rows` rows) is reused
+    when it decoded exactly so (`predict_decodes_like`)."""
     options = replace(model.cfg.generate, prompt=prompt.name, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       do_sample=False)
+    if predicted is not None and predict_decodes_like(model, prompt, batch_size, options):
+        return [row["text"] for row in predicted]
     rows = generate_rows(model, samples, options, progress=False, use_video=use_video, use_audio=use_audio)
     return [row["text"] for row in rows]
 
@@ -164,13 +178,16 @@ def _intensity_known(samples: Sequence[Sample], modality: str, labels: Sequence[
 
 def generated_report(
     model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, max_new_tokens: int,
+    predicted: dict[str, list[dict]] | None = None,
 ) -> dict:
-    """The answering model's generated answers: full prompt, audio-only, video-only, and explanation quality."""
+    """The answering model's generated answers: full prompt, audio-only, video-only, and explanation quality;
+    `predicted`: `condition_rows` of a run, reused where they decoded the same way."""
+    predicted = predicted or {}
     labels = list(model.cfg.data.labels)
     y_true = [s.label for s in samples]
     subsets = [s.subset for s in samples]
     cues = {m: [s.cues.get(m) for s in samples] for m in ("audio", "video")}
-    texts = generated_answers(model, samples, prompt, batch_size, max_new_tokens)
+    texts = generated_answers(model, samples, prompt, batch_size, max_new_tokens, predicted=predicted.get("full"))
     preds = [parse_label(t, labels, mode=model.cfg.generate.label_mode) for t in texts]
     m = classification_metrics(y_true, preds, labels, subsets)
     dom = audio_dominance(preds, cues["audio"], cues["video"])
@@ -185,7 +202,8 @@ def generated_report(
         "unimodal": {},
     }
     for name, flags in UNIMODAL.items():
-        uni_texts = generated_answers(model, samples, prompt, batch_size, max_new_tokens, **flags)
+        uni_texts = generated_answers(model, samples, prompt, batch_size, max_new_tokens, **flags,
+                                      predicted=predicted.get(name))
         uni = [parse_label(t, labels, mode=model.cfg.generate.label_mode) for t in uni_texts]
         own = OWN_CUE[name]
         um = classification_metrics(y_true, uni, labels, subsets)
@@ -330,16 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         bare = load_for_inference(model_path=str(backbone), cfg=cfg)  # the run's data settings, if any
         loader = inference_loader(bare, samples, template, args.batch_size)
         shares = {"backbone": collect_attention_shares(bare.backbone.model, loader)}
-        model = bare
+        model, predicted = bare, None
         if args.run:
             del bare
             model = load_for_inference(run_dir=args.run, cfg=run_cfg)
             loader = inference_loader(model, samples, template, args.batch_size)
             shares["fine-tuned"] = collect_attention_shares(model.mer, loader)
-            report["accuracy"] = accuracy_report(model, samples, prompt, args.batch_size)
+            predicted = condition_rows(model, samples, prompt, args.batch_size)
+            report["accuracy"] = accuracy_report(model, samples, predicted)
         report["answering"] = "fine-tuned" if args.run else "backbone"
         max_new = args.max_new_tokens or model.cfg.generate.max_new_tokens
-        report.update(generated_report(model, samples, template, args.batch_size, max_new))
+        report.update(generated_report(model, samples, template, args.batch_size, max_new, predicted))
         report["probes"] = (probes_report(model, train, samples, template, args.batch_size) if train is not None
                             else {"skipped": "no --train"})
         report["attention"] = {name: shares_report(s, samples) for name, s in shares.items()}

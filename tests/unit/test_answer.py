@@ -147,3 +147,43 @@ def test_fuse_margin_and_answer_fused_keep_the_bimodal_answer(dcr_setup):
             if answer == "fused" or arm == "fused":
                 assert [r["text"] for r in rows] == [f["text"] for f in fused]
             assert ("answer_arm" in rows[0]) == (answer == "arm")
+
+
+def _bias_report_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bias_report.py"
+    spec = importlib.util.spec_from_file_location("bias_report_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bias_report_scores_heads_and_generates_each_condition_once(setup, monkeypatch):
+    """With --run, the heads' accuracy comes from `head_label`, and the generated answers reuse the
+    `predict_rows` texts when the decoding is the same (one generation per condition), not otherwise."""
+    backbone, cfg, mer, samples = setup
+    model = InferenceModel(backbone, cfg, mer)
+    bias = _bias_report_script()
+    prompt, tokens = load_prompt("explain"), cfg.generate.max_new_tokens
+    predicted = bias.condition_rows(model, samples, "explain", 2)
+    options = dataclasses.replace(cfg.generate, prompt="explain", max_new_tokens=tokens, batch_size=2)
+    expected = [r["text"] for r in generate_rows(model, samples, options, progress=False)]
+    calls: list[dict] = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return generate_rows(*args, **kwargs)
+
+    monkeypatch.setattr(bias, "generate_rows", counting)
+    report = bias.generated_report(model, samples, prompt, 2, tokens, predicted)
+    assert calls == [] and report["generated"]["examples"] == expected[:3]
+    bias.generated_report(model, samples, prompt, 2, tokens - 1, predicted)  # another budget: generated again
+    assert len(calls) == 3
+    acc = bias.accuracy_report(model, samples, predicted)
+    heads = [r["head_label"] for r in predicted["full"]]
+    assert acc["fused"]["accuracy"] == pytest.approx(sum(h == s.label for h, s in zip(heads, samples, strict=True)) / len(samples))
+    video_heads = [r["head_label"] for r in predicted["video_only"]]
+    assert acc["unimodal"]["video_only"]["accuracy"] == pytest.approx(
+        sum(h == s.label for h, s in zip(video_heads, samples, strict=True)) / len(samples))
