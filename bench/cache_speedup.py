@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from mllm_mer.backbone import load_backbone  # noqa: E402
-from mllm_mer.config import load_config  # noqa: E402
+from mllm_mer.config import RANDOM_TWIN, load_config  # noqa: E402
 from mllm_mer.data.loading import build_loader, ensure_inputs, read_splits  # noqa: E402
 from mllm_mer.data.synthetic import SyntheticConfig, ensure_synthetic_set  # noqa: E402
 from mllm_mer.model import build_mer_model  # noqa: E402
@@ -69,11 +69,6 @@ class _Local:
     def wait_for_everyone() -> None:
         return None
 
-
-RANDOM_TWIN: tuple[str, ...] = ("model.path=.cache/mllm_mer/tiny-qwen2_5-omni", "model.tiny_weights=random")
-"""The model the speed figures are measured on (before the user's overrides): the tiny random Qwen2.5-Omni twin
-with its 30 s Whisper window, not the config's stage-0 backbone (a 4 s window: camera clips would not fit);
-the peer bench measures on the same twin."""
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,9 +13,10 @@ Variants, each its own model on the same frozen backbone weights, all trained on
     full   MoSE + DnR + DCR                                    (every part this package has)
 
 One step = forward, backward, AdamW step. Each round runs every variant once in turn, starting one variant
-later every round (after one warm-up round), torch threads 1, and each variant's ratio to the round's `lora` step is taken; the medians over
-the rounds are reported (main-thread CPU time; wall-clock medians in the JSON). Prints one JSON line, then
-the full-stack ratio as the last line. Trailing `key.path=value` arguments override the config.
+later every round (after one warm-up round), torch threads 1, and each variant's ratio to the round's `lora`
+step is taken; the medians over the rounds are reported (main-thread CPU time; wall-clock medians in the
+JSON). Prints one JSON line, then the full-stack ratio as the last line. Trailing `key.path=value`
+arguments override the config.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from mllm_mer.backbone import load_backbone  # noqa: E402
-from mllm_mer.config import load_config  # noqa: E402
+from mllm_mer.config import RANDOM_TWIN, load_config  # noqa: E402
 from mllm_mer.data.dataset import MerDataset, build_media_dataset, decode_options  # noqa: E402
 from mllm_mer.data.loading import build_collator, ensure_inputs, read_splits  # noqa: E402
 from mllm_mer.model import build_mer_model  # noqa: E402
@@ -48,11 +49,6 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "full": ("adapter=mose", "dnr.enabled=true", "dcr.enabled=true"),
 }
 
-
-RANDOM_TWIN: tuple[str, ...] = ("model.path=.cache/mllm_mer/tiny-qwen2_5-omni", "model.tiny_weights=random")
-"""The model the speed figures are measured on (before the user's overrides): the tiny random Qwen2.5-Omni twin
-with its 30 s Whisper window, not the config's stage-0 backbone (a 4 s window: camera clips would not fit);
-the peer bench measures on the same twin."""
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -114,6 +114,13 @@ class ModelConfig:
         return errors
 
 
+RANDOM_TWIN: tuple[str, ...] = (f"model.path={ModelConfig.path}", "model.tiny_weights=random")
+"""Overrides that select the tiny random Qwen2.5-Omni twin (`ModelConfig`'s default path, built there by
+`model.build_tiny`), with its 30 s Whisper window: what the speed benches measure on, whatever the config's
+own backbone (the default config's stage-0 backbone has a 4 s window, so camera clips would not fit); the peer
+bench measures on the same twin."""
+
+
 def frozen_encoder_problems(freeze: FreezeConfig) -> list[str]:
     """One line per unfrozen tower/projector (the frozen-encoder cache needs them all frozen); empty = cacheable."""
     return [
