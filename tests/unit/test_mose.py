@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from mllm_mer.adapters.mose import MoSEConfig
-from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord, route
+from mllm_mer.adapters.mose.layer import MoSELinear, RoutingRecord, TokenPlan, route
 from mllm_mer.adapters.mose.model import (
     MOSE_WEIGHTS,
     GateStatsMean,
@@ -158,6 +158,62 @@ def test_sample_gate_weighs_audio_against_video_per_sample():
         gated.mose_sample_gate.zero_()
     torch.testing.assert_close(gated(x, token_modality=tm), plain(x, token_modality=tm), rtol=0, atol=0)
 
+
+
+def test_layers_reading_one_input_share_its_cast_and_means_with_identical_results():
+    """q, k, v read the same tensor: with one plan they share its media means (and its cast); outputs and
+    every gradient equal those of separate plans, and of the same values passed as different tensors."""
+    torch.manual_seed(0)
+    cfg = MoSEConfig(r=4, experts=3, dropout=0.0)
+    layers = [MoSELinear(nn.Linear(16, d).requires_grad_(False), cfg) for d in (12, 8, 8)]
+    for i, m in enumerate(layers):
+        randomize(m, seed=i)
+    params = [p for m in layers for p in m.parameters() if p.requires_grad]
+    tm = torch.tensor([[0, 1, 2, 1, 0, 2, 0], [2, 2, 0, 1, 0, 2, 1]])
+    x0 = torch.randn(2, 7, 16, requires_grad=True)
+    weights = [torch.randn(2, 7, m.out_features) for m in layers]
+
+    def run(shared_plan: bool, same_tensor: bool):
+        for p in params:
+            p.grad = None
+        x0.grad = None
+        x = x0 * 1.0  # a non-leaf input, as a decoder layer's normed hidden states
+        inputs = [x if same_tensor else x.clone() for _ in layers]
+        plan = TokenPlan(tm)
+        records = []
+        outs = [m(i, token_modality=tm, mose_plan=plan if shared_plan else TokenPlan(tm), mose_records=records)
+                for m, i in zip(layers, inputs, strict=True)]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
+        loss = loss + sum(r.contribution.sum() + r.gate_mass.pow(2).sum() for r in records)
+        loss.backward()
+        return [o.detach() for o in outs], [p.grad.clone() for p in params], x0.grad.clone(), plan
+
+    shared = run(shared_plan=True, same_tensor=True)
+    for other in (run(shared_plan=False, same_tensor=True), run(shared_plan=True, same_tensor=False)):
+        for a, b in zip(shared[0] + shared[1] + [shared[2]], other[0] + other[1] + [other[2]], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    plan = TokenPlan(tm)
+    x = x0 * 1.0
+    means = plan.media_means(x)
+    assert plan.media_means(x) is means  # computed once for the layers that read x
+    assert plan.media_means(x.clone()) is not means  # another tensor: computed for it
+    y = x0.detach() * 1.0
+    stale = plan.media_means(y)
+    y.add_(1.0)  # changed in place: recomputed
+    torch.testing.assert_close(plan.media_means(y), stale + 1.0)
+    with torch.no_grad():  # another grad mode: computed without a graph
+        assert not plan.media_means(x).requires_grad
+    assert plan.media_means(x).requires_grad
+    with torch.inference_mode():  # inference tensors have no version counter: computed per call, not shared
+        xi = x0.detach() * 1.0
+        assert torch.equal(plan.media_means(xi), plan.media_means(xi))
+        plan_i = TokenPlan(tm)
+        for m, expected in zip(layers, shared[0], strict=True):
+            torch.testing.assert_close(m(xi, token_modality=tm, mose_plan=plan_i), expected, rtol=1e-6, atol=1e-6)
+    half = x.detach().to(torch.bfloat16)
+    assert plan.cast(half, torch.float32) is plan.cast(half, torch.float32)
+    assert torch.equal(plan.cast(half, torch.float32), half.float()) and plan.cast(x, torch.float32) is x
 
 def test_decision_balance_loss_hand_computed():
     full = torch.tensor([-1.0, -2.0, -0.5])

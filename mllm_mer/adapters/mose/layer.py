@@ -78,6 +78,13 @@ class TokenPlan:
             once per bound call).
         media_mask: (B, 2, T) float32, the audio and the video tokens of each sample.
         media_count: (B, 2, 1) float32, their numbers (at least 1).
+
+    The layers that read the same input tensor (q, k and v of one attention block) also share what depends
+    only on that tensor and the plan: its cast to the adapter dtype (`cast`) and the per-sample means of its
+    audio and video tokens (`media_means`), computed by the first of them and reused while the same tensor
+    object comes back unchanged (same in-place version, same grad mode; inference tensors, which have no
+    version, are never shared). The shared tensor's backward then runs once on the layers' summed gradients:
+    the same values up to float rounding.
     """
 
     def __init__(self, token_modality: torch.Tensor) -> None:
@@ -89,6 +96,46 @@ class TokenPlan:
         media = (int(Modality.AUDIO), int(Modality.VIDEO))
         self.media_mask = self.onehot[..., list(media)].transpose(1, 2)  # (B, 2, T)
         self.media_count = self.media_mask.sum(-1, keepdim=True).clamp_min(1.0)
+        self._cast: tuple | None = None  # (key of the input, its cast)
+        self._means: tuple | None = None  # (key of the input, its media means)
+
+    @staticmethod
+    def _key(x: torch.Tensor, *extra) -> tuple | None:
+        """What identifies an input: the tensor object (held, so its id cannot be reused), its in-place
+        version and the grad mode; None for an inference tensor (no version to tell an in-place change)."""
+        if x.is_inference():
+            return None
+        return (x, x._version, torch.is_grad_enabled(), *extra)
+
+    @staticmethod
+    def _hit(entry: tuple | None, key: tuple | None) -> bool:
+        """`entry` (key, value) holds the value for `key`."""
+        if key is None or entry is None or entry[0] is None:
+            return False
+        return entry[0][0] is key[0] and entry[0][1:] == key[1:]
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x.to(dtype)`, shared by the layers called on the same tensor `x`."""
+        if x.dtype == dtype:
+            return x
+        key = self._key(x, dtype)
+        if not self._hit(self._cast, key):
+            self._cast = (key, x.to(dtype))
+        return self._cast[1]
+
+    def media_means(self, x: torch.Tensor) -> torch.Tensor:
+        """[mean of x over each sample's audio tokens | mean over its video tokens], shared as `cast`.
+
+        Args:
+            x: (B, T, D) float.
+        Returns:
+            (B, 2 D), dtype of `x` (zeros where a sample has no such tokens).
+        """
+        key = self._key(x)
+        if not self._hit(self._means, key):
+            means = torch.bmm(self.media_mask.to(x.dtype), x) / self.media_count.to(x.dtype)  # (B, 2, D)
+            self._means = (key, means.flatten(1))
+        return self._means[1]
 
 
 def route(probs: torch.Tensor, routing: str, top_k: int = 1) -> torch.Tensor:
@@ -191,8 +238,7 @@ class MoSELinear(nn.Module):
         if self.mose_sample_gate is None:
             return ones
         plan = plan if plan is not None else TokenPlan(token_modality)
-        # [mean over audio tokens | mean over video tokens] of each sample: (B, 2, D_in) -> (B, 2 D_in)
-        means = (torch.bmm(plan.media_mask.to(x.dtype), x) / plan.media_count.to(x.dtype)).flatten(1)
+        means = plan.media_means(x)  # (B, 2 D_in): [mean over audio tokens | mean over video tokens]
         gate = 2.0 * torch.softmax(F.linear(means, self.mose_sample_gate), dim=-1)  # (B, 2)
         return torch.cat([ones[:, :1], gate], dim=-1)
 
@@ -244,7 +290,7 @@ class MoSELinear(nn.Module):
                 f"token_modality has shape {tuple(token_modality.shape)}, x has {tuple(x.shape)}"
             )
         plan = mose_plan if mose_plan is not None else TokenPlan(token_modality)
-        xf = x.to(self.mose_A.dtype)
+        xf = plan.cast(x, self.mose_A.dtype)
         h = F.linear(self.mose_dropout(xf), self.mose_A)  # (B,T,r)
         probs = self.gate_probs(xf, token_modality)  # (B,T,E)
         weights = route(probs, self.routing, self.top_k)  # (B,T,E)
