@@ -160,6 +160,74 @@ def test_sample_gate_weighs_audio_against_video_per_sample():
 
 
 
+def per_token_reference(mose: MoSELinear, x: torch.Tensor, tm: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The layer docstring's formula token by token (dense, no sorting, no dropout): output, record fields."""
+    B, M = x.shape[0], len(Modality)
+    h = x @ mose.mose_A.T  # (B,T,r)
+    if mose.mose_gate is None:
+        probs = torch.ones(*tm.shape, 1)
+    else:
+        probs = torch.einsum("btd,bted->bte", x, mose.mose_gate[tm]).softmax(-1)
+    weights = route(probs, mose.routing, mose.top_k)
+    w = 2 * torch.sigmoid(mose.mose_modality_logit) if mose.mose_modality_logit is not None else torch.ones(M)
+    sample = torch.ones(B, M)
+    if mose.mose_sample_gate is not None:
+        means = [(x * (tm == m)[..., None]).sum(1) / (tm == m).sum(1, keepdim=True).clamp_min(1) for m in (AUDIO, VIDEO)]
+        sample = torch.cat([torch.ones(B, 1), 2 * torch.softmax(torch.cat(means, -1) @ mose.mose_sample_gate.T, -1)], -1)
+    coef = w[tm] * sample.gather(1, tm)  # (B,T)
+    delta = mose.scaling * coef[..., None] * torch.einsum("bte,bteor,btr->bto", weights, mose.mose_B[tm], h)
+    onehot = torch.nn.functional.one_hot(tm, M).float()
+    denom = onehot.sum((0, 1)).clamp_min(1)
+    top1 = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
+    record = {
+        "tokens": onehot.sum((0, 1)),
+        "gate_mass": torch.einsum("btm,bte->me", onehot, probs) / denom[:, None],
+        "expert_usage": torch.einsum("btm,bte->me", onehot, top1) / denom[:, None],
+        "contribution": torch.einsum("btm,bt->m", onehot, delta.pow(2).sum(-1)) / denom,
+        "modality_weights": w,
+        "sample_gate": sample.mean(0),
+    }
+    return mose.base_layer(x) + delta, record
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize(("experts", "r", "d_out", "sample_gate"),
+                         [(3, 4, 12, True), (3, 4, 12, False), (1, 4, 12, True), (2, 2, 20, True)])
+def test_layer_matches_the_per_token_formula(routing, experts, r, d_out, sample_gate):
+    """The sorted, grouped computation gives the formula's output, records and gradients (d_out > (E r)^2:
+    the records' other branch)."""
+    torch.manual_seed(0)
+    cfg = MoSEConfig(r=r, experts=experts, routing=routing, top_k=min(2, experts), dropout=0.0,
+                     sample_gate=sample_gate)
+    mose = MoSELinear(nn.Linear(16, d_out).requires_grad_(False), cfg)
+    randomize(mose)
+    tm = torch.tensor([[0, 1, 2, 1, 0, 2, 0], [2, 2, 0, 0, 0, 2, 2]])  # sample 1 has no audio
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    weights = torch.randn(2, 7, d_out)
+    results = []
+    for run in ("layer", "reference"):
+        mose.zero_grad()
+        x.grad = None
+        if run == "layer":
+            records = []
+            out = mose(x, token_modality=tm, mose_records=records)
+            record = {k: getattr(records[0], k) for k in ("tokens", "gate_mass", "expert_usage", "contribution",
+                                                         "modality_weights", "sample_gate")}
+        else:
+            out, record = per_token_reference(mose, x, tm)
+        ((out * weights).sum() + record["gate_mass"].pow(2).sum() + record["contribution"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in mose.named_parameters() if p.requires_grad}
+        results.append((out.detach(), {k: v.detach() for k, v in record.items()}, grads, x.grad.clone()))
+    (out_a, rec_a, grads_a, gx_a), (out_b, rec_b, grads_b, gx_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    for k in rec_b:
+        torch.testing.assert_close(rec_a[k], rec_b[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert set(grads_a) == set(grads_b)
+    for n in grads_b:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-4, atol=1e-5)
+
+
 def test_layers_reading_one_input_share_its_cast_and_means_with_identical_results():
     """q, k, v read the same tensor: with one plan they share its media means (and its cast); outputs and
     every gradient equal those of separate plans, and of the same values passed as different tensors."""

@@ -76,6 +76,9 @@ class TokenPlan:
         order: (N,) long, N = B * T: the flat token positions sorted by modality (stable).
         counts: M ints, tokens of each modality (the groups of `order`, in modality order; read to the host
             once per bound call).
+        tokens: (M,) float32, `counts` as a tensor; denom: (M,) float32, `tokens` clamped to at least 1.
+        mean_t: (M, N) float32, 1 / denom[m] where token n has modality m, else 0: `mean_t @ v` is the
+            per-group mean of a per-token (N, ...) value.
         media_mask: (B, 2, T) float32, the audio and the video tokens of each sample.
         media_count: (B, 2, 1) float32, their numbers (at least 1).
 
@@ -93,11 +96,23 @@ class TokenPlan:
         flat = token_modality.reshape(-1)
         self.order = torch.sort(flat, stable=True).indices
         self.counts = torch.bincount(flat, minlength=NUM_MODALITIES).tolist()
+        self.tokens = self.onehot.new_tensor(self.counts)
+        self.denom = self.tokens.clamp_min(1.0)
+        self.mean_t = self.onehot.flatten(0, 1).T / self.denom[:, None]
         media = (int(Modality.AUDIO), int(Modality.VIDEO))
         self.media_mask = self.onehot[..., list(media)].transpose(1, 2)  # (B, 2, T)
         self.media_count = self.media_mask.sum(-1, keepdim=True).clamp_min(1.0)
+        self._gate_index: dict[int, torch.Tensor] = {}
         self._cast: tuple | None = None  # (key of the input, its cast)
         self._means: tuple | None = None  # (key of the input, its media means)
+
+    def gate_index(self, experts: int) -> torch.Tensor:
+        """(1, E, N) long: each token's modality, expanded to gather its E gate logits from (M, E, N)."""
+        index = self._gate_index.get(experts)
+        if index is None:
+            flat = self.token_modality.reshape(1, 1, -1)
+            index = self._gate_index[experts] = flat.expand(1, experts, flat.shape[-1])
+        return index
 
     @staticmethod
     def _key(x: torch.Tensor, *extra) -> tuple | None:
@@ -138,28 +153,88 @@ class TokenPlan:
         return self._means[1]
 
 
-def route(probs: torch.Tensor, routing: str, top_k: int = 1) -> torch.Tensor:
+def argmax_onehot(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """One-hot of the argmax of `probs` along `dim` (shape and dtype of `probs`, no gradient)."""
+    probs = probs.detach()
+    first = probs.max(dim, keepdim=True).indices  # the first maximum, as argmax (which is slow over dim 0 on CPU)
+    return torch.zeros_like(probs).scatter_(dim, first, 1.0)
+
+
+def route(
+    probs: torch.Tensor, routing: str, top_k: int = 1, hard: torch.Tensor | None = None, dim: int = -1
+) -> torch.Tensor:
     """Expert weights from gate probabilities.
 
     Args:
-        probs: (..., E) softmax probabilities.
+        probs: (..., E) softmax probabilities (E along `dim`).
         routing: "soft" (probs as they are), "top_k" (the top_k largest keep their value, others 0) or
             "top1_st" (one-hot of the argmax in the forward pass, gradient of `probs`).
         top_k: experts kept with "top_k".
+        hard: `argmax_onehot(probs, dim)` when already computed (used by "top1_st").
+        dim: the experts' dimension of `probs`.
     Returns:
-        (..., E), same dtype as `probs`.
+        The shape and dtype of `probs`.
     Raises:
         ValueError: unknown `routing`.
     """
     if routing == "soft":
         return probs
     if routing == "top_k":
-        keep = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
+        keep = torch.zeros_like(probs).scatter_(dim, probs.topk(top_k, dim=dim).indices, 1.0)
         return probs * keep
     if routing == "top1_st":
-        hard = F.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+        hard = argmax_onehot(probs, dim) if hard is None else hard
         return hard + probs - probs.detach()  # forward: exactly `hard`; backward: d/dprobs
     raise ValueError(f"mose.routing={routing!r} unknown; valid: ['soft', 'top_k', 'top1_st']")
+
+
+class _ModalityDelta(torch.autograd.Function):
+    """out[rows of group m] += z_m^T b_m for each modality m (in place), optionally |z_m^T b_m|^2, in one node.
+
+    Forward args: out (N, D_out) the base output (any float dtype, modified in place); z (K, N) the rank-space
+    mixture of the tokens sorted by modality; b (M, K, D_out) each modality's B's; order: (N,) the rows of
+    `out` in z's token order (`TokenPlan.order`); counts: the M group sizes N_m; squares: also return (M,)
+    the summed squared norm of each group's delta (else None).
+
+    One node instead of a matmul and a `dot` per group and an `index_add_`: the groups' products are written
+    into one (N, D_out) buffer, added to `out` in one `index_add_`; the backward gathers the delta gradient
+    once (grad_out's rows, plus 2 * grad_sq[m] * delta_m in place) and writes the gradients of z and b into
+    one buffer each. The products are exactly those autograd would compute.
+    """
+
+    @staticmethod
+    def forward(ctx, out, z, b, order, counts, squares):
+        delta = z.new_empty(z.shape[1], b.shape[2])  # (N, D_out), sorted like z
+        deltas = delta.split(counts)
+        for g, b_m, d in zip(z.split(counts, dim=1), b, deltas, strict=True):
+            torch.mm(g.t(), b_m, out=d)
+        out.index_add_(0, order, delta.to(out.dtype))
+        ctx.mark_dirty(out)
+        ctx.order, ctx.counts = order, counts
+        if not squares:
+            ctx.save_for_backward(z, b)
+            return out, None
+        ctx.save_for_backward(z, b, delta)
+        return out, torch.stack([torch.dot(d.view(-1), d.view(-1)) for d in deltas])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_sq):
+        z, b, *delta = ctx.saved_tensors
+        grad_z = torch.empty_like(z) if ctx.needs_input_grad[1] else None
+        grad_b = torch.empty_like(b) if ctx.needs_input_grad[2] else None
+        grad = grad_out.index_select(0, ctx.order).to(z.dtype)  # (N, D_out): d loss / d delta, sorted like z
+        grads, z_groups = grad.split(ctx.counts), z.split(ctx.counts, dim=1)
+        if grad_sq is not None:  # d |delta_m|^2 / d delta_m = 2 delta_m
+            for g, d, gs in zip(grads, delta[0].split(ctx.counts), (2.0 * grad_sq).unbind(), strict=True):
+                g.addcmul_(d, gs)
+        if grad_z is not None:
+            for g, b_m, out in zip(grads, b, grad_z.split(ctx.counts, dim=1), strict=True):
+                torch.mm(b_m, g.t(), out=out)
+        if grad_b is not None:
+            for g, z_m, out in zip(grads, z_groups, grad_b, strict=True):
+                torch.mm(z_m, g, out=out)
+        return grad_out, grad_z, grad_b, None, None, None
 
 
 class MoSELinear(nn.Module):
@@ -233,30 +308,33 @@ class MoSELinear(nn.Module):
         Returns:
             (B, M) float32; all ones without `mose.sample_gate`.
         """
-        B = x.shape[0]
-        ones = x.new_ones(B, NUM_MODALITIES)
         if self.mose_sample_gate is None:
-            return ones
+            return x.new_ones(x.shape[0], NUM_MODALITIES)
         plan = plan if plan is not None else TokenPlan(token_modality)
         means = plan.media_means(x)  # (B, 2 D_in): [mean over audio tokens | mean over video tokens]
         gate = 2.0 * torch.softmax(F.linear(means, self.mose_sample_gate), dim=-1)  # (B, 2)
-        return torch.cat([ones[:, :1], gate], dim=-1)
+        return F.pad(gate, (1, 0), value=1.0)  # text: 1
 
-    def gate_probs(self, x: torch.Tensor, token_modality: torch.Tensor) -> torch.Tensor:
-        """Softmax over the experts of each token's own modality.
+    def gate_probs(
+        self, x: torch.Tensor, token_modality: torch.Tensor, plan: TokenPlan | None = None
+    ) -> torch.Tensor:
+        """Softmax over the experts of each token's own modality, experts first.
 
         Args:
             x: (B, T, D_in) float32 gate input.
             token_modality: (B, T) long, values in `Modality`.
+            plan: `TokenPlan(token_modality)` when already built.
         Returns:
-            (B, T, E) float32 (all ones when E = 1).
+            (E, N) float32, N = B * T tokens in (b, t) order (all ones when E = 1). Experts first: torch's CPU
+            kernels (softmax, argmax, sums) are slow over a short last dimension.
         """
-        E = self.num_experts
+        E, N = self.num_experts, token_modality.numel()
         if self.mose_gate is None:
-            return x.new_ones(*x.shape[:-1], 1)
-        logits = F.linear(x, self.mose_gate.flatten(0, 1)).unflatten(-1, (NUM_MODALITIES, E))  # (B,T,M,E)
-        index = token_modality[..., None, None].expand(*token_modality.shape, 1, E)  # (B,T,1,E)
-        return logits.gather(-2, index).squeeze(-2).softmax(dim=-1)
+            return x.new_ones(1, N)
+        plan = plan if plan is not None else TokenPlan(token_modality)
+        # (M*E, N): computed this way round the narrow product is faster, and x's gradient keeps x's layout
+        logits = torch.mm(self.mose_gate.flatten(0, 1), x.reshape(N, -1).t()).view(NUM_MODALITIES, E, N)
+        return logits.gather(0, plan.gate_index(E)).view(E, N).softmax(dim=0)  # own modality's E logits
 
     def forward(
         self,
@@ -279,7 +357,6 @@ class MoSELinear(nn.Module):
             RuntimeError: called without `token_modality` (outside `bound_modalities`).
             ValueError: `token_modality` does not have the shape of `x` without its last dimension.
         """
-        result = self.base_layer(x)
         if token_modality is None:
             raise RuntimeError(
                 "MoSELinear called without token_modality: run the model inside "
@@ -290,59 +367,55 @@ class MoSELinear(nn.Module):
                 f"token_modality has shape {tuple(token_modality.shape)}, x has {tuple(x.shape)}"
             )
         plan = mose_plan if mose_plan is not None else TokenPlan(token_modality)
+        N, E, r = plan.order.numel(), self.num_experts, self.r
         xf = plan.cast(x, self.mose_A.dtype)
-        h = F.linear(self.mose_dropout(xf), self.mose_A)  # (B,T,r)
-        probs = self.gate_probs(xf, token_modality)  # (B,T,E)
-        weights = route(probs, self.routing, self.top_k)  # (B,T,E)
+        h = F.linear(self.mose_dropout(xf.reshape(N, -1)), self.mose_A)  # (N,r), as LoRA
+        probs = self.gate_probs(xf, token_modality, plan)  # (E,N)
+        top1 = argmax_onehot(probs, dim=0)  # (E,N) no grad
+        weights = route(probs, self.routing, self.top_k, hard=top1, dim=0)  # (E,N)
         w = self.modality_weights()  # (M,)
         sample = self.sample_weights(xf, token_modality, plan)  # (B,M): 1, w_a, w_v of each sample
-        coef = (w * sample).gather(1, token_modality)  # (B,T): w_m * sample gate of the token's own m
+        coef = (w * sample).gather(1, token_modality).view(1, N)  # w_m * sample gate of the token's own m
         # the rank-space mixture z[e] = coef * g_e * (A x) of each token's own modality, built on the tokens
-        # sorted by modality (groups in modality order), then one matmul per group with its modality's B's
-        N, E = plan.order.numel(), self.num_experts
-        gated = (coef[..., None] * weights).reshape(N, E).index_select(0, plan.order)  # (N,E)
-        z = gated[:, :, None] * h.reshape(N, self.r).index_select(0, plan.order)[:, None, :]  # (N,E,r)
-        groups = z.flatten(1).split(plan.counts)  # per modality: (N_m, K), K = E*r
-        b = self.mose_B.transpose(-1, -2).reshape(NUM_MODALITIES, E * self.r, self.out_features)
+        # sorted by modality (groups in modality order), then one matmul per group with its modality's B's;
+        # the rank space comes first (K, N), K = E*r: the fast layout on CPU for these short dimensions
+        gated = (coef * weights).index_select(1, plan.order)  # (E,N) sorted
+        z = (gated[:, None, :] * h.t().index_select(1, plan.order)[None, :, :]).view(E * r, N)  # (K,N)
+        b = self.mose_B.transpose(-1, -2).reshape(NUM_MODALITIES, E * r, self.out_features)
         b = b * self.scaling  # (M, K, D_out), rows ordered like z; the delta's alpha / r folded in
-        delta = torch.cat([g @ b[m] for m, g in enumerate(groups)])  # (N, D_out), sorted order
+        # each group's delta z_m^T b_m, added to its own rows of the base output. A plain linear does not
+        # keep its output for backward (it saves its input), so the rows are added in place.
+        out = self.base_layer(x.reshape(N, self.in_features))
+        if type(self.base_layer) is not nn.Linear:  # e.g. a 4-bit linear: its output may be a view or saved
+            out = out.clone()
+        direct = mose_records is not None and self.out_features <= b.shape[1] ** 2
+        out, sq = _ModalityDelta.apply(out, z, b, plan.order, plan.counts, direct)
         if mose_records is not None:
-            mose_records.append(self._record(groups, b, delta, probs, plan, w, sample))
-        # unsort and add in one op: each output row gets its own delta row exactly once
-        out = result.reshape(N, self.out_features).index_add(0, plan.order, delta.to(result.dtype))
-        return out.view(result.shape)
+            mose_records.append(self._record(z, b, sq, probs, top1, plan, w, sample))
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _record(
-        self, groups: tuple[torch.Tensor, ...], b: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor,
-        plan: TokenPlan, w: torch.Tensor, sample: torch.Tensor,
+        self, z: torch.Tensor, b: torch.Tensor, sq: torch.Tensor | None, probs: torch.Tensor,
+        top1: torch.Tensor, plan: TokenPlan, w: torch.Tensor, sample: torch.Tensor,
     ) -> RoutingRecord:
         """Statistics of one call, per modality group (see `RoutingRecord`).
 
         Args:
-            groups: per modality, (N_m, K) the rank-space mixture of its tokens (K = E*r, `plan.order`);
-            b: (M, K, D_out) the B's of each modality times alpha / r, rows ordered like the groups;
-            delta: (N, D_out) float32 the adapter delta, in `plan.order`; probs: (B,T,E) gate probabilities;
-            plan: the call's `TokenPlan`; w: (M,) modality weights; sample: (B,M) per-sample modality
-            gates (1, w_a, w_v).
+            z: (K, N) the rank-space mixture of the tokens sorted by modality (K = E*r, `plan.order`);
+            b: (M, K, D_out) the B's of each modality times alpha / r, rows ordered like z's K;
+            sq: (M,) float32 the summed squared norm of each group's adapter delta, or None (then computed
+                here from `z` and `b`);
+            probs: (E,N) gate probabilities; top1: (E,N) one-hot of their argmax; plan: the call's
+            `TokenPlan`; w: (M,) modality weights; sample: (B,M) per-sample modality gates (1, w_a, w_v).
         """
-        E = self.num_experts
-        K = b.shape[1]
-        if self.out_features <= K * K:  # sum of |delta|^2 over each group's rows directly: cheaper here
-            flat = delta.split(plan.counts)
-            sq = torch.stack([torch.dot(d.flatten(), d.flatten()) for d in flat])  # (M,)
-        else:  # |delta|^2 = z^T (B B^T) z per group: no (N, D_out) product kept for backward
-            sq = torch.stack([((g @ (b[m] @ b[m].T)) * g).sum(-1).clamp_min(0).sum()
-                              for m, g in enumerate(groups)])  # (M,)
-        top1 = F.one_hot(probs.detach().argmax(-1), E).to(probs.dtype)  # (B,T,E)
-        # one product for the per-group sums of the gate mass and the top-1 counts
-        sums = plan.onehot.to(probs.dtype).flatten(0, 1).T @ torch.cat([probs, top1], dim=-1).flatten(0, 1)
-        tokens = probs.new_tensor(plan.counts)  # (M,)
-        denom = tokens.clamp_min(1.0)
+        if sq is None:  # |delta|^2 = z^T (B B^T) z per group: no (N, D_out) product kept for backward
+            sq = torch.stack([(((b[m] @ b[m].T) @ g) * g).sum(0).clamp_min(0).sum()
+                              for m, g in enumerate(z.split(plan.counts, dim=1))])  # (M,)
         return RoutingRecord(
-            tokens=tokens,
-            gate_mass=sums[:, :E] / denom[:, None],
-            expert_usage=(sums[:, E : 2 * E] / denom[:, None]).detach(),
-            contribution=sq / denom,
+            tokens=plan.tokens,
+            gate_mass=plan.mean_t @ probs.t(),
+            expert_usage=plan.mean_t @ top1.t(),
+            contribution=sq / plan.denom,
             modality_weights=w.detach(),
             sample_gate=sample.detach().mean(0),
         )
