@@ -392,6 +392,20 @@ LEGACY_KEYS: dict[str, str] = {
 }
 """Keys of mllm_mer 0.1 configs that were replaced, with what replaces them."""
 
+ADDED_KEYS: dict[str, Any] = {"dcr.reliability": False}
+"""Keys added after runs were already being saved, with the value that reproduces such a run: a saved
+`config.yaml` (always fully resolved) whose section lacks the key was trained without it."""
+
+
+def _fill_added_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config with every `ADDED_KEYS` entry its section lacks set to the value it was trained with."""
+    out = dict(data)
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and name not in out[section]:
+            out[section] = {**out[section], name: value}
+    return out
+
 
 def _migrate_legacy(data: dict[str, Any], source: str, migrate: bool) -> dict[str, Any]:
     """Map 0.1's `lora.enabled` / `mose.enabled` onto `adapter` (saved runs), or refuse them (user configs).
@@ -574,6 +588,8 @@ def load_config(
         if saved_run is None:
             saved_run = path.name == "config.yaml" and (path.parent / "run_info.json").is_file()
         data = _migrate_legacy(data, source, migrate=bool(saved_run))
+        if saved_run:
+            data = _fill_added_keys(data)
     if overrides:
         extra = parse_overrides(overrides)
         _migrate_legacy(extra, "command line", migrate=False)

@@ -430,8 +430,9 @@ def test_full_feedback_fit_is_ridge_regression_per_arm():
 
 def test_arbiter_fits_from_probabilities_and_labels_only():
     # the fitting API takes nothing else: no cue labels, no subsets, no sample ids
-    # (and the model's own per-arm answers for reward="answer": outputs, never cue labels)
-    assert list(inspect.signature(fit_arbiter).parameters) == ["probs", "labels", "config", "answers"]
+    # (and the model's own per-arm answers for reward="answer" and its paths' predicted reliabilities for
+    # state="reliable": outputs, never cue labels)
+    assert list(inspect.signature(fit_arbiter).parameters) == ["probs", "labels", "config", "answers", "reliability"]
     probs = random_probs(30)
     labels = torch.randint(0, 6, (30,), generator=torch.Generator().manual_seed(2))
     names = list(MER2023_LABELS)

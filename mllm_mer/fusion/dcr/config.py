@@ -44,12 +44,13 @@ class ArbiterConfig:
     seed: int = 0
     """Seed of the pass order and of the cross-fitting folds (the fit is deterministic given predictions,
     labels and this)."""
-    state: Literal["probs", "rich"] = "rich"
+    state: Literal["probs", "rich", "reliable"] = "rich"
     """The arbiter's state (our choice). "probs": every path's probabilities, normalized entropy, top-1/top-2
     margin, the pairwise JS divergences and a bias; "rich" adds every path's max probability (with the
     entropy, the audio/video teachers' per-modality confidence) and every pair's agreement (audio vs video,
     each vs fused, ...) as sum_c p_a,c p_b,c: 1[argmax p_a = argmax p_b] for one-hot paths, smooth on
-    near-ties."""
+    near-ties; "reliable" adds to "rich" each unimodal path's predicted reliability (`dcr.reliability`) and
+    its product with the audio/video disagreement 1 - sum_c p_audio,c p_video,c."""
     folds: int = 5
     """Cross-fitting (our choice): when the arbiter is scored on the set it is fitted on
     (`scripts/fit_arbiter.py` on DATA), the samples are split into `folds` seeded folds and each fold is
@@ -104,6 +105,11 @@ class DCRConfig:
     learns the teacher that is surer of itself (learned from the data: nothing says which modality that is)."""
     feed_student: bool = True
     """Add g * log_softmax(text logits) (detached; g a learned scalar, 0 at start) to the fused logits."""
+    reliability: bool = True
+    """Fit a reliability head per path after training (our choice; `mllm_mer.fusion.dcr.reliability`): a
+    ridge regression, fitted in closed form on the training split in one extra forward pass, that predicts
+    from the path's detached hidden states the probability the path's head gives the true class; the arbiter's
+    state "reliable" reads it. false = no reliability heads (runs trained before they existed load with false)."""
     arbiter: ArbiterConfig = field(default_factory=ArbiterConfig)
 
     def problems(self) -> list[str]:
