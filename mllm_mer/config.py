@@ -392,18 +392,26 @@ LEGACY_KEYS: dict[str, str] = {
 }
 """Keys of mllm_mer 0.1 configs that were replaced, with what replaces them."""
 
-ADDED_KEYS: dict[str, Any] = {"dcr.reliability": False}
-"""Keys added after runs were already being saved, with the value that reproduces such a run: a saved
-`config.yaml` (always fully resolved) whose section lacks the key was trained without it."""
+ADDED_KEYS: dict[str, Any] = {"dcr.reliability": False, "dcr.arbiter.state": "rich"}
+"""Keys added (or whose default changed) after runs were already being saved, with the value that reproduces
+such a run: a saved `config.yaml` (always fully resolved) whose section lacks the key was trained or fitted
+without it."""
 
 
 def _fill_added_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's config with every `ADDED_KEYS` entry its section lacks set to the value it was trained with."""
+    """A saved run's config with every `ADDED_KEYS` entry its section lacks set to the value it was trained with
+    (a section the file lacks altogether is left to the defaults)."""
     out = dict(data)
     for key, value in ADDED_KEYS.items():
-        section, name = key.split(".")
-        if isinstance(out.get(section), dict) and name not in out[section]:
-            out[section] = {**out[section], name: value}
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                break
+            node[section] = dict(node[section])  # copied: the caller's dict stays as it was
+            node = node[section]
+        else:
+            node.setdefault(name, value)
     return out
 
 

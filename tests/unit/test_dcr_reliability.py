@@ -10,7 +10,7 @@ import yaml
 from accelerate import Accelerator
 
 from mllm_mer.backbone import load_backbone
-from mllm_mer.config import load_config, load_run_config, save_config
+from mllm_mer.config import ConfigError, load_config, load_run_config, save_config
 from mllm_mer.fusion.dcr.ada import (
     ARMS,
     build_state,
@@ -125,7 +125,7 @@ def test_fit_after_training_sets_the_heads_and_exposes_them(tiny_backbone_dir, a
     with torch.no_grad():
         torch.testing.assert_close(path_reliability(fresh(batch)), rel)
     # off: no heads, no features, nothing fitted after training
-    off = cfg_for(tiny_backbone_dir, "dcr.reliability=false")
+    off = cfg_for(tiny_backbone_dir, "dcr.reliability=false", "dcr.arbiter.state=rich")
     bare = build_mer_model(load_backbone(tiny_backbone_dir), off)
     assert not any(k.startswith(reliability_name("audio")) for k in bare.state_dict())
     out = bare(batch)
@@ -142,9 +142,21 @@ def test_runs_saved_before_reliability_heads_load_without_them(tmp_path):
     assert load_run_config(tmp_path).dcr.reliability is True  # saved: kept
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del data["dcr"]["reliability"]
+    data["dcr"]["arbiter"]["state"] = "rich"  # as saved before the heads existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     assert load_run_config(tmp_path).dcr.reliability is False  # an older run: trained without them
     assert load_run_config(tmp_path, ["dcr.reliability=true"]).dcr.reliability is True
+    del data["dcr"]["arbiter"]["state"]  # older still: fitted its arbiter on the "rich" state
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_run_config(tmp_path).dcr.arbiter.state == "rich"
+
+
+def test_the_reliable_state_needs_the_reliability_heads():
+    assert load_config(None, ["dcr.enabled=true"]).dcr.arbiter.state == "reliable"  # the default
+    with pytest.raises(ConfigError, match="dcr.arbiter.state=rich, or dcr.reliability=true"):
+        load_config(None, ["dcr.enabled=true", "dcr.reliability=false"])
+    assert load_config(None, ["dcr.enabled=true", "dcr.reliability=false", "dcr.arbiter.state=rich"])
+    assert load_config(None, ["dcr.reliability=false"])  # DCR off: nothing reads the state
 
 
 def test_reliable_state_adds_reliabilities_and_their_product_with_disagreement():
@@ -182,7 +194,7 @@ def test_arbiter_learns_to_drop_an_unreliable_modality_from_reliability_alone():
              "audio": sure(audio_cls), "video": sure(video_cls)}
     rel = torch.stack([torch.full((n,), 0.2), torch.where(audio_right, 0.9, 0.1), torch.full((n,), 0.7)], 1)
     rel = rel.double() + 0.02 * torch.rand(n, 3, generator=g, dtype=torch.float64)
-    cfg = ArbiterConfig(reward="head", calibration_weight=0.0, folds=4)
+    cfg = ArbiterConfig(reward="head", state="rich", calibration_weight=0.0, folds=4)
 
     def accuracy(arms: list[str]) -> float:
         return sum(int(probs[a][i].argmax()) == int(y[i]) for i, a in enumerate(arms)) / n
