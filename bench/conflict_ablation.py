@@ -75,7 +75,13 @@ from safetensors import safe_open  # noqa: E402
 from mllm_mer.config import ConfigError, load_config, load_run_config  # noqa: E402
 from mllm_mer.data.jsonl import DataError, read_jsonl  # noqa: E402
 from mllm_mer.data.schema import SUBSETS, Sample  # noqa: E402
-from mllm_mer.fusion.dcr.ada import ARMS, answer_inputs, arbiter_inputs, fit_arbiter  # noqa: E402
+from mllm_mer.fusion.dcr.ada import (  # noqa: E402
+    ARMS,
+    answer_inputs,
+    arbiter_inputs,
+    fit_arbiter,
+    reliability_inputs,
+)
 from mllm_mer.fusion.dcr.config import ArbiterConfig  # noqa: E402
 from mllm_mer.generation import (  # noqa: E402
     InferenceModel,
@@ -121,10 +127,10 @@ help)."""
 AR_PATHS_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.sample_sharpness": (1.0, 4.0)}
 """Per-sample AR's dev grid (`ar.target_mode=paths`: each clip's target and strength from its unimodal paths;
 needs DCR)."""
-ARBITER_GRID: dict[str, tuple] = {"feedback": ("full", "bandit"), "calibration_weight": (0.0, 0.5),
-                                  "fuse_margin": (0.0, 0.1, 0.25)}
+ARBITER_GRID: dict[str, tuple] = {"state": ("rich", "reliable"), "feedback": ("full", "bandit"),
+                                  "calibration_weight": (0.0, 0.5), "fuse_margin": (0.0, 0.1, 0.25)}
 """The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev (the routed answer's
-accuracy)."""
+accuracy; ties keep the earlier setting). "reliable" is left out for a run without reliability heads."""
 
 ROWS: tuple[Row, ...] = (
     Row("plain_lora"),
@@ -219,15 +225,18 @@ def train_run(config: Path, overrides: list[str], out_dir: Path) -> None:
         raise RuntimeError(f"training failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def trained_parameters(run_dir: Path) -> int:
+def trained_parameters(run_dir: Path, buffers: set[str] = frozenset()) -> int:
     """Sum of numel over every tensor the run saved (top-level *.safetensors and adapter/, including the
-    per-adapter subfolders peft writes for extra adapters such as DCR's adapter/dcr_<path>/), read lazily."""
+    per-adapter subfolders peft writes for extra adapters such as DCR's adapter/dcr_<path>/), read lazily;
+    saved tensors named in `buffers` (fitted, not trained by gradient, e.g. DCR's reliability heads) are
+    left out."""
     files = sorted(run_dir.glob("*.safetensors")) + sorted((run_dir / "adapter").rglob("*.safetensors"))
     total = 0
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
-                total += int(np.prod(fh.get_slice(key).get_shape()))
+                if key not in buffers:
+                    total += int(np.prod(fh.get_slice(key).get_shape()))
     return total
 
 
@@ -274,7 +283,8 @@ def fit_arbiter_on(rows: Sequence[dict], samples: Sequence[Sample], config: Arbi
                    answers: dict[str, list[str]]):
     """The arbiter fitted on these rows' path probabilities, labels and (reward="answer") per-arm answers."""
     probs, y = arbiter_inputs(rows, {s.id: s.label for s in samples}, labels)
-    arbiter = fit_arbiter(probs, y, config, answer_inputs(answers, labels) if config.reward == "answer" else None)
+    arbiter = fit_arbiter(probs, y, config, answer_inputs(answers, labels) if config.reward == "answer" else None,
+                          reliability_inputs(rows))
     return dataclasses.replace(arbiter, labels=tuple(labels))
 
 
@@ -282,7 +292,7 @@ def arbiter_choice(arbiter, rows: Sequence[dict], labels: Sequence[str]) -> tupl
     """(the arm the arbiter picks per row, that arm's head label), from the rows' path probabilities."""
     probs = {a: torch.tensor([[r["probs"][a][c] for c in labels] for r in rows], dtype=torch.float64)
              for a in ARMS}
-    arms = arbiter.select(probs)
+    arms = arbiter.select(probs, reliability_inputs(rows))
     return arms, [max(r["probs"][arm], key=r["probs"][arm].get) for r, arm in zip(rows, arms, strict=True)]
 
 
@@ -326,8 +336,11 @@ def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sam
         chosen_model = with_overrides(model, run_dir, [*row.infer, *(f"{k}={v}" for k, v in out["chosen"].items())])
         answers = answers_per_arm(chosen_model, dev, batch_size, best_rows)
         grid = []
-        for combo in itertools.product(*ARBITER_GRID.values()):
-            settings = dict(zip(ARBITER_GRID, combo, strict=True))
+        arbiter_grid = dict(ARBITER_GRID)
+        if reliability_inputs(best_rows) is None:  # a run without reliability heads: the state cannot use them
+            arbiter_grid["state"] = tuple(v for v in ARBITER_GRID["state"] if v != "reliable")
+        for combo in itertools.product(*arbiter_grid.values()):
+            settings = dict(zip(arbiter_grid, combo, strict=True))
             config = dataclasses.replace(model.cfg.dcr.arbiter, **settings)
             acc = cross_fitted_accuracy(best_rows, answers, dev, config, labels)
             grid.append({"values": settings, "cross_fitted_dev_accuracy": acc["arbiter_answer"],
@@ -465,7 +478,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             per_seed[row.name].append(score_row(row, model, run_dir, searched[row.name], dev, test, args.batch_size))
             step_times[row.name].append(median_step_time(run_dir) / median_step_time(run_dirs[()]))
             if row.name not in params:
-                params[row.name] = trained_parameters(run_dir)
+                params[row.name] = trained_parameters(run_dir, {n for n, _ in model.mer.named_buffers()})
                 declared = sum(t for t, _ in apply_trainable(model.mer, model.cfg).values())
                 if params[row.name] != declared:
                     print(f"WARNING {row.name}: the run saved {params[row.name]:,} trained values but its "

@@ -392,6 +392,28 @@ LEGACY_KEYS: dict[str, str] = {
 }
 """Keys of mllm_mer 0.1 configs that were replaced, with what replaces them."""
 
+ADDED_KEYS: dict[str, Any] = {"dcr.reliability": False, "dcr.arbiter.state": "rich"}
+"""Keys added (or whose default changed) after runs were already being saved, with the value that reproduces
+such a run: a saved `config.yaml` (always fully resolved) whose section lacks the key was trained or fitted
+without it."""
+
+
+def _fill_added_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config with every `ADDED_KEYS` entry its section lacks set to the value it was trained with
+    (a section the file lacks altogether is left to the defaults)."""
+    out = dict(data)
+    for key, value in ADDED_KEYS.items():
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                break
+            node[section] = dict(node[section])  # copied: the caller's dict stays as it was
+            node = node[section]
+        else:
+            node.setdefault(name, value)
+    return out
+
 
 def _migrate_legacy(data: dict[str, Any], source: str, migrate: bool) -> dict[str, Any]:
     """Map 0.1's `lora.enabled` / `mose.enabled` onto `adapter` (saved runs), or refuse them (user configs).
@@ -574,6 +596,8 @@ def load_config(
         if saved_run is None:
             saved_run = path.name == "config.yaml" and (path.parent / "run_info.json").is_file()
         data = _migrate_legacy(data, source, migrate=bool(saved_run))
+        if saved_run:
+            data = _fill_added_keys(data)
     if overrides:
         extra = parse_overrides(overrides)
         _migrate_legacy(extra, "command line", migrate=False)

@@ -36,6 +36,7 @@ from mllm_mer.data.collate import ANSWER_END, model_inputs
 from mllm_mer.data.loading import build_inference_loader
 from mllm_mer.data.schema import Sample
 from mllm_mer.fusion.dcr.ada import ARBITER_FILE, Arbiter, add_arbiter_path, load_run_arbiter
+from mllm_mer.fusion.dcr.paths import path_reliability
 from mllm_mer.labels import parse_label, parse_openset_answer
 from mllm_mer.model import MerModel, active_methods, build_mer_model
 from mllm_mer.prompts import PromptTemplate, load_prompt
@@ -189,15 +190,15 @@ def _generate_rows(
     loader = inference_loader(model, samples, prompt, options.batch_size, use_video=use_video, use_audio=use_audio)
     gen_kwargs = _gen_kwargs(model, options)
     for batch in tqdm(loader, disable=not progress, desc="generate"):
-        probs = None
+        probs, out = None, None
         with inference_scope(model, batch):  # e.g. AR; MoSE routing (generated tokens count as text)
             texts = _generate(model, batch, gen_kwargs)
             if model.mer is not None:
-                logits = model.mer(batch, compute_lm_loss=False).cls_logits
-                probs = {path: torch.softmax(lg, dim=-1) for path, lg in logits.items()}
+                out = model.mer(batch, compute_lm_loss=False)
+                probs = {path: torch.softmax(lg, dim=-1) for path, lg in out.cls_logits.items()}
         arms = None
-        if probs is not None and model.arbiter is not None:  # DCR: the path the arbiter picks, as "arbiter"
-            probs, arms = add_arbiter_path(model.arbiter, probs)
+        if out is not None and model.arbiter is not None:  # DCR: the path the arbiter picks, as "arbiter"
+            probs, arms = add_arbiter_path(model.arbiter, probs, path_reliability(out))
         for i, (sid, text) in enumerate(zip(batch["sample_ids"], texts, strict=True)):
             row = {"id": sid, "prompt": prompt.name, "prompt_sha256": prompt.sha256, "text": text,
                    "label": parse_label(text, labels, mode=options.label_mode), "label_source": "generated"}
@@ -277,7 +278,7 @@ def _predict_rows(
         probs = {path: torch.softmax(lg, dim=-1) for path, lg in out.cls_logits.items()}
         arms = None
         if model.arbiter is not None:  # DCR: the path the arbiter picks, as the "arbiter" path
-            probs, arms = add_arbiter_path(model.arbiter, probs)
+            probs, arms = add_arbiter_path(model.arbiter, probs, path_reliability(out))
         for i, sid in enumerate(batch["sample_ids"]):
             row = {"id": sid, "label": parse_label(texts[i], labels, mode=options.label_mode),
                    "label_source": "generated", "text": texts[i]}

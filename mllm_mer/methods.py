@@ -22,7 +22,7 @@ module with a `Method` subclass and one line in `METHODS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +143,20 @@ class Method:
 
     def explain(self, mer: nn.Module, parts: dict[str, Any]) -> dict[str, list] | None:
         """Per-sample explanations to add to prediction rows: {row key: one value per sample}, or None."""
+        return None
+
+    # ------------------------------------------------------------------------------ after training
+    def after_training(self, model: nn.Module, mer: nn.Module, batches: Iterable[dict], accelerator: Any,
+                       cfg: RunConfig) -> dict | None:
+        """Fit what is fitted in closed form once the gradient steps are done (e.g. DCR's reliability heads),
+        on the training batches; every rank calls it, before the final checkpoint and weights are written.
+
+        Args:
+            model: the prepared (possibly wrapped) model to call on a batch; mer: the MerModel it wraps.
+            batches: the training loader; accelerator: the run's `Accelerator`.
+        Returns:
+            A JSON-able summary for `final_metrics.json` (under "after_training"), or None (nothing done).
+        """
         return None
 
     # ------------------------------------------------------------------------------ data

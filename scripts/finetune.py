@@ -155,10 +155,13 @@ def run_training(cfg: RunConfig, accelerator: Accelerator) -> dict:
                 dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     bar.close()
     speed = throughput.metrics(accelerator)
+    fitted = L.after_training(model, train_dl, accelerator, cfg)  # closed-form parts, e.g. DCR's reliability heads
     C.save_checkpoint(accelerator, cfg, state)
     if dev_dl is not None:
         dev_metrics = report_dev(model, dev_dl, accelerator, cfg, samples["dev"], state.step, writer)
     final = {"dev": dev_metrics, "step": state.step, **guard.summary(), **speed}
+    if fitted:
+        final["after_training"] = fitted
     R.save_run(accelerator, model, cfg, final, gate_mean)  # weights, final_metrics.json, gate_stats.json
     if main:
         writer.close()

@@ -40,6 +40,7 @@ from mllm_mer.fusion.dcr.ada import (
     check_held_out,
     crossfit_select,
     fit_arbiter,
+    reliability_inputs,
     save_arbiter,
 )
 from mllm_mer.fusion.dcr.report import format_report, fuse_or_drop_report
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         answers = None
         if cfg.dcr.arbiter.reward == "answer":  # each arm judged by the answer from its modalities
             answers = answer_inputs(answers_per_arm(model, samples, args.batch_size, rows), labels)
-        arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter, answers)
-        arms, _ = crossfit_select(probs, y, cfg.dcr.arbiter, answers)
+        reliability = reliability_inputs(rows)  # predicted path reliabilities (state "reliable")
+        arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter, answers, reliability)
+        arms, _ = crossfit_select(probs, y, cfg.dcr.arbiter, answers, reliability)
         chosen = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
         crossfit = {"folds": cfg.dcr.arbiter.folds, "accuracy": float((chosen == y).double().mean())}
         if answers is not None:  # what the arbiter decides: the answer from the chosen arm's modalities

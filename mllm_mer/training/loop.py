@@ -66,6 +66,18 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def after_training(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, cfg: RunConfig) -> dict:
+    """Each active method's closed-form step once the gradient steps are done (`Method.after_training`, e.g.
+    DCR's reliability heads), on the training loader; all ranks call it. Returns {summary key: summary}."""
+    mer = accelerator.unwrap_model(model)
+    fitted: dict = {}
+    for method in mer.methods:
+        summary = method.after_training(model, mer, loader, accelerator, cfg)
+        if summary:
+            fitted.update(summary)
+    return fitted
+
+
 def total_steps(cfg: RunConfig, num_batches: int, num_processes: int) -> int:
     """Optimizer steps of the run: `train.max_steps` when > 0, else `train.epochs` epochs of
     `num_batches` (the per-process loader length before sharding) split over processes and grad_accum."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from mllm_mer.config import load_run_config
 from mllm_mer.data.jsonl import read_jsonl
@@ -61,6 +62,15 @@ def test_finetune_trains_every_path(dcr_run):
         assert (run / "adapter" / name / "adapter_model.safetensors").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert "dev step 3" in out
+    # the reliability heads are fitted after the last step, on the training split, and saved with the heads
+    fitted = json.loads((run / "final_metrics.json").read_text())["after_training"]["dcr_reliability"]
+    cfg = load_run_config(run)
+    n_train = len(read_jsonl(cfg.data.train, list(cfg.data.labels)))
+    assert sorted(fitted) == sorted(ARMS[1:])
+    heads = load_file(str(run / "heads.safetensors"))
+    for path, summary in fitted.items():
+        assert summary["fitted"] and 0 < summary["samples"] <= n_train and summary["loo_rmse"] >= 0
+        assert float(heads[f"fusion_{path}_reliability.fitted"]) == 1.0
 
 
 def test_fit_arbiter_refuses_training_data(dcr_run, syn_dir, tmp_path):

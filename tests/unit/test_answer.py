@@ -97,7 +97,7 @@ def dcr_setup(setup, tiny_backbone_dir):
 
 def routing_arbiter(labels, arm: str, **config) -> Arbiter:
     """A real arbiter whose reward model prefers `arm` on every clip (its bias feature's weight)."""
-    cfg = ArbiterConfig(**config)
+    cfg = ArbiterConfig(**{"state": "rich", **config})  # the untrained model has no fitted reliability heads
     dim = len(feature_names(labels, cfg.state))
     policy = LinUCB(len(ARMS), dim, cfg.ridge, cfg.alpha)
     policy.b[ARMS.index(arm), -1] = 10.0  # theta_arm . x = 10 * bias for every x

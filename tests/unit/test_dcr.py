@@ -354,7 +354,7 @@ def test_state_and_rewards_hand_checked():
     assert row["entropy_fused"] == pytest.approx(0.0) and row["margin_fused"] == pytest.approx(1.0)
     assert row["js_fused_audio"] == pytest.approx(1.0) and row["js_fused_text"] == pytest.approx(0.0)
     assert dict(zip(names, x[1].tolist(), strict=True))["entropy_video"] == pytest.approx(1.0)
-    r = arm_rewards(probs, torch.tensor([0, 1]), ArbiterConfig(reward="head", calibration_weight=0.5))
+    r = arm_rewards(probs, torch.tensor([0, 1]), ArbiterConfig(reward="head", state="rich", calibration_weight=0.5))
     # sample 0: fused correct, Brier/2 = 0 -> 1; audio wrong, Brier/2 = 1 -> -0.5
     assert r[0, ARMS.index("fused")] == pytest.approx(1.0) and r[0, ARMS.index("audio")] == pytest.approx(
         -0.5
@@ -387,7 +387,7 @@ def test_crossfit_never_scores_a_sample_with_an_arbiter_fitted_on_it():
     n = 60
     probs = random_probs(n, seed=4)
     labels = torch.randint(0, 6, (n,), generator=torch.Generator().manual_seed(5))
-    cfg = ArbiterConfig(reward="head", folds=4, seed=3)
+    cfg = ArbiterConfig(reward="head", state="rich", folds=4, seed=3)
     arms, folds = crossfit_select(probs, labels, cfg)
     assert sorted(set(folds.tolist())) == [0, 1, 2, 3] and len(arms) == n
     for k in range(4):
@@ -419,7 +419,7 @@ def test_arbiter_config_ranges_and_old_files(tmp_path):
 
 def test_full_feedback_fit_is_ridge_regression_per_arm():
     probs, labels = random_probs(40), torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(1))
-    cfg = ArbiterConfig(reward="head", feedback="full", epochs=3, ridge=2.0)  # full feedback: one pass whatever epochs
+    cfg = ArbiterConfig(reward="head", state="rich", feedback="full", epochs=3, ridge=2.0)  # full feedback: one pass whatever epochs
     arbiter = fit_arbiter(probs, labels, cfg)
     x = build_state(probs, cfg.state).numpy()
     r = arm_rewards(probs, labels, cfg).numpy()
@@ -430,8 +430,9 @@ def test_full_feedback_fit_is_ridge_regression_per_arm():
 
 def test_arbiter_fits_from_probabilities_and_labels_only():
     # the fitting API takes nothing else: no cue labels, no subsets, no sample ids
-    # (and the model's own per-arm answers for reward="answer": outputs, never cue labels)
-    assert list(inspect.signature(fit_arbiter).parameters) == ["probs", "labels", "config", "answers"]
+    # (and the model's own per-arm answers for reward="answer" and its paths' predicted reliabilities for
+    # state="reliable": outputs, never cue labels)
+    assert list(inspect.signature(fit_arbiter).parameters) == ["probs", "labels", "config", "answers", "reliability"]
     probs = random_probs(30)
     labels = torch.randint(0, 6, (30,), generator=torch.Generator().manual_seed(2))
     names = list(MER2023_LABELS)
@@ -453,11 +454,11 @@ def test_arbiter_fits_from_probabilities_and_labels_only():
     for cues in ("happy", "sad"):  # the rows' cue fields differ; the fit must not
         p, y = arbiter_inputs(rows(cues), by_id, names)
         torch.testing.assert_close(y, labels)
-        fits.append(fit_arbiter(p, y, ArbiterConfig(reward="head")))
+        fits.append(fit_arbiter(p, y, ArbiterConfig(reward="head", state="rich")))
     np.testing.assert_array_equal(fits[0].policy.A, fits[1].policy.A)
     np.testing.assert_array_equal(fits[0].policy.b, fits[1].policy.b)
     # and the label does matter
-    other = fit_arbiter(probs, (labels + 1) % 6, ArbiterConfig(reward="head"))
+    other = fit_arbiter(probs, (labels + 1) % 6, ArbiterConfig(reward="head", state="rich"))
     assert not np.array_equal(other.policy.b, fits[0].policy.b)
 
 
@@ -479,7 +480,7 @@ def test_arbiter_learns_which_path_to_trust_and_round_trips_as_json(tmp_path):
         "video": onehot_soft(torch.where(conflict, wrong, y)),
     }
     arbiter = dataclasses.replace(
-        fit_arbiter(probs, y, ArbiterConfig(reward="head", feedback="bandit", epochs=5)), labels=tuple(MER2023_LABELS)
+        fit_arbiter(probs, y, ArbiterConfig(reward="head", state="rich", feedback="bandit", epochs=5)), labels=tuple(MER2023_LABELS)
     )
     arms = arbiter.select(probs)
     acc = sum(probs[a][i].argmax() == y[i] for i, a in enumerate(arms)) / n
@@ -567,7 +568,7 @@ def test_answer_reward_judges_each_arm_by_its_own_answer():
     still its head's; without every arm's answers it refuses; cross-fitting hands each fold its answers."""
     probs, labels = random_probs(30), torch.randint(0, 6, (30,), generator=torch.Generator().manual_seed(4))
     answers = {a: torch.where(torch.arange(30) % (k + 2) == 0, labels, -1) for k, a in enumerate(ARMS)}
-    cfg = ArbiterConfig(reward="answer", calibration_weight=0.5)
+    cfg = ArbiterConfig(reward="answer", state="rich", calibration_weight=0.5)
     head = arm_rewards(probs, labels, dataclasses.replace(cfg, reward="head"))
     r = arm_rewards(probs, labels, cfg, answers)
     for k, a in enumerate(ARMS):
@@ -591,7 +592,7 @@ def test_answer_reward_judges_each_arm_by_its_own_answer():
 
 def test_fuse_margin_keeps_fusion_on_near_ties():
     probs, labels = random_probs(40), torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(5))
-    cfg = ArbiterConfig(reward="head")
+    cfg = ArbiterConfig(reward="head", state="rich")
     plain = fit_arbiter(probs, labels, cfg)
     scores = plain.policy.expected(build_state(probs, cfg.state).numpy())
     gap = scores.max(axis=1) - scores[:, 0]  # how far the best arm beats fused

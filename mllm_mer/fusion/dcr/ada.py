@@ -13,7 +13,11 @@ probabilities p_a (C each) alone; `dcr.arbiter.state="probs"`:
 before the bias every path's max probability (with its entropy: the per-modality confidence of the audio
 and video teachers) and the agreement of every pair (audio vs video, each vs fused, ...), in its smooth form
 sum_c p_a,c p_b,c (the chance that the two paths name the same class; 1[argmax p_a = argmax p_b] for
-one-hot paths, but it does not flip on near-ties): 4 + 6 more features. Reward of arm a for a sample with label y:
+one-hot paths, but it does not flip on near-ties): 4 + 6 more features. `state="reliable"` adds to "rich"
+each unimodal path's predicted reliability r_p (`mllm_mer.fusion.dcr.paths.ReliabilityHead`: the path's
+true-class probability as predicted from its own hidden states, learned on the training split from labels
+only) and r_p * (1 - agree_audio_video), so a linear policy can trust a path's reliability more when the
+audio and video paths disagree: 3 + 3 more features. Reward of arm a for a sample with label y:
 
     r_a = 1[answer_a = y] - lambda_cal * cal(p_a, y),     cal = Brier / 2 = sum_c (p_a,c - 1[c = y])^2 / 2
                                                           or  -log max(p_a,y, 1e-6) / ln C   ("nll")
@@ -51,10 +55,12 @@ import numpy as np
 import torch
 
 from mllm_mer.fusion.dcr.afd import js_divergence
-from mllm_mer.fusion.dcr.config import ArbiterConfig
+from mllm_mer.fusion.dcr.config import PATHS, ArbiterConfig
 
 ARMS: tuple[str, ...] = ("fused", "text", "audio", "video")
 """Arms of the arbiter, in index order (the fused path first: it wins ties)."""
+STATES: tuple[str, ...] = ("probs", "rich", "reliable")
+"""Arbiter states (`ArbiterConfig.state`), each a superset of the one before."""
 ARBITER_FILE = "arbiter.json"
 """File name of a fitted arbiter inside a run directory."""
 FORMAT = "mllm_mer.dcr.linucb/1"
@@ -65,28 +71,35 @@ def feature_names(labels: Sequence[str], state: str = "rich") -> list[str]:
 
     Args:
         labels: the class names.
-        state: "probs" or "rich" (`ArbiterConfig.state`).
+        state: one of `STATES` (`ArbiterConfig.state`).
     """
     names = [f"p_{a}_{c}" for a in ARMS for c in labels]
     names += [f"entropy_{a}" for a in ARMS] + [f"margin_{a}" for a in ARMS]
     names += [f"js_{a}_{b}" for a, b in itertools.combinations(ARMS, 2)]
-    if state == "rich":
+    if state in ("rich", "reliable"):
         names += [f"maxp_{a}" for a in ARMS]
         names += [f"agree_{a}_{b}" for a, b in itertools.combinations(ARMS, 2)]
+    if state == "reliable":
+        names += [f"reliability_{p}" for p in PATHS] + [f"reliability_{p}_x_av_disagree" for p in PATHS]
     return names + ["bias"]
 
 
-def build_state(probs: Mapping[str, torch.Tensor], state: str = "rich") -> torch.Tensor:
-    """The arbiter's state from the paths' class probabilities (module docstring).
+def build_state(probs: Mapping[str, torch.Tensor], state: str = "rich",
+                reliability: torch.Tensor | None = None) -> torch.Tensor:
+    """The arbiter's state from the paths' class probabilities (and reliabilities; module docstring).
 
     Args:
         probs: {arm: (N, C) probabilities} for every arm in `ARMS` (extra keys are ignored).
-        state: "probs" or "rich" (`ArbiterConfig.state`).
+        state: one of `STATES` (`ArbiterConfig.state`).
+        reliability: (N, 3) predicted reliabilities of the unimodal paths in `PATHS` order (prediction rows'
+            "reliability"); needed by state "reliable", ignored otherwise.
     Returns:
-        (N, 4C + 15) float64 ("probs"), (N, 4C + 25) ("rich").
+        (N, 4C + 15) float64 ("probs"), (N, 4C + 25) ("rich"), (N, 4C + 31) ("reliable").
     Raises:
-        ValueError: an arm is missing or the shapes differ.
+        ValueError: an arm or the reliabilities are missing, or the shapes differ.
     """
+    if state not in STATES:
+        raise ValueError(f"unknown arbiter state {state!r}; valid: {list(STATES)}")
     missing = [a for a in ARMS if a not in probs]
     if missing:
         raise ValueError(f"the arbiter needs probabilities of every path {list(ARMS)}; missing {missing}")
@@ -99,13 +112,23 @@ def build_state(probs: Mapping[str, torch.Tensor], state: str = "rich") -> torch
     margin = [t[:, 0] - t[:, -1] for t in top2]
     js = [js_divergence(ps[i], ps[j]) / math.log(2.0) for i, j in itertools.combinations(range(len(ARMS)), 2)]
     columns = [*ps, torch.stack(entropy, 1), torch.stack(margin, 1), torch.stack(js, 1)]
-    if state == "rich":
+    if state in ("rich", "reliable"):
         columns.append(torch.stack([t[:, 0] for t in top2], 1))  # max probability per path
         # soft argmax agreement: sum_c p_a,c p_b,c (the indicator flips on near-ties, e.g. with padding noise)
         agree = [(ps[i] * ps[j]).sum(-1) for i, j in itertools.combinations(range(len(ARMS)), 2)]
         columns.append(torch.stack(agree, 1))
-    elif state != "probs":
-        raise ValueError(f"unknown arbiter state {state!r}; valid: 'probs', 'rich'")
+    if state == "reliable":
+        if reliability is None:
+            raise ValueError(
+                "dcr.arbiter.state=reliable needs the unimodal paths' predicted reliabilities (prediction rows' "
+                "'reliability'): train with dcr.reliability=true (fitted after training), or choose "
+                "dcr.arbiter.state=rich"
+            )
+        r = reliability.detach().to(torch.float64).cpu()
+        if r.shape != (len(ps[0]), len(PATHS)):
+            raise ValueError(f"reliability must be (N, {len(PATHS)}) = {(len(ps[0]), len(PATHS))}, got {tuple(r.shape)}")
+        disagree = 1.0 - (ps[ARMS.index("audio")] * ps[ARMS.index("video")]).sum(-1, keepdim=True)
+        columns.extend([r, r * disagree])
     columns.append(torch.ones(len(ps[0]), 1))
     return torch.cat(columns, dim=1)
 
@@ -197,19 +220,20 @@ class Arbiter:
     config: ArbiterConfig
     fit_info: dict[str, Any]
 
-    def select(self, probs: Mapping[str, torch.Tensor]) -> list[str]:
+    def select(self, probs: Mapping[str, torch.Tensor], reliability: torch.Tensor | None = None) -> list[str]:
         """Greedy arm per sample: argmax_a theta_a . x, the fused arm's score raised by
         `config.fuse_margin` (ties to fused).
 
         Args:
             probs: {arm: (N, C) probabilities} in `labels` order.
+            reliability: (N, 3) path reliabilities (`build_state`; state "reliable" only).
         Returns:
             N arm names.
         """
         C = next(iter(probs.values())).shape[-1]
         if C != len(self.labels):
             raise ValueError(f"the arbiter was fit on {len(self.labels)} classes, the paths give {C}")
-        scores = self.policy.expected(build_state(probs, self.config.state).numpy())  # (N, K)
+        scores = self.policy.expected(build_state(probs, self.config.state, reliability).numpy())  # (N, K)
         scores[:, ARMS.index("fused")] += self.config.fuse_margin
         return [ARMS[i] for i in scores.argmax(axis=1)]
 
@@ -249,7 +273,7 @@ class Arbiter:
 
 
 def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
-                answers: Mapping[str, torch.Tensor] | None = None) -> Arbiter:
+                answers: Mapping[str, torch.Tensor] | None = None, reliability: torch.Tensor | None = None) -> Arbiter:
     """Fit the LinUCB arbiter on held-out predictions: path probabilities, the model's own answers per arm
     and labels, nothing else.
 
@@ -259,10 +283,11 @@ def fit_arbiter(probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config:
         config: policy and reward settings.
         answers: {arm: (N,) long class ids of the answer from that arm's modalities (-1: none)}; needed
             by `config.reward="answer"` (`arm_rewards`).
+        reliability: (N, 3) path reliabilities, for `config.state="reliable"` (`build_state`).
     Returns:
         The fitted `Arbiter` (`labels` holds placeholders "0".."C-1"; the caller sets the names).
     """
-    x = build_state(probs, config.state).numpy()  # (N, d)
+    x = build_state(probs, config.state, reliability).numpy()  # (N, d)
     rewards = arm_rewards(probs, labels, config, answers).numpy()  # (N, K)
     if len(x) != len(rewards):
         raise ValueError(f"{len(x)} predictions but {len(rewards)} labels")
@@ -306,7 +331,7 @@ def fold_ids(n: int, folds: int, seed: int = 0) -> np.ndarray:
 
 def crossfit_select(
     probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
-    answers: Mapping[str, torch.Tensor] | None = None,
+    answers: Mapping[str, torch.Tensor] | None = None, reliability: torch.Tensor | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Cross-fitted arm choices: each sample is scored by an arbiter fitted on the other folds only.
 
@@ -318,6 +343,7 @@ def crossfit_select(
         labels: (N,) long ground-truth class ids.
         config: the arbiter settings (`folds`, `seed` and the fit settings).
         answers: per-arm answers (`fit_arbiter`), for `config.reward="answer"`.
+        reliability: (N, 3) path reliabilities, for `config.state="reliable"`.
     Returns:
         (N arm names, (N,) fold id per sample).
     Raises:
@@ -332,8 +358,9 @@ def crossfit_select(
         held = torch.as_tensor(folds == k)
         fit = {a: p[~held] for a, p in probs.items() if a in ARMS}
         fit_answers = None if answers is None else {a: v[~held] for a, v in answers.items()}
-        arbiter = fit_arbiter(fit, labels[~held], config, fit_answers)
-        chosen = arbiter.select({a: p[held] for a, p in probs.items() if a in ARMS})
+        fit_rel, held_rel = (None, None) if reliability is None else (reliability[~held], reliability[held])
+        arbiter = fit_arbiter(fit, labels[~held], config, fit_answers, fit_rel)
+        chosen = arbiter.select({a: p[held] for a, p in probs.items() if a in ARMS}, held_rel)
         for i, arm in zip(np.flatnonzero(folds == k), chosen, strict=True):
             arms[int(i)] = arm
     return arms, folds
@@ -368,17 +395,18 @@ def load_arbiter(path: str | Path, labels: Sequence[str] | None = None) -> Arbit
 
 
 def add_arbiter_path(
-    arbiter: Arbiter, probs: Mapping[str, torch.Tensor]
+    arbiter: Arbiter, probs: Mapping[str, torch.Tensor], reliability: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Add the "arbiter" path: per sample, the probabilities of the arm the arbiter picks.
 
     Args:
         arbiter: a fitted arbiter.
         probs: {path: (B, C) probabilities} with every arm in `ARMS`.
+        reliability: (B, 3) path reliabilities (state "reliable").
     Returns:
         ({**probs, "arbiter": (B, C)}, the B chosen arm names).
     """
-    arms = arbiter.select(probs)
+    arms = arbiter.select(probs, reliability)
     stacked = torch.stack([probs[a] for a in ARMS], dim=1)  # (B, K, C)
     index = torch.tensor([ARMS.index(a) for a in arms], device=stacked.device)
     chosen = stacked[torch.arange(len(arms), device=stacked.device), index]  # (B, C)
@@ -430,6 +458,24 @@ def arbiter_inputs(
     return {a: torch.tensor(v, dtype=torch.float64) for a, v in probs.items()}, torch.tensor(
         ys, dtype=torch.long
     )
+
+
+def reliability_inputs(rows: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
+    """The rows' predicted path reliabilities as (N, 3) float64 in `PATHS` order (the `reliability` input of
+    `fit_arbiter`), or None when no row has them (a run trained without reliability heads).
+
+    Raises:
+        ValueError: only some rows have them, or a row lacks a path.
+    """
+    have = [r.get("reliability") is not None for r in rows]
+    if not any(have):
+        return None
+    if not all(have):
+        raise ValueError(f"{have.count(False)} of {len(rows)} prediction rows lack 'reliability' (mixed runs?)")
+    try:
+        return torch.tensor([[float(r["reliability"][p]) for p in PATHS] for r in rows], dtype=torch.float64)
+    except KeyError as exc:
+        raise ValueError(f"a prediction row's 'reliability' lacks path {exc}; expected {list(PATHS)}") from None
 
 
 def answer_inputs(answers: Mapping[str, Sequence[str]], label_names: Sequence[str]) -> dict[str, torch.Tensor]:

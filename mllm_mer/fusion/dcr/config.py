@@ -44,12 +44,14 @@ class ArbiterConfig:
     seed: int = 0
     """Seed of the pass order and of the cross-fitting folds (the fit is deterministic given predictions,
     labels and this)."""
-    state: Literal["probs", "rich"] = "rich"
-    """The arbiter's state (our choice). "probs": every path's probabilities, normalized entropy, top-1/top-2
-    margin, the pairwise JS divergences and a bias; "rich" adds every path's max probability (with the
-    entropy, the audio/video teachers' per-modality confidence) and every pair's agreement (audio vs video,
-    each vs fused, ...) as sum_c p_a,c p_b,c: 1[argmax p_a = argmax p_b] for one-hot paths, smooth on
-    near-ties."""
+    state: Literal["probs", "rich", "reliable"] = "reliable"
+    """The arbiter's state (our choice; the default "reliable" is what dev chose over "rich" for both arbiter
+    rows on both sets of the conflict ablation; it needs `dcr.reliability`). "probs": every path's
+    probabilities, normalized entropy, top-1/top-2 margin, the pairwise JS divergences and a bias; "rich"
+    adds every path's max probability (with the entropy, the audio/video teachers' per-modality confidence)
+    and every pair's agreement (audio vs video, each vs fused, ...) as sum_c p_a,c p_b,c: 1[argmax p_a =
+    argmax p_b] for one-hot paths, smooth on near-ties; "reliable" adds to "rich" each unimodal path's predicted reliability (`dcr.reliability`) and
+    its product with the audio/video disagreement 1 - sum_c p_audio,c p_video,c."""
     folds: int = 5
     """Cross-fitting (our choice): when the arbiter is scored on the set it is fitted on
     (`scripts/fit_arbiter.py` on DATA), the samples are split into `folds` seeded folds and each fold is
@@ -104,6 +106,11 @@ class DCRConfig:
     learns the teacher that is surer of itself (learned from the data: nothing says which modality that is)."""
     feed_student: bool = True
     """Add g * log_softmax(text logits) (detached; g a learned scalar, 0 at start) to the fused logits."""
+    reliability: bool = True
+    """Fit a reliability head per path after training (our choice; `mllm_mer.fusion.dcr.reliability`): a
+    ridge regression, fitted in closed form on the training split in one extra forward pass, that predicts
+    from the path's detached hidden states the probability the path's head gives the true class; the arbiter's
+    state "reliable" reads it. false = no reliability heads (runs trained before they existed load with false)."""
     arbiter: ArbiterConfig = field(default_factory=ArbiterConfig)
 
     def problems(self) -> list[str]:
@@ -115,7 +122,10 @@ class DCRConfig:
         }) + range_problems("dcr.arbiter", self.arbiter, {
             "ridge": (1e-6, None), "alpha": (0, None), "calibration_weight": (0, None), "epochs": (1, None),
             "folds": (2, None), "fuse_margin": (0, None),
-        }) + ([] if self.arbiter.reward == "head" or self.arbiter.answer == "arm" else [
+        }) + ([] if not self.enabled or self.reliability or self.arbiter.state != "reliable" else [
+            "dcr.arbiter.state=reliable (the default) reads the reliability heads, but dcr.reliability=false: "
+            "set dcr.arbiter.state=rich, or dcr.reliability=true"
+        ]) + ([] if self.arbiter.reward == "head" or self.arbiter.answer == "arm" else [
             "dcr.arbiter.reward=answer judges each arm by the answer from its modalities, but "
             "dcr.arbiter.answer=fused never answers from one modality: set dcr.arbiter.reward=head"])
 

@@ -5,12 +5,14 @@ Hooks: `apply` adds one peft LoRA adapter per path (`mllm_mer.fusion.dcr.paths.a
 sub-batches (`wrap_collator` adds them; `input_variants` tells the frozen-encoder cache which prompt variants
 they need) and adds their logits, losses and feed. The path adapters are saved by peft with the "default"
 adapter (`adapter/dcr_<path>/`) and loaded back here. The ADA arbiter is fitted after training
-(`scripts/fit_arbiter.py`, `arbiter.json`) and read by `mllm_mer.generation`.
+(`scripts/fit_arbiter.py`, `arbiter.json`) and read by `mllm_mer.generation`; `after_training` fits the
+reliability heads it can read (`dcr.reliability`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import peft
 from torch import nn
@@ -20,13 +22,16 @@ from mllm_mer.config import RunConfig
 from mllm_mer.fusion.dcr.collate import PATH_INPUTS, UnimodalPathCollator
 from mllm_mer.fusion.dcr.config import PATHS
 from mllm_mer.fusion.dcr.paths import (
+    ReliabilityHead,
     StudentFeed,
     UnimodalHead,
     adapter_name,
     attach_path_adapters,
     checkpoint_context_fn,
+    reliability_name,
     run_unimodal_paths,
 )
+from mllm_mer.fusion.dcr.reliability import fit_reliability
 from mllm_mer.methods import ForwardState, Method
 
 
@@ -44,6 +49,9 @@ class DCRMethod(Method):
         for path in PATHS:
             setattr(mer, f"fusion_{path}", UnimodalHead(mer.hidden_size, mer.num_classes))
         mer.fusion_dcr_feed = StudentFeed()
+        if cfg.dcr.reliability:
+            for path in PATHS:
+                setattr(mer, reliability_name(path), ReliabilityHead(mer.hidden_size))
 
     def checkpoint_context(self, model: nn.Module):
         return checkpoint_context_fn(model) if isinstance(model, peft.PeftModel) else None
@@ -55,6 +63,21 @@ class DCRMethod(Method):
         state.path_logits.update(paths.logits)
         state.aux_losses.update(paths.losses)
         state.parts[self.name] = paths
+
+    def explain(self, mer: nn.Module, parts: dict[str, Any]) -> dict[str, list] | None:
+        """Rows get "reliability": {path: predicted reliability} per sample (with reliability heads)."""
+        paths = parts.get(self.name)
+        if paths is None or not paths.reliability:
+            return None
+        values = {p: r.detach().float().cpu().tolist() for p, r in paths.reliability.items()}
+        n = len(next(iter(values.values())))
+        return {"reliability": [{p: v[i] for p, v in values.items()} for i in range(n)]}
+
+    def after_training(self, model: nn.Module, mer: nn.Module, batches, accelerator, cfg: RunConfig) -> dict | None:
+        """Fit the reliability heads on the training batches (`mllm_mer.fusion.dcr.reliability`)."""
+        if not cfg.dcr.reliability:
+            return None
+        return {"dcr_reliability": fit_reliability(model, mer, batches, accelerator)}
 
     def wrap_collator(self, collator, cfg: RunConfig):
         return UnimodalPathCollator(collator)

@@ -18,6 +18,17 @@ Losses (unweighted in `MerOutput.aux_losses`, weighted by `dcr.path_loss_weight`
 `mllm_mer.fusion.dcr.afd.afd_loss` from the detached audio/video teachers to the text student.
 Student feed (ours): fused logits += g * log_softmax(text logits).detach(), g a learned scalar from 0
 (`fusion_dcr_feed`), so the fused head decides how far to trust the calibrated student.
+
+Reliability (ours, `dcr.reliability`): each path also has a `ReliabilityHead` (`fusion_<path>_reliability`)
+that predicts, from the path's detached hidden states, how much probability the path's head gives the true
+class, p_path(y) (the "true class probability" target of ConfidNet, Corbière et al., NeurIPS 2019, used per
+modality by Multimodal Dynamics, Han et al., CVPR 2022). It is a ridge regression fitted in closed form after
+the gradient steps, on the training split (`mllm_mer.fusion.dcr.reliability.fit_reliability`), not a loss:
+trained by gradient steps alongside the paths it stayed at the mean target on the conflict testbed (the few
+clips with a low p_path(y) are a small share of the batches). The target needs the label only (never which
+modality carries the genuine cue): on training clips where a modality's display does not show the label, the
+path's own p_path(y) is low, so the fit learns what such displays look like. The ADA arbiter reads the
+reliabilities with `dcr.arbiter.state="reliable"`.
 With `dcr.schedule=staged`, AFD and the feed are multiplied by 0 (kept in the graph for DDP) while
 `batch["train_step"]` (set by the training loop) is below `dcr.stage1_steps`.
 """
@@ -29,6 +40,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import peft
 import torch
@@ -107,6 +119,68 @@ class StudentFeed(nn.Module):
         return self.gate * torch.log_softmax(student_logits.detach().float(), dim=-1)
 
 
+class ReliabilityHead(nn.Module):
+    """Predicted reliability of one unimodal path (module docstring): r = clamp(((f - mean) / scale) . w + b, 0, 1)
+    on f = [mean of h over the path's modality tokens; h at the last prompt position] of the detached last
+    hidden states. Buffers only (saved with the heads, never trained by gradient): `fit_reliability` sets
+    them; until then w = 0, b = 0.5 (r = 0.5) and `fitted` = 0.
+
+    Args:
+        hidden_size: D of the backbone.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        size = 2 * hidden_size
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("scale", torch.ones(size))
+        self.register_buffer("weight", torch.zeros(size))
+        self.register_buffer("bias", torch.tensor(0.5))
+        self.register_buffer("fitted", torch.tensor(0.0))
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether `load_fit` has set the regression (a saved run keeps the flag in its heads)."""
+        return bool(self.fitted.item() > 0)
+
+    @staticmethod
+    def features(hidden: torch.Tensor, token_mask: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """The regression's input per sample.
+
+        Args:
+            hidden: (B, T, D) last hidden states of the path's sub-batch (detached here).
+            token_mask: (B, T) bool, the path's modality tokens; a sample without any uses zeros for the mean.
+            prompt_mask: (B, T) bool, prompt tokens (the last True is the context position).
+        Returns:
+            (B, 2 D) float32: [mean over the modality tokens; hidden state at the context position].
+        """
+        B, T, _ = hidden.shape
+        x = hidden.detach().float()
+        positions = torch.arange(T, device=x.device).expand(B, T)
+        last = torch.where(prompt_mask, positions, torch.full_like(positions, -1)).amax(dim=1).clamp_min(0)
+        w = token_mask.float()
+        mean = torch.einsum("bt,btd->bd", w, x) / w.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.cat([mean, x[torch.arange(B, device=x.device), last]], dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Reliability in [0, 1] per sample from (B, 2 D) `features`; returns (B,) float32."""
+        z = ((features.float() - self.mean) / self.scale) @ self.weight + self.bias
+        return z.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def load_fit(self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: float) -> None:
+        """Set the fitted regression (each (2 D,) tensor; `scale` > 0) and mark the head fitted."""
+        for name, value in (("mean", mean), ("scale", scale), ("weight", weight)):
+            getattr(self, name).copy_(value.to(self.mean))
+        self.bias.fill_(float(bias))
+        self.fitted.fill_(1.0)
+
+
+def reliability_name(path: str) -> str:
+    """MerModel attribute of a path's reliability head: "fusion_<path>_reliability"."""
+    return f"fusion_{path}_reliability"
+
+
 # ------------------------------------------------------------------------------------------- adapters
 def _switch_adapter(model: peft.PeftModel, name: str) -> None:
     """peft's `set_adapter`, with every `requires_grad` flag restored afterwards (peft toggles them)."""
@@ -174,12 +248,24 @@ class PathsOutput:
         present: path -> (B,) bool, the sample has tokens of the path's modality.
         losses: unweighted {"dcr_text", "dcr_audio", "dcr_video", "dcr_afd"} (empty without labels).
         feed: (B, C) float32 addition to the fused logits (zeros when `dcr.feed_student` is off).
+        reliability: path -> (B,) float32 predicted reliability in [0, 1] (`ReliabilityHead`); empty without
+            fitted reliability heads.
+        reliability_features: path -> (B, 2 D) float32 inputs of the reliability heads (`fit_reliability`
+            reads them); empty without reliability heads.
     """
 
     logits: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     feed: torch.Tensor | None = None
+    reliability: dict[str, torch.Tensor] = field(default_factory=dict)
+    reliability_features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reliability_matrix(self) -> torch.Tensor | None:
+        """(B, len(PATHS)) float32 reliabilities in `PATHS` order, or None unless every path's head is fitted."""
+        if any(p not in self.reliability for p in PATHS):
+            return None
+        return torch.stack([self.reliability[p] for p in PATHS], dim=1)
 
 
 def stage_two(cfg: DCRConfig, train_step: int | None) -> bool:
@@ -208,6 +294,8 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
     logits: dict[str, torch.Tensor] = {}
     token_logits: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
+    reliability: dict[str, torch.Tensor] = {}
+    features: dict[str, torch.Tensor] = {}
     for path in PATHS:
         sub = batch["paths"][path]
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
@@ -224,13 +312,19 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         token_mask = (sub["token_modality"] == int(PATH_MODALITY[path])) & sub["prompt_mask"]
         head: UnimodalHead = getattr(mer, f"fusion_{path}")
         logits[path], token_logits[path] = head(out.hidden_states[-1], token_mask, sub["prompt_mask"])
+        reliability_head: ReliabilityHead | None = getattr(mer, reliability_name(path), None)
+        if reliability_head is not None:
+            features[path] = reliability_head.features(out.hidden_states[-1], token_mask, sub["prompt_mask"])
+            if reliability_head.is_fitted:
+                reliability[path] = reliability_head(features[path])
         masks[path] = token_mask
     present = {p: m.any(1) for p, m in masks.items()}
     scale = 1.0 if stage_two(cfg, batch.get("train_step")) else 0.0
     feed = None
     if cfg.feed_student:
         feed = scale * mer.fusion_dcr_feed(logits[STUDENT])
-    result = PathsOutput(logits=logits, present=present, feed=feed)
+    result = PathsOutput(logits=logits, present=present, feed=feed, reliability=reliability,
+                         reliability_features=features)
     class_id = batch.get("class_id")
     if class_id is None or not (class_id >= 0).any():
         return result
@@ -246,3 +340,10 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
         agreement_floor=cfg.afd_agreement_floor, conflict_target=cfg.afd_conflict_target,
     )
     return result
+
+
+def path_reliability(out: Any) -> torch.Tensor | None:
+    """(B, 3) predicted reliabilities of the unimodal paths of a `MerOutput` (`PATHS` order), or None (no DCR,
+    or no fitted reliability heads)."""
+    paths = out.parts.get("dcr")
+    return paths.reliability_matrix() if isinstance(paths, PathsOutput) else None
