@@ -9,14 +9,15 @@ probabilities p_a (C each) alone; `dcr.arbiter.state="probs"`:
     x = [p_a for a in ARMS] + [H(p_a) / ln C] + [top1(p_a) - top2(p_a)]
         + [JS(p_a, p_b) / ln 2 for a < b] + [1]
 
-(4C + 4 + 4 + 6 + 1 features; pooled hidden features are not used); `state="rich"` (the default) inserts
+(4C + 4 + 4 + 6 + 1 features; pooled hidden features are not used); `state="rich"` inserts
 before the bias every path's max probability (with its entropy: the per-modality confidence of the audio
 and video teachers) and the agreement of every pair (audio vs video, each vs fused, ...), in its smooth form
 sum_c p_a,c p_b,c (the chance that the two paths name the same class; 1[argmax p_a = argmax p_b] for
-one-hot paths, but it does not flip on near-ties): 4 + 6 more features. `state="reliable"` adds to "rich"
-each unimodal path's predicted reliability r_p (`mllm_mer.fusion.dcr.paths.ReliabilityHead`: the path's
-true-class probability as predicted from its own hidden states, learned on the training split from labels
-only) and r_p * (1 - agree_audio_video), so a linear policy can trust a path's reliability more when the
+one-hot paths, but it does not flip on near-ties): 4 + 6 more features. `state="reliable"` (the default)
+adds to "rich" each unimodal path's predicted reliability r_p (`mllm_mer.fusion.dcr.paths.ReliabilityHead`:
+the path's true-class probability as predicted from its own hidden states, a ridge fit on the training split
+after training, from labels only; `mllm_mer.fusion.dcr.reliability`) and r_p * (1 - agree_audio_video), so
+a linear policy can trust a path's reliability more when the
 audio and video paths disagree: 3 + 3 more features. Reward of arm a for a sample with label y:
 
     r_a = 1[answer_a = y] - lambda_cal * cal(p_a, y),     cal = Brier / 2 = sum_c (p_a,c - 1[c = y])^2 / 2
