@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from mllm_mer.config import ConfigError, load_config, load_run_config  # noqa: E402
+from mllm_mer.config import ConfigError, RunConfig, load_config, load_run_config  # noqa: E402
 from mllm_mer.data.jsonl import DataError, read_jsonl  # noqa: E402
 from mllm_mer.data.schema import SUBSETS, Sample  # noqa: E402
 from mllm_mer.fusion.dcr.ada import (  # noqa: E402
@@ -124,9 +124,10 @@ class Row:
 AR_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.target_audio_share": (0.35, 0.5)}
 """AR's dev grid, one target share for every clip (strength 0 = AR off: the search may find that AR does not
 help)."""
-AR_PATHS_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.sample_sharpness": (1.0, 4.0)}
+AR_PATHS_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.sample_sharpness": (1.0, 4.0),
+                                   "ar.sample_confidence": ("max_prob", "reliability")}
 """Per-sample AR's dev grid (`ar.target_mode=paths`: each clip's target and strength from its unimodal paths;
-needs DCR)."""
+needs DCR). "reliability" is left out for a run without reliability heads."""
 ARBITER_GRID: dict[str, tuple] = {"state": ("rich", "reliable"), "feedback": ("full", "bandit"),
                                   "calibration_weight": (0.0, 0.5), "fuse_margin": (0.0, 0.1, 0.25)}
 """The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev (the routed answer's
@@ -194,6 +195,15 @@ def base_overrides(args: argparse.Namespace, data: Path, backbone: Path) -> list
     ]
 
 
+def search_grid(row: Row, cfg: RunConfig) -> dict[str, tuple]:
+    """The row's inference grid for a run with config `cfg`: per-sample AR's "reliability" confidence only
+    when the run fits reliability heads (`dcr.enabled` and `dcr.reliability`)."""
+    grid = dict(row.search)
+    if "ar.sample_confidence" in grid and not (cfg.dcr.enabled and cfg.dcr.reliability):
+        grid["ar.sample_confidence"] = tuple(v for v in grid["ar.sample_confidence"] if v != "reliability")
+    return grid
+
+
 def check_rows(config: Path, base: list[str], rows: Sequence[Row]) -> None:
     """Load every row's config (training overrides, inference overrides, each searched value) before any run.
 
@@ -201,8 +211,12 @@ def check_rows(config: Path, base: list[str], rows: Sequence[Row]) -> None:
         ConfigError: naming the row; an unknown key is an error like any other (no row is skipped).
     """
     for row in rows:
-        variants = [[]] + [[f"{k}={v}" for k, v in zip(row.search, combo, strict=True)]
-                           for combo in itertools.product(*row.search.values())]
+        try:
+            grid = search_grid(row, load_config(config, [*base, *row.train]))
+        except ConfigError as exc:
+            raise ConfigError(exc.errors, f"row {row.name!r} of the ablation") from exc
+        variants = [[]] + [[f"{k}={v}" for k, v in zip(grid, combo, strict=True)]
+                           for combo in itertools.product(*grid.values())]
         for extra in variants:
             try:
                 load_config(config, [*base, *row.train, *row.infer, *extra])
@@ -321,9 +335,10 @@ def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sam
     """
     out: dict = {"chosen": {}, "grid": []}
     best_rows, best_acc = None, -1.0
-    combos = list(itertools.product(*row.search.values())) if row.search else [()]
+    search = search_grid(row, model.cfg)
+    combos = list(itertools.product(*search.values())) if search else [()]
     for combo in combos:
-        values = dict(zip(row.search, combo, strict=True))
+        values = dict(zip(search, combo, strict=True))
         candidate = with_overrides(model, run_dir, [*row.infer, *(f"{k}={v}" for k, v in values.items())])
         rows = predict(candidate, dev, batch_size)
         acc = subset_accuracy(dev, [r["label"] for r in rows])["all"]

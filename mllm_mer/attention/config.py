@@ -49,6 +49,12 @@ class ARConfig:
     sample_sharpness: float = 1.0
     """k in the per-sample target tau_b = c_a^k / (c_a^k + c_v^k) (`target_mode: paths`); larger = closer to
     all-or-nothing."""
+    sample_confidence: Literal["max_prob", "reliability"] = "max_prob"
+    """What c_a, c_v are in the per-sample target (`target_mode: paths`; our choice). "max_prob": each path's
+    max class probability (how sure the path is of itself). "reliability": each path's fitted reliability r_m,
+    the probability its head gives the true class as predicted from its hidden states (`dcr.reliability`), so
+    a confidently wrong display (learned from the training labels) does not pull attention toward itself.
+    Needs a run trained with `dcr.reliability=true`. The strength stays strength * JS(p_a, p_v) / ln 2."""
 
     def problems(self, num_layers: int | None = None, num_heads: int | None = None) -> list[str]:
         """Every problem with these values, one line each (empty = valid).

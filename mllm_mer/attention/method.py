@@ -2,7 +2,8 @@
 
 With `ar.target_mode: paths` the scope first runs the trained model's DCR unimodal paths on the batch (no AR;
 prompt-only passes, the fused model is not run) and takes each clip's target and strength from the audio and
-video paths' probabilities (`mllm_mer.attention.sample`).
+video paths' probabilities (`mllm_mer.attention.sample`); with `ar.sample_confidence: reliability` the
+target's confidences are the paths' fitted reliabilities from the same pass.
 """
 
 from __future__ import annotations
@@ -35,9 +36,16 @@ class ARMethod(Method):
                 raise ValueError("ar.target_mode=paths takes each clip's target from the unimodal audio and video "
                                  "paths: it needs a run trained with dcr.enabled=true (or use ar.target_mode=fixed)")
             with torch.no_grad():  # the unimodal paths alone (prompt-only passes), not the fused model
-                logits = run_unimodal_paths(mer, {k: v for k, v in batch.items() if k != "class_id"}).logits
-            targets = sample_targets(torch.softmax(logits["audio"], -1), torch.softmax(logits["video"], -1),
-                                     cfg.ar.strength, cfg.ar.sample_sharpness)
+                paths = run_unimodal_paths(mer, {k: v for k, v in batch.items() if k != "class_id"})
+            confidence = None
+            if cfg.ar.sample_confidence == "reliability":
+                if not all(p in paths.reliability for p in ("audio", "video")):
+                    raise ValueError("ar.sample_confidence=reliability needs the audio and video reliability heads "
+                                     "of a run trained with dcr.reliability=true (or set ar.sample_confidence="
+                                     "max_prob)")
+                confidence = (paths.reliability["audio"], paths.reliability["video"])
+            targets = sample_targets(torch.softmax(paths.logits["audio"], -1), torch.softmax(paths.logits["video"], -1),
+                                     cfg.ar.strength, cfg.ar.sample_sharpness, confidence)
         return attention_reallocation(model, batch["token_modality"], cfg.ar, sample_targets=targets)
 
     def export_note(self, cfg: RunConfig) -> str:

@@ -10,6 +10,11 @@ paths' class probabilities p_a, p_v (B, C) of each clip (DCR's unimodal paths) g
 so a clip whose voice and face tell the same emotion keeps its attention, and one where they disagree has
 its answer's attention moved toward the modality whose own path is surer. What "surer" means is learned by
 the paths' heads from the training labels; nothing here knows how a data set was built.
+
+With `ar.sample_confidence: reliability`, c_a and c_v are instead the paths' fitted reliabilities r_a, r_v
+(DCR's reliability heads: the predicted probability each path's head gives the true class), so a display
+that its path reads confidently but that the training labels showed to mislead (a confidently wrong path)
+does not pull attention toward itself. The strength is the same JS term.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ TARGET_CLIP = 0.02
 
 
 def sample_targets(
-    p_audio: torch.Tensor, p_video: torch.Tensor, strength: float, sharpness: float = 1.0
+    p_audio: torch.Tensor,
+    p_video: torch.Tensor,
+    strength: float,
+    sharpness: float = 1.0,
+    confidence: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-clip target audio share and strength (module docstring).
 
@@ -34,11 +43,19 @@ def sample_targets(
         p_video: (B, C) class probabilities of the video-only path.
         strength: `ar.strength` in [0, 1], the most any clip gets.
         sharpness: k > 0.
+        confidence: (c_a (B,), c_v (B,)) in [0, 1] replacing the max probabilities (the paths' fitted
+            reliabilities); None = max probabilities.
     Returns:
         (tau (B,), alpha (B,)) float32.
     """
     pa, pv = p_audio.float(), p_video.float()
-    ca, cv = pa.amax(-1).pow(sharpness), pv.amax(-1).pow(sharpness)
+    if confidence is None:
+        ca, cv = pa.amax(-1), pv.amax(-1)
+    else:
+        ca, cv = (c.float().reshape(-1).clamp(0.0, 1.0) for c in confidence)
+        if ca.shape[0] != pa.shape[0] or cv.shape[0] != pv.shape[0]:
+            raise ValueError(f"confidence needs one value per clip ({pa.shape[0]}), got {ca.shape[0]} / {cv.shape[0]}")
+    ca, cv = ca.pow(sharpness), cv.pow(sharpness)
     tau = (ca / (ca + cv).clamp_min(1e-12)).clamp(TARGET_CLIP, 1.0 - TARGET_CLIP)
     alpha = strength * (js_divergence(pa, pv) / math.log(2.0)).clamp(0.0, 1.0)
     return tau, alpha

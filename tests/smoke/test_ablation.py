@@ -134,6 +134,12 @@ def test_config_errors_stop_the_harness_before_training(tiny_dir: Path, syn_dir:
     config = REPO / "configs" / "tiny_cpu.yaml"
     base = [f"model.path={tiny_dir}", "model.build_tiny=false", "data.train=x.jsonl"]
     harness.check_rows(config, base, [harness.Row("plain_lora"), harness.Row("ar", search=harness.AR_GRID)])
+    full = next(r for r in harness.ROWS if r.name == "full")
+    harness.check_rows(config, base, [full])  # per-sample AR's "reliability" confidence: the run fits the heads
+    no_heads = [*base, "dcr.reliability=false", "dcr.arbiter.state=rich"]
+    harness.check_rows(config, no_heads, [full])  # ... and it is left out of the grid when it would not
+    assert harness.search_grid(full, load_config(config, [*no_heads, *full.train]))["ar.sample_confidence"] == (
+        "max_prob",)
     for row in (harness.Row("bogus", train=("bogus.enabled=true",)), harness.Row("x", infer=("lora.bogus=1",)),
                 harness.Row("y", search={"ar.strenght": (0.5,)})):
         with pytest.raises(ConfigError, match=f"row '{row.name}'"):

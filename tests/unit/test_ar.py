@@ -413,3 +413,67 @@ def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, c
     for a, b in zip(every, off, strict=True):
         assert a["probs"]["audio"] == b["probs"]["audio"] and a["probs"]["video"] == b["probs"]["video"]
     assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
+
+
+def test_sample_targets_with_reliabilities_replace_the_max_probabilities():
+    sure_happy = torch.tensor([[0.9, 0.02, 0.02, 0.02, 0.02, 0.02]])
+    unsure_sad = torch.tensor([[0.2, 0.3, 0.125, 0.125, 0.125, 0.125]])
+    pa, pv = torch.cat([unsure_sad, unsure_sad, sure_happy]), torch.cat([sure_happy, sure_happy, sure_happy])
+    by_prob, alpha = sample_targets(pa, pv, strength=0.8)
+    # the video path is surer of itself on clips 0-1, but its fitted reliability says it is wrong on clip 0
+    r_audio, r_video = torch.tensor([0.9, 0.2, 0.5]), torch.tensor([0.1, 0.8, 0.5])
+    by_rel, alpha_rel = sample_targets(pa, pv, strength=0.8, confidence=(r_audio, r_video))
+    assert by_prob[0] < 0.5 and by_rel[0] == pytest.approx(0.9) and by_rel[1] == pytest.approx(0.2)
+    torch.testing.assert_close(alpha_rel, alpha)  # the strength is still the paths' disagreement
+    assert alpha_rel[2] == 0.0
+    sharp, _ = sample_targets(pa, pv, 0.8, 4.0, confidence=(r_audio, r_video))
+    assert sharp[0] > by_rel[0] and sharp[1] < by_rel[1]
+    with pytest.raises(ValueError, match="one value per clip"):
+        sample_targets(pa, pv, 0.8, confidence=(r_audio[:2], r_video[:2]))
+
+
+def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbone_dir, clips, tmp_path,
+                                                                    monkeypatch):
+    from mllm_mer.attention import method as ar_method
+    from mllm_mer.fusion.dcr.paths import reliability_name
+
+    base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}"]
+    reliable = ["ar.enabled=true", "ar.target_mode=paths", "ar.sample_confidence=reliability"]
+    for missing in ([], ["dcr.enabled=true", "dcr.reliability=false", "dcr.arbiter.state=rich"]):
+        with pytest.raises(ConfigError, match="ar.sample_confidence=reliability reads the DCR reliability heads"):
+            load_config(None, [*base, *missing, *reliable])
+    backbone = load_backbone(tiny_backbone_dir)
+    cfg = load_config(None, [*base, "dcr.enabled=true", *reliable, "ar.strength=0.8", "ar.layers=[0,1]"])
+    mer = build_mer_model(backbone, cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # paths whose audio and video heads disagree
+        for name, p in mer.named_parameters():
+            if name.startswith(("fusion_audio", "fusion_video")):
+                p.copy_(torch.randn(p.shape, generator=g))
+    model = InferenceModel(backbone, cfg, mer)
+    with pytest.raises(ValueError, match="needs the audio and video reliability heads"):  # not fitted yet
+        list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = ar_method.attention_reallocation
+
+    def spy(model, token_modality, ar, sample_targets=None):
+        seen.append(sample_targets)
+        return real(model, token_modality, ar, sample_targets=sample_targets)
+
+    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+    width = mer.fusion_audio_reliability.weight.numel()
+
+    def run(r_audio: float, r_video: float) -> list[dict]:
+        for path, r in (("audio", r_audio), ("video", r_video), ("text", 0.5)):
+            getattr(mer, reliability_name(path)).load_fit(torch.zeros(width), torch.ones(width), torch.zeros(width), r)
+        seen.clear()
+        return list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
+
+    toward_audio = run(0.9, 0.1)
+    tau, alpha = seen[0]  # every clip's target follows its reliabilities, the strength its disagreement
+    assert tau.tolist() == pytest.approx([0.9] * len(tau)) and alpha.gt(0).all()
+    toward_video = run(0.1, 0.9)
+    assert seen[0][0].tolist() == pytest.approx([0.1] * len(tau)) and torch.equal(seen[0][1], alpha)
+    assert [r["probs"]["fused"] for r in toward_audio] != [r["probs"]["fused"] for r in toward_video]
+    assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
