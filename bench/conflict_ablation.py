@@ -404,6 +404,33 @@ def bootstrap_interval(correct: Sequence[Sequence[int]], rng: np.random.Generato
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def paired_differences(row: dict, baseline: dict, test: Sequence[Sample], seed: int = 0) -> dict[str, dict]:
+    """The row's primary prediction minus the baseline's on the same clips and seeds, as accuracy differences
+    with a 95% paired bootstrap interval (clips resampled, the same draw for every seed and both rows).
+
+    Args:
+        row, baseline: `aggregate` results (their "correct": {seed: [0/1 per test clip]}).
+        test: the test samples, in the order of "correct".
+    Returns:
+        {"conflict" (both conflict subsets pooled), "consistent", "video_aligned", "audio_aligned":
+        {"difference", "ci"}} for the subsets present; empty when the rows share no seed.
+    """
+    seeds = [k for k in row["correct"] if k in baseline["correct"]]
+    if not seeds:
+        return {}
+    diff = np.asarray([row["correct"][k] for k in seeds], float) - np.asarray([baseline["correct"][k] for k in seeds],
+                                                                                float)  # (S, N)
+    groups = {"conflict": ("video_aligned", "audio_aligned"), **{s: (s,) for s in SUBSETS}}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, subsets in groups.items():
+        idx = [i for i, t in enumerate(test) if t.subset in subsets]
+        if idx:
+            d = diff[:, idx]
+            out[name] = {"difference": float(d.mean()), "ci": bootstrap_interval(d, rng)}
+    return out
+
+
 def aggregate(row: Row, per_seed: list[dict], test: Sequence[Sample], seeds: Sequence[int]) -> dict:
     """Mean over seeds of the primary prediction's figures, with bootstrap intervals (per subset and for the
     conflict mean: both conflict subsets pooled); per-seed rows and per-clip correctness kept."""
@@ -507,6 +534,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         result["trainable_params"] = params[row.name]
         result["step_time_ratio"] = float(statistics.median(step_times[row.name]))
         results.append(result)
+    baseline = next(r for r in results if r["config"] == BASELINE)
+    for result in results:
+        if result is not baseline:
+            result["paired_vs_" + BASELINE] = paired_differences(result, baseline, test)
     return {
         "rows": results,
         "search": searched,
@@ -532,6 +563,14 @@ def format_table(rows: list[dict]) -> str:
         hv = f"{head_va.get('video_aligned', float('nan')):.2f}/{head_va.get('audio_aligned', float('nan')):.2f}"
         lines.append(f"{r['config']:<11}{r['primary_path']:>15}{cells}{r['weighted_f1']:>7.3f}{dom:>10}{hv:>13}"
                      f"{r['trainable_params']:>11,}{r['step_time_ratio']:>6.2f}x")
+    paired = [r for r in rows if r.get("paired_vs_" + BASELINE)]
+    if paired:
+        lines.append(f"paired against {BASELINE} (points, 95% bootstrap over clips): conflict mean / consistent")
+        for r in paired:
+            d = r["paired_vs_" + BASELINE]
+            lines.append(f"  {r['config']:<11}" + " / ".join(
+                f"{100 * d[k]['difference']:+.1f} [{100 * d[k]['ci'][0]:+.1f}, {100 * d[k]['ci'][1]:+.1f}]"
+                for k in ("conflict", "consistent") if k in d))
     return "\n".join(lines)
 
 

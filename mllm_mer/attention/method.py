@@ -1,7 +1,7 @@
 """The `AR` method (`ar.enabled`): attention reallocation while generating / predicting; no weights, no loss.
 
-With `ar.target_mode: paths` the scope first runs the trained model's DCR unimodal paths on the batch (no AR;
-prompt-only passes, the fused model is not run) and takes each clip's target and strength from the audio and
+With `ar.target_mode: paths` the scope first runs the trained model's DCR audio and video paths on the batch
+(no AR; prompt-only passes; neither the text path nor the fused model is run) and takes each clip's target and strength from the audio and
 video paths' probabilities (`mllm_mer.attention.sample`); with `ar.sample_confidence: reliability` the
 target's confidences are the paths' fitted reliabilities from the same pass.
 """
@@ -36,7 +36,8 @@ class ARMethod(Method):
                 raise ValueError("ar.target_mode=paths takes each clip's target from the unimodal audio and video "
                                  "paths: it needs a run trained with dcr.enabled=true (or use ar.target_mode=fixed)")
             with torch.no_grad():  # the unimodal paths alone (prompt-only passes), not the fused model
-                paths = run_unimodal_paths(mer, {k: v for k, v in batch.items() if k != "class_id"})
+                paths = run_unimodal_paths(mer, {k: v for k, v in batch.items() if k != "class_id"},
+                                           only=("audio", "video"))
             confidence = None
             if cfg.ar.sample_confidence == "reliability":
                 if not all(p in paths.reliability for p in ("audio", "video")):

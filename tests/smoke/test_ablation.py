@@ -66,7 +66,7 @@ def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, sy
     assert names == ["plain_lora", "ar", "dcr"]
     test = read_jsonl(syn_dir / "test.jsonl", MER2023_LABELS)
     for row in report["rows"]:
-        assert set(row) == ROW_KEYS
+        assert set(row) == ROW_KEYS | ({"paired_vs_plain_lora"} if row["config"] != "plain_lora" else set())
         assert row["primary_path"] == ("arbiter_answer" if row["config"] == "dcr" else "generated")
         assert set(row["by_path"]) == ({"generated", "head", "arbiter", "arbiter_answer"}
                                        if row["config"] == "dcr" else {"generated", "head"})
@@ -84,6 +84,10 @@ def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, sy
             sum(row["correct"][str(s)][i] for s in (0, 1) for i in conflict) / (2 * len(conflict)))
         assert row["audio_dominance"] is None or 0.0 <= row["audio_dominance"] <= 1.0
         assert row["step_time_ratio"] > 0
+        if row["config"] != "plain_lora":  # the same clips and seeds as the baseline, paired
+            paired = row["paired_vs_plain_lora"]["conflict"]
+            base = report["rows"][0]["conflict_mean"]["accuracy"]
+            assert paired["difference"] == pytest.approx(row["conflict_mean"]["accuracy"] - base)
     assert report["test_clips_per_subset"] == {s: sum(t.subset == s for t in test) for s in SUBSETS}
     search = report["search"]
     assert search["plain_lora"]["grid"] == [] and search["plain_lora"]["chosen"] == {}
@@ -190,3 +194,27 @@ def test_bias_report_on_the_plain_lora_run(ablation, tiny_dir: Path, syn_dir: Pa
     assert report["generated"]["prompt"] == "label" and report["probes"] == {"skipped": "no --train"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "Audio-dominance index" in proc.stdout and "| layer | backbone | fine-tuned |" in proc.stdout
+
+
+def test_paired_differences_against_the_baseline():
+    """Same clips, same seeds: the difference of the means, its interval around it, the subsets kept apart."""
+    from types import SimpleNamespace
+
+    harness = load_harness()
+    test = [SimpleNamespace(subset=s) for s in ("consistent", "video_aligned", "audio_aligned") for _ in range(40)]
+    base = {"correct": {"0": [1] * 40 + [0] * 40 + [1] * 40, "1": [1] * 40 + [0] * 40 + [1] * 40}}
+    row = {"correct": {"0": [1] * 38 + [0] * 2 + [1] * 30 + [0] * 10 + [1] * 40,
+                       "1": [1] * 40 + [1] * 20 + [0] * 20 + [1] * 40, "7": [0] * 120}}  # seed 7: no pair
+    d = harness.paired_differences(row, base, test)
+    assert d["video_aligned"]["difference"] == pytest.approx(0.625)  # (30 + 20) / 80
+    assert d["conflict"]["difference"] == pytest.approx(0.3125) and d["audio_aligned"]["difference"] == 0.0
+    assert d["consistent"]["difference"] == pytest.approx(-0.025)
+    lo, hi = d["conflict"]["ci"]
+    assert lo < 0.3125 < hi and lo > 0.1
+    assert d["audio_aligned"]["ci"] == [0.0, 0.0]
+    assert harness.paired_differences({"correct": {"5": [1] * 120}}, base, test) == {}
+    table = harness.format_table([
+        {**r, "config": n, "primary_path": "generated", "per_subset": {}, "weighted_f1": 0.5, "audio_dominance": None,
+         "by_path": {"head": {}}, "trainable_params": 1, "step_time_ratio": 1.0} for n, r in
+        (("plain_lora", base), ("dcr", {**row, "paired_vs_plain_lora": d}))])
+    assert "dcr        +31.2 [" in table and "/ -2.5 [" in table

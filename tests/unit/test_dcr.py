@@ -144,6 +144,22 @@ def test_paths_forward_backward_and_adapters(tiny_backbone_dir, any_backbone, it
         ), head
 
 
+def test_a_subset_of_paths_gives_the_same_logits_without_losses(tiny_backbone_dir, any_backbone, items):
+    """Per-sample AR's first pass runs the audio and video paths only: the same logits as the full pass."""
+    from mllm_mer.fusion.dcr.paths import run_unimodal_paths
+
+    model = build_mer_model(load_backbone(tiny_backbone_dir), cfg_for(tiny_backbone_dir)).eval()
+    batch = path_collator(any_backbone, train=False)(items)
+    with torch.no_grad():
+        every = run_unimodal_paths(model, batch)
+        two = run_unimodal_paths(model, batch, only=("audio", "video"))
+    assert set(two.logits) == set(two.present) == {"audio", "video"} and two.feed is None and not two.losses
+    for path in ("audio", "video"):
+        torch.testing.assert_close(two.logits[path], every.logits[path], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="choose among the paths"):
+        run_unimodal_paths(model, batch, only=("face",))
+
+
 def test_staged_schedule_holds_afd_and_feed_until_stage_two(tiny_backbone_dir, any_backbone, items):
     cfg = cfg_for(tiny_backbone_dir, "dcr.schedule=staged", "dcr.stage1_steps=5")
     model = build_mer_model(load_backbone(tiny_backbone_dir), cfg)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,17 +273,20 @@ def stage_two(cfg: DCRConfig, train_step: int | None) -> bool:
     return cfg.schedule == "joint" or train_step is None or train_step >= cfg.stage1_steps
 
 
-def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
+def run_unimodal_paths(mer: nn.Module, batch: dict, only: Sequence[str] | None = None) -> PathsOutput:
     """Run every unimodal path of `batch["paths"]` and compute the DCR losses.
 
     Args:
         mer: the MerModel (uses `backbone`, `backbone_scope`, `fusion_<path>`, `fusion_dcr_feed`, `cfg.dcr`).
         batch: a collated batch with `paths` (see `mllm_mer.fusion.dcr.collate`), optional `class_id` (B,)
             and `train_step` (int, set by the training loop).
+        only: run just these paths (inference, e.g. per-sample AR needs audio and video): the output holds
+            them alone, with no losses and, without the text path, no student feed. None = every path.
     Returns:
         The `PathsOutput`.
     Raises:
-        ValueError: the batch has no `paths` (the loader was not built with the DCR collator).
+        ValueError: the batch has no `paths` (the loader was not built with the DCR collator), or `only`
+            names an unknown path.
     """
     cfg: DCRConfig = mer.cfg.dcr
     if "paths" not in batch:
@@ -291,12 +294,15 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
             "dcr.enabled=true but the batch has no 'paths': build the loader's collator with "
             "mllm_mer.fusion.dcr.collate.UnimodalPathCollator (mllm_mer.data.loading.build_collator does)"
         )
+    run = PATHS if only is None else tuple(only)
+    if not set(run) <= set(PATHS) or not run:
+        raise ValueError(f"only={list(run)}: choose among the paths {list(PATHS)}")
     logits: dict[str, torch.Tensor] = {}
     token_logits: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     reliability: dict[str, torch.Tensor] = {}
     features: dict[str, torch.Tensor] = {}
-    for path in PATHS:
+    for path in run:
         sub = batch["paths"][path]
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
             raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
@@ -321,12 +327,12 @@ def run_unimodal_paths(mer: nn.Module, batch: dict) -> PathsOutput:
     present = {p: m.any(1) for p, m in masks.items()}
     scale = 1.0 if stage_two(cfg, batch.get("train_step")) else 0.0
     feed = None
-    if cfg.feed_student:
+    if cfg.feed_student and STUDENT in logits:
         feed = scale * mer.fusion_dcr_feed(logits[STUDENT])
     result = PathsOutput(logits=logits, present=present, feed=feed, reliability=reliability,
                          reliability_features=features)
     class_id = batch.get("class_id")
-    if class_id is None or not (class_id >= 0).any():
+    if only is not None or class_id is None or not (class_id >= 0).any():
         return result
     for path in PATHS:
         keep = present[path] & (class_id >= 0)
