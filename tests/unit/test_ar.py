@@ -381,6 +381,16 @@ def test_per_sample_ar_moves_each_clip_its_own_way(eager, clips):
     assert model.config.text_config._attn_implementation == "eager" and not realloc._SCOPES
 
 
+def disagreeing_paths(mer):
+    """The DCR model with random audio and video heads, so the two paths disagree on every clip."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in mer.named_parameters():
+            if name.startswith(("fusion_audio", "fusion_video")):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return mer
+
+
 def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, clips, tmp_path):
     backbone = load_backbone(tiny_backbone_dir)
     paths = ARConfig(enabled=True, strength=0.8, layers=(0, 1), target_mode="paths")
@@ -392,12 +402,7 @@ def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, c
                           clips["samples"], batch_size=3, prompt_name="label"))
     cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}",
                              "dcr.enabled=true"])
-    mer = build_mer_model(backbone, cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # paths whose audio and video heads disagree
-        for name, p in mer.named_parameters():
-            if name.startswith(("fusion_audio", "fusion_video")):
-                p.copy_(torch.randn(p.shape, generator=g))
+    mer = disagreeing_paths(build_mer_model(backbone, cfg).eval())
 
     def run(ar: ARConfig) -> list[dict]:
         model = InferenceModel(backbone, dataclasses.replace(cfg, ar=ar), mer)
@@ -444,12 +449,7 @@ def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbon
             load_config(None, [*base, *missing, *reliable])
     backbone = load_backbone(tiny_backbone_dir)
     cfg = load_config(None, [*base, "dcr.enabled=true", *reliable, "ar.strength=0.8", "ar.layers=[0,1]"])
-    mer = build_mer_model(backbone, cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # paths whose audio and video heads disagree
-        for name, p in mer.named_parameters():
-            if name.startswith(("fusion_audio", "fusion_video")):
-                p.copy_(torch.randn(p.shape, generator=g))
+    mer = disagreeing_paths(build_mer_model(backbone, cfg).eval())
     model = InferenceModel(backbone, cfg, mer)
     with pytest.raises(ValueError, match="needs the audio and video reliability heads"):  # not fitted yet
         list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
