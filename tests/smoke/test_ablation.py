@@ -97,7 +97,9 @@ def test_report_schema_primary_answer_and_intervals(ablation, tiny_dir: Path, sy
     assert search["ar"]["chosen"] == next(g["values"] for g in grid if g["dev_accuracy"] == best)
     assert report["rows"][1]["knobs"] == search["ar"]["chosen"]
     arbiter = search["dcr"]["arbiter"]
-    assert len(arbiter["grid"]) == 12 and arbiter["folds"] >= 2
+    # state (rich, reliable: the run fits reliability heads) x feedback x calibration weight x fusion margin
+    assert len(arbiter["grid"]) == 2 * 2 * 2 * 3 and arbiter["folds"] >= 2
+    assert {g["values"]["state"] for g in arbiter["grid"]} == {"rich", "reliable"}
     best = max(g["cross_fitted_dev_accuracy"] for g in arbiter["grid"])
     assert arbiter["chosen"] == next(g["values"] for g in arbiter["grid"] if g["cross_fitted_dev_accuracy"] == best)
     plain = report["rows"][0]
