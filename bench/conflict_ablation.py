@@ -144,6 +144,10 @@ ROWS: tuple[Row, ...] = (
         infer=("ar.enabled=true", "ar.target_mode=paths"), search=AR_PATHS_GRID, arbiter=True),
 )
 BASELINE = "plain_lora"
+PAIRED_KEY = f"paired_vs_{BASELINE}"
+"""Where a row's paired differences against the baseline are kept (`paired_differences`)."""
+CONFLICT_SUBSETS = ("video_aligned", "audio_aligned")
+"""The subsets pooled into the conflict mean."""
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -418,9 +422,9 @@ def paired_differences(row: dict, baseline: dict, test: Sequence[Sample], seed: 
     seeds = [k for k in row["correct"] if k in baseline["correct"]]
     if not seeds:
         return {}
-    diff = np.asarray([row["correct"][k] for k in seeds], float) - np.asarray([baseline["correct"][k] for k in seeds],
-                                                                                float)  # (S, N)
-    groups = {"conflict": ("video_aligned", "audio_aligned"), **{s: (s,) for s in SUBSETS}}
+    ours = np.asarray([row["correct"][k] for k in seeds], float)  # (S, N)
+    diff = ours - np.asarray([baseline["correct"][k] for k in seeds], float)
+    groups = {"conflict": CONFLICT_SUBSETS, **{s: (s,) for s in SUBSETS}}
     rng = np.random.default_rng(seed)
     out = {}
     for name, subsets in groups.items():
@@ -444,7 +448,7 @@ def aggregate(row: Row, per_seed: list[dict], test: Sequence[Sample], seeds: Seq
         correct = [[r["correct"][primary][i] for i in idx] for r in per_seed]
         ci[subset] = bootstrap_interval(correct, rng)
         per_subset[subset] = {"accuracy": float(np.mean(correct)), "ci": ci[subset]}
-    conflict = [i for i, s in enumerate(test) if s.subset in ("video_aligned", "audio_aligned")]
+    conflict = [i for i, s in enumerate(test) if s.subset in CONFLICT_SUBSETS]
     conflict_mean = None
     if conflict:  # both conflict subsets pooled (equal sizes on the testbed: their mean)
         correct = [[r["correct"][primary][i] for i in conflict] for r in per_seed]
@@ -537,7 +541,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     baseline = next(r for r in results if r["config"] == BASELINE)
     for result in results:
         if result is not baseline:
-            result["paired_vs_" + BASELINE] = paired_differences(result, baseline, test)
+            result[PAIRED_KEY] = paired_differences(result, baseline, test)
     return {
         "rows": results,
         "search": searched,
@@ -563,11 +567,11 @@ def format_table(rows: list[dict]) -> str:
         hv = f"{head_va.get('video_aligned', float('nan')):.2f}/{head_va.get('audio_aligned', float('nan')):.2f}"
         lines.append(f"{r['config']:<11}{r['primary_path']:>15}{cells}{r['weighted_f1']:>7.3f}{dom:>10}{hv:>13}"
                      f"{r['trainable_params']:>11,}{r['step_time_ratio']:>6.2f}x")
-    paired = [r for r in rows if r.get("paired_vs_" + BASELINE)]
+    paired = [r for r in rows if r.get(PAIRED_KEY)]
     if paired:
         lines.append(f"paired against {BASELINE} (points, 95% bootstrap over clips): conflict mean / consistent")
         for r in paired:
-            d = r["paired_vs_" + BASELINE]
+            d = r[PAIRED_KEY]
             lines.append(f"  {r['config']:<11}" + " / ".join(
                 f"{100 * d[k]['difference']:+.1f} [{100 * d[k]['ci'][0]:+.1f}, {100 * d[k]['ci'][1]:+.1f}]"
                 for k in ("conflict", "consistent") if k in d))

@@ -1,9 +1,9 @@
 """The `AR` method (`ar.enabled`): attention reallocation while generating / predicting; no weights, no loss.
 
 With `ar.target_mode: paths` the scope first runs the trained model's DCR audio and video paths on the batch
-(no AR; prompt-only passes; neither the text path nor the fused model is run) and takes each clip's target and strength from the audio and
-video paths' probabilities (`mllm_mer.attention.sample`); with `ar.sample_confidence: reliability` the
-target's confidences are the paths' fitted reliabilities from the same pass.
+(no AR; prompt-only passes; neither the text path nor the fused model is run) and takes each clip's target
+and strength from their probabilities (`mllm_mer.attention.sample`); with `ar.sample_confidence: reliability`
+the target's confidences are the paths' fitted reliabilities from the same pass.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class ARMethod(Method):
                                      "of a run trained with dcr.reliability=true (or set ar.sample_confidence="
                                      "max_prob)")
                 confidence = (paths.reliability["audio"], paths.reliability["video"])
-            targets = sample_targets(torch.softmax(paths.logits["audio"], -1), torch.softmax(paths.logits["video"], -1),
-                                     cfg.ar.strength, cfg.ar.sample_sharpness, confidence)
+            p_audio, p_video = (torch.softmax(paths.logits[m], -1) for m in ("audio", "video"))
+            targets = sample_targets(p_audio, p_video, cfg.ar.strength, cfg.ar.sample_sharpness, confidence)
         return attention_reallocation(model, batch["token_modality"], cfg.ar, sample_targets=targets)
 
     def export_note(self, cfg: RunConfig) -> str:
