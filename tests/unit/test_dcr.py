@@ -98,6 +98,24 @@ def test_unimodal_sub_batches_hold_only_their_modality(any_backbone, items):
     assert batch["paths"]["video"].get("input_features") is None
 
 
+def test_modality_dropout_drops_the_answer_to_one_modality_and_leaves_the_paths(any_backbone, items):
+    """`data.modality_dropout` (what the ablation's arbiter rows train with) makes the fused batch, the one with
+    the LM answer, audio-only or video-only, while every unimodal path still gets its own sub-batch."""
+    full = path_collator(any_backbone)
+    dropped = UnimodalPathCollator(dataclasses.replace(full.base, modality_dropout=1.0))
+    batch, ref = dropped(items), full(items)
+    real = batch["attention_mask"].bool()
+    present = {Modality(int(v)) for v in batch["token_modality"][real].unique()}
+    assert present in ({Modality.TEXT, Modality.AUDIO}, {Modality.TEXT, Modality.VIDEO})
+    assert (batch["labels"] != -100).any()  # the answer is still trained, from one modality
+    for path in PATHS:
+        for key, value in ref["paths"][path].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(batch["paths"][path][key], value)
+            else:
+                assert batch["paths"][path][key] == value
+
+
 def test_sample_without_audio_is_masked_out_of_the_audio_path(tiny_backbone_dir, any_backbone, items):
     sample, media = items[0]
     batch = path_collator(any_backbone)([(sample, dataclasses.replace(media, audio=None))])
