@@ -210,9 +210,9 @@ def base_overrides(args: argparse.Namespace, data: Path, backbone: Path) -> list
 
 def search_grid(row: Row, cfg: RunConfig) -> dict[str, tuple]:
     """The row's inference grid for a run with config `cfg`: per-sample AR's "reliability" confidence only
-    when the run fits reliability heads (`dcr.enabled` and `dcr.reliability`)."""
+    when the run fits reliability heads (`DCRConfig.fits_reliability`)."""
     grid = dict(row.search)
-    if "ar.sample_confidence" in grid and not (cfg.dcr.enabled and cfg.dcr.reliability):
+    if "ar.sample_confidence" in grid and not cfg.dcr.fits_reliability:
         grid["ar.sample_confidence"] = tuple(v for v in grid["ar.sample_confidence"] if v != "reliability")
     return grid
 

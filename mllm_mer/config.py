@@ -384,7 +384,7 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     if cfg.data.feature_cache:
         errors.extend(frozen_encoder_problems(cfg.model.freeze))
     if (cfg.ar.enabled and cfg.ar.target_mode == "paths" and cfg.ar.sample_confidence == "reliability"
-            and not (cfg.dcr.enabled and cfg.dcr.reliability)):
+            and not cfg.dcr.fits_reliability):
         errors.append("ar.sample_confidence=reliability reads the DCR reliability heads: it needs a run trained "
                       "with dcr.enabled=true and dcr.reliability=true (or set ar.sample_confidence=max_prob)")
     return errors

@@ -130,6 +130,11 @@ class DCRConfig:
             "dcr.arbiter.answer=fused never answers from one modality: set dcr.arbiter.reward=head"])
 
     @property
+    def fits_reliability(self) -> bool:
+        """Whether a run with these settings has reliability heads to read (DCR on and `reliability` on)."""
+        return self.enabled and self.reliability
+
+    @property
     def loss_weights(self) -> dict[str, float]:
         """Weights of the DCR entries of `MerOutput.aux_losses` in the total loss."""
         return {**{f"dcr_{p}": self.path_loss_weight for p in PATHS}, "dcr_afd": self.afd_weight}
