@@ -5,6 +5,7 @@ families (the module's fixtures are parametrized over the tiny Qwen2.5-Omni and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -418,6 +419,80 @@ def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, c
     for a, b in zip(every, off, strict=True):
         assert a["probs"]["audio"] == b["probs"]["audio"] and a["probs"]["video"] == b["probs"]["video"]
     assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
+
+
+def test_first_pass_serves_the_heads_forward_and_one_modality_batches_skip_it(tiny_backbone_dir, clips, tmp_path,
+                                                                              monkeypatch):
+    from mllm_mer.attention import method as ar_method
+    from mllm_mer.fusion.dcr import method as dcr_method
+    from mllm_mer.fusion.dcr import paths as dcr_paths
+
+    backbone = load_backbone(tiny_backbone_dir)
+    cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}",
+                             "dcr.enabled=true", "ar.enabled=true", "ar.target_mode=paths", "ar.strength=0.8",
+                             "ar.layers=[0,1]"])
+    mer = disagreeing_paths(build_mer_model(backbone, cfg).eval())
+    model = InferenceModel(backbone, cfg, mer)
+    ran: list[str] = []
+    real_run, real_realloc = dcr_paths._run_path, ar_method.attention_reallocation
+    monkeypatch.setattr(dcr_paths, "_run_path", lambda mer, sub, path: ran.append(path) or real_run(mer, sub, path))
+    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(model, token_modality, ar, sample_targets=None):
+        targets.append(sample_targets)
+        return real_realloc(model, token_modality, ar, sample_targets=sample_targets)
+
+    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+
+    def run(on=model, **flags) -> list[dict]:
+        ran.clear(), targets.clear()
+        return list(predict_rows(on, clips["samples"], batch_size=3, prompt_name="label", **flags))
+
+    shared = run()  # one batch: the first pass (audio, video) is the heads' forward's audio and video passes
+    assert sorted(ran) == ["audio", "text", "video"] and targets[0][1].gt(0).all()
+    with monkeypatch.context() as m:  # without the memo both passes run, to the same numbers
+        m.setattr(dcr_method, "reusing_path_runs", lambda mer: contextlib.nullcontext())
+        again = run()
+    assert sorted(ran) == ["audio", "audio", "text", "video", "video"] and again == shared
+    assert not dcr_paths._MEMOS
+    # audio-only prompts (e.g. the arbiter's re-answer from the voice): no first pass, AR moves no mass
+    audio_only = run(use_video=False)
+    assert sorted(ran) == ["audio", "text", "video"] and not targets[0][1].any()
+    plain = run(InferenceModel(backbone, dataclasses.replace(cfg, ar=ARConfig()), mer), use_video=False)
+    assert [r["label"] for r in audio_only] == [r["label"] for r in plain]
+    for a, b in zip(audio_only, plain, strict=True):
+        for path in ("fused", "audio", "video", "text"):
+            assert a["probs"][path] == pytest.approx(b["probs"][path], abs=1e-5)
+
+
+def test_path_memo_is_inference_only_and_scoped(tiny_backbone_dir, clips, tmp_path, monkeypatch):
+    from mllm_mer.data.loading import build_collator
+    from mllm_mer.fusion.dcr import paths as dcr_paths
+
+    backbone = load_backbone(tiny_backbone_dir)
+    cfg = load_config(None, [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}",
+                             "dcr.enabled=true"])
+    mer = build_mer_model(backbone, cfg).eval()
+    batch = build_collator(cfg, backbone, train=False, prompt="label")(clips["items"])
+    ran: list[str] = []
+    real_run = dcr_paths._run_path
+    monkeypatch.setattr(dcr_paths, "_run_path", lambda mer, sub, path: ran.append(path) or real_run(mer, sub, path))
+    with dcr_paths.reusing_path_runs(mer):
+        with dcr_paths.reusing_path_runs(mer):  # nested: the outer memo
+            first = dcr_paths.run_unimodal_paths(mer, batch, only=("audio",))
+        with torch.no_grad():
+            second = dcr_paths.run_unimodal_paths(mer, batch, only=("audio",))
+            third = dcr_paths.run_unimodal_paths(mer, batch, only=("audio",))
+        assert ran == ["audio", "audio"]  # the first call had autograd on: not kept
+        assert third.logits["audio"] is second.logits["audio"]
+        assert torch.equal(first.logits["audio"], second.logits["audio"])
+        with pytest.raises(RuntimeError, match="boom"), dcr_paths.reusing_path_runs(mer):
+            raise RuntimeError("boom")
+        assert id(mer) in dcr_paths._MEMOS  # an inner block leaves the outer one's memo
+    assert not dcr_paths._MEMOS
+    with pytest.raises(RuntimeError, match="boom"), dcr_paths.reusing_path_runs(mer):
+        raise RuntimeError("boom")
+    assert not dcr_paths._MEMOS
 
 
 def test_sample_targets_with_reliabilities_replace_the_max_probabilities():

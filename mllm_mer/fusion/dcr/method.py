@@ -3,7 +3,8 @@
 Hooks: `apply` adds one peft LoRA adapter per path (`mllm_mer.fusion.dcr.paths.attach_path_adapters`),
 `add_heads` the path heads and the student feed, `contribute` runs the paths on the batch's unimodal
 sub-batches (`wrap_collator` adds them; `input_variants` tells the frozen-encoder cache which prompt variants
-they need) and adds their logits, losses and feed. The path adapters are saved by peft with the "default"
+they need) and adds their logits, losses and feed; `inference_scope` lets the paths run once per batch when
+predicting (`reusing_path_runs`). The path adapters are saved by peft with the "default"
 adapter (`adapter/dcr_<path>/`) and loaded back here. The ADA arbiter is fitted after training
 (`scripts/fit_arbiter.py`, `arbiter.json`) and read by `mllm_mer.generation`; `after_training` fits the
 reliability heads it can read (`dcr.reliability`).
@@ -11,6 +12,7 @@ reliability heads it can read (`dcr.reliability`).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from mllm_mer.fusion.dcr.paths import (
     attach_path_adapters,
     checkpoint_context_fn,
     reliability_name,
+    reusing_path_runs,
     run_unimodal_paths,
 )
 from mllm_mer.fusion.dcr.reliability import fit_reliability
@@ -63,6 +66,11 @@ class DCRMethod(Method):
         state.path_logits.update(paths.logits)
         state.aux_losses.update(paths.losses)
         state.parts[self.name] = paths
+
+    def inference_scope(self, model: nn.Module, batch: dict, cfg: RunConfig, mer: nn.Module | None = None):
+        """A trained run's paths run once per batch inside the scope (`reusing_path_runs`): e.g. per-sample AR's
+        first pass over the audio and video paths also serves the heads' forward."""
+        return reusing_path_runs(mer) if mer is not None else nullcontext()
 
     def explain(self, mer: nn.Module, parts: dict[str, Any]) -> dict[str, list] | None:
         """Rows get "reliability": {path: predicted reliability} per sample (with reliability heads)."""

@@ -273,6 +273,68 @@ def stage_two(cfg: DCRConfig, train_step: int | None) -> bool:
     return cfg.schedule == "joint" or train_step is None or train_step >= cfg.stage1_steps
 
 
+@dataclass(frozen=True)
+class _PathRun:
+    """One path's pass over its sub-batch: logits (B, C), token logits (B, T, C), modality-token mask (B, T),
+    reliability features (B, 2 D) and prediction (B,) (None without a reliability head / an unfitted one)."""
+
+    logits: torch.Tensor
+    token_logits: torch.Tensor
+    mask: torch.Tensor
+    features: torch.Tensor | None
+    reliability: torch.Tensor | None
+
+
+_MEMOS: dict[int, dict[int, tuple[dict, _PathRun]]] = {}
+"""Per MerModel (by id) inside `reusing_path_runs`: {id(sub-batch): (that sub-batch, its `_PathRun`)}."""
+
+
+@contextmanager
+def reusing_path_runs(mer: nn.Module) -> Iterator[None]:
+    """Inside the block, `run_unimodal_paths` with autograd off runs each sub-batch through the backbone once:
+    a later call on the same sub-batch object reuses the first call's outputs (e.g. `MerModel.forward` after
+    per-sample AR's first pass over the audio and video paths of the same batch: the paths run with AR
+    paused, so both calls would compute the same tensors). Calls with autograd on (training) always run.
+    Nested blocks share the outermost one's memo; it is dropped on exit, also through an exception.
+
+    Args:
+        mer: the MerModel whose paths run inside the block.
+    """
+    key = id(mer)
+    if key in _MEMOS:
+        yield
+        return
+    _MEMOS[key] = {}
+    try:
+        yield
+    finally:
+        del _MEMOS[key]
+
+
+def _run_path(mer: nn.Module, sub: dict, path: str) -> _PathRun:
+    """One unimodal path on its sub-batch: the backbone with the path's adapter (AR paused), its head and, when
+    the run has one, its reliability head."""
+    inputs = backbone_inputs(mer.backbone, sub, MODEL_INPUT_KEYS)  # cache / ZeRO-3: inputs_embeds
+    with (active_adapter(mer.backbone, adapter_name(path)), mer.backbone_scope(sub["token_modality"]),
+          reallocation_paused(mer.backbone)):  # AR (inference) acts on the fused prompt only
+        out = mer.backbone(
+            **inputs,
+            use_audio_in_video=bool(sub.get("use_audio_in_video", False)),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+    token_mask = (sub["token_modality"] == int(PATH_MODALITY[path])) & sub["prompt_mask"]
+    head: UnimodalHead = getattr(mer, f"fusion_{path}")
+    logits, token_logits = head(out.hidden_states[-1], token_mask, sub["prompt_mask"])
+    features = reliability = None
+    reliability_head: ReliabilityHead | None = getattr(mer, reliability_name(path), None)
+    if reliability_head is not None:
+        features = reliability_head.features(out.hidden_states[-1], token_mask, sub["prompt_mask"])
+        if reliability_head.is_fitted:
+            reliability = reliability_head(features)
+    return _PathRun(logits, token_logits, token_mask, features, reliability)
+
+
 def run_unimodal_paths(mer: nn.Module, batch: dict, only: Sequence[str] | None = None) -> PathsOutput:
     """Run every unimodal path of `batch["paths"]` and compute the DCR losses.
 
@@ -302,28 +364,23 @@ def run_unimodal_paths(mer: nn.Module, batch: dict, only: Sequence[str] | None =
     masks: dict[str, torch.Tensor] = {}
     reliability: dict[str, torch.Tensor] = {}
     features: dict[str, torch.Tensor] = {}
+    memo = _MEMOS.get(id(mer)) if not torch.is_grad_enabled() else None
     for path in run:
         sub = batch["paths"][path]
         if list(sub["sample_ids"]) != list(batch["sample_ids"]):
             raise ValueError(f"the '{path}' sub-batch holds other samples than the fused batch")
-        inputs = backbone_inputs(mer.backbone, sub, MODEL_INPUT_KEYS)  # cache / ZeRO-3: inputs_embeds
-        with (active_adapter(mer.backbone, adapter_name(path)), mer.backbone_scope(sub["token_modality"]),
-              reallocation_paused(mer.backbone)):  # AR (inference) acts on the fused prompt only
-            out = mer.backbone(
-                **inputs,
-                use_audio_in_video=bool(sub.get("use_audio_in_video", False)),
-                output_hidden_states=True,
-                use_cache=False,
-            )
-        token_mask = (sub["token_modality"] == int(PATH_MODALITY[path])) & sub["prompt_mask"]
-        head: UnimodalHead = getattr(mer, f"fusion_{path}")
-        logits[path], token_logits[path] = head(out.hidden_states[-1], token_mask, sub["prompt_mask"])
-        reliability_head: ReliabilityHead | None = getattr(mer, reliability_name(path), None)
-        if reliability_head is not None:
-            features[path] = reliability_head.features(out.hidden_states[-1], token_mask, sub["prompt_mask"])
-            if reliability_head.is_fitted:
-                reliability[path] = reliability_head(features[path])
-        masks[path] = token_mask
+        done = memo.get(id(sub)) if memo is not None else None
+        if done is not None and done[0] is sub:
+            path_run = done[1]
+        else:
+            path_run = _run_path(mer, sub, path)
+            if memo is not None:  # the sub-batch is kept with its run, so its id cannot be reused meanwhile
+                memo[id(sub)] = (sub, path_run)
+        logits[path], token_logits[path], masks[path] = path_run.logits, path_run.token_logits, path_run.mask
+        if path_run.features is not None:
+            features[path] = path_run.features
+        if path_run.reliability is not None:
+            reliability[path] = path_run.reliability
     present = {p: m.any(1) for p, m in masks.items()}
     scale = 1.0 if stage_two(cfg, batch.get("train_step")) else 0.0
     feed = None
