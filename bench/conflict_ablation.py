@@ -78,10 +78,12 @@ from mllm_mer.data.jsonl import DataError, read_jsonl  # noqa: E402
 from mllm_mer.data.schema import SUBSETS, Sample  # noqa: E402
 from mllm_mer.fusion.dcr.ada import (  # noqa: E402
     ARMS,
+    SEARCH_GRID,
     answer_inputs,
     arbiter_inputs,
     fit_arbiter,
     reliability_inputs,
+    search_arbiter,
 )
 from mllm_mer.fusion.dcr.config import ArbiterConfig  # noqa: E402
 from mllm_mer.generation import (  # noqa: E402
@@ -129,10 +131,11 @@ AR_PATHS_GRID: dict[str, tuple] = {"ar.strength": (0.0, 0.3, 0.6, 0.9), "ar.samp
                                    "ar.sample_confidence": ("max_prob", "reliability")}
 """Per-sample AR's dev grid (`ar.target_mode=paths`: each clip's target and strength from its unimodal paths;
 needs DCR). "reliability" is left out for a run without reliability heads."""
-ARBITER_GRID: dict[str, tuple] = {"state": ("rich", "reliable"), "feedback": ("full", "bandit"),
-                                  "calibration_weight": (0.0, 0.5), "fuse_margin": (0.0, 0.1, 0.25)}
-"""The arbiter's dev grid (`ArbiterConfig` fields), scored by cross-fitting within dev (the routed answer's
-accuracy; ties keep the earlier setting). "reliable" is left out for a run without reliability heads."""
+ARBITER_GRID: dict[str, tuple] = SEARCH_GRID
+"""The arbiter's dev grid (`ArbiterConfig` fields; `mllm_mer.fusion.dcr.ada.search_arbiter`, as
+`scripts/fit_arbiter.py --search` runs it), scored by cross-fitting within dev over `CV_FOLDS` fixed
+interleaved folds (the routed answer's accuracy; ties keep the earlier setting). "reliable" is left out for a
+run without reliability heads."""
 
 ANSWER_DROPOUT = "data.modality_dropout=0.2"
 """Training override of the arbiter rows (our choice, fixed before any run, not searched): their routed clips
@@ -323,22 +326,6 @@ def arbiter_choice(arbiter, rows: Sequence[dict], labels: Sequence[str]) -> tupl
     return arms, [max(r["probs"][arm], key=r["probs"][arm].get) for r, arm in zip(rows, arms, strict=True)]
 
 
-def cross_fitted_accuracy(rows: Sequence[dict], answers: dict[str, list[str]], samples: Sequence[Sample],
-                          config: ArbiterConfig, labels: Sequence[str], folds: int = CV_FOLDS) -> dict[str, float]:
-    """Dev accuracy of arbiters fitted on K-1 folds and scored on the held-out fold (fixed interleaved folds):
-    of the routed answer (`answers[arm][i]`) and of the chosen arm's head."""
-    correct = {"arbiter_answer": 0, "arbiter": 0}
-    for k in range(folds):
-        fit_idx = [i for i in range(len(rows)) if i % folds != k]
-        held = [i for i in range(len(rows)) if i % folds == k]
-        arbiter = fit_arbiter_on([rows[i] for i in fit_idx], [samples[i] for i in fit_idx], config, labels,
-                                 {a: [v[i] for i in fit_idx] for a, v in answers.items()})
-        arms, heads = arbiter_choice(arbiter, [rows[i] for i in held], labels)
-        correct["arbiter"] += sum(h == samples[i].label for h, i in zip(heads, held, strict=True))
-        correct["arbiter_answer"] += sum(answers[a][i] == samples[i].label for a, i in zip(arms, held, strict=True))
-    return {k: v / len(rows) for k, v in correct.items()}
-
-
 def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sample], batch_size: int) -> dict:
     """Choose the row's knobs on dev (reads dev labels only): the inference grid by the primary prediction's
     dev accuracy, then (arbiter rows) the arbiter's settings by cross-fitted dev accuracy.
@@ -363,18 +350,12 @@ def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sam
         labels = list(model.cfg.data.labels)
         chosen_model = with_overrides(model, run_dir, [*row.infer, *(f"{k}={v}" for k, v in out["chosen"].items())])
         answers = answers_per_arm(chosen_model, dev, batch_size, best_rows)
-        grid = []
-        arbiter_grid = dict(ARBITER_GRID)
-        if reliability_inputs(best_rows) is None:  # a run without reliability heads: the state cannot use them
-            arbiter_grid["state"] = tuple(v for v in ARBITER_GRID["state"] if v != "reliable")
-        for combo in itertools.product(*arbiter_grid.values()):
-            settings = dict(zip(arbiter_grid, combo, strict=True))
-            config = dataclasses.replace(model.cfg.dcr.arbiter, **settings)
-            acc = cross_fitted_accuracy(best_rows, answers, dev, config, labels)
-            grid.append({"values": settings, "cross_fitted_dev_accuracy": acc["arbiter_answer"],
-                         "cross_fitted_dev_accuracy_head": acc["arbiter"]})
-        chosen = max(grid, key=lambda g: g["cross_fitted_dev_accuracy"])  # first best on ties
-        out["arbiter"] = {"grid": grid, "chosen": chosen["values"], "folds": CV_FOLDS}
+        probs, y = arbiter_inputs(best_rows, {s.id: s.label for s in dev}, labels)
+        config, records = search_arbiter(probs, y, model.cfg.dcr.arbiter, answer_inputs(answers, labels),
+                                         reliability_inputs(best_rows), ARBITER_GRID, np.arange(len(dev)) % CV_FOLDS)
+        grid = [{"values": r["values"], "cross_fitted_dev_accuracy": r["accuracy"],
+                 "cross_fitted_dev_accuracy_head": r["head_accuracy"]} for r in records]
+        out["arbiter"] = {"grid": grid, "chosen": {k: getattr(config, k) for k in ARBITER_GRID}, "folds": CV_FOLDS}
     return out
 
 

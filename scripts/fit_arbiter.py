@@ -3,6 +3,7 @@
     python scripts/fit_arbiter.py --run runs/dcr --data .cache/mllm_mer/synthetic/dev.jsonl
     python scripts/fit_arbiter.py --run runs/dcr --data dev.jsonl dcr.arbiter.alpha=1.0 \\
         dcr.arbiter.feedback=full
+    python scripts/fit_arbiter.py --run runs/dcr --data dev.jsonl --search   # choose the settings on DATA
 
 The run must be trained with `dcr.enabled=true`. DATA must be held out: it is refused when it is the run's
 `data.train` file (same path or same file) or shares any sample id with it. The script predicts every path's
@@ -14,6 +15,12 @@ routed to a unimodal arm from that modality (`dcr.arbiter.answer=arm`). It print
 always-fuse / best-single / oracle baselines on DATA with the arbiter CROSS-FITTED: DATA is split into
 `dcr.arbiter.folds` seeded folds and each fold is scored by an arbiter fitted on the other folds only, so
 no sample is scored by an arbiter that saw its label (`crossfit` in the saved `fit` record).
+With `--search` the arbiter's settings are first chosen on DATA (`mllm_mer.fusion.dcr.ada.search_arbiter`, ours):
+every combination of `SEARCH_GRID` (state, feedback, calibration weight, fusion margin; 24 settings, the
+conflict ablation's grid) is scored by the same cross-fitting, the best routed-answer accuracy wins (ties keep
+the earlier, plainer setting), and the arbiter is fitted with it; arbiter.json keeps the chosen settings and
+every setting's score (`fit.search`). The cross-fitted accuracy printed for the chosen setting is then
+optimistic (it won among 24 on the same folds): judge it on another split.
 Trailing `key.path=value` arguments are deep-merged into the run's saved config (`dcr.arbiter.alpha=1` keeps the
 other `dcr.arbiter.*` keys; `data.cache_dir`, ...); `--print-config` prints the resolved config and exits.
 """
@@ -35,6 +42,7 @@ from mllm_mer.data.sources import read_samples
 from mllm_mer.fusion.dcr.ada import (
     ARBITER_FILE,
     ARMS,
+    SEARCH_GRID,
     answer_inputs,
     arbiter_inputs,
     check_held_out,
@@ -42,6 +50,7 @@ from mllm_mer.fusion.dcr.ada import (
     fit_arbiter,
     reliability_inputs,
     save_arbiter,
+    search_arbiter,
 )
 from mllm_mer.fusion.dcr.report import format_report, fuse_or_drop_report
 from mllm_mer.generation import answers_per_arm, load_for_inference, predict_rows
@@ -54,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data", required=True, type=Path, help="held-out labelled samples (e.g. the dev split)")
     p.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
+    p.add_argument("--search", action="store_true",
+                   help="choose the dcr.arbiter settings on DATA by cross-fitted accuracy (SEARCH_GRID) first")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key.path=value deep-merged into the run's saved config")
     return p.parse_args(argv)
@@ -89,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.dcr.arbiter.reward == "answer":  # each arm judged by the answer from its modalities
             answers = answer_inputs(answers_per_arm(model, samples, args.batch_size, rows), labels)
         reliability = reliability_inputs(rows)  # predicted path reliabilities (state "reliable")
-        arbiter = fit_arbiter(probs, y, cfg.dcr.arbiter, answers, reliability)
-        arms, _ = crossfit_select(probs, y, cfg.dcr.arbiter, answers, reliability)
+        config, search = cfg.dcr.arbiter, None
+        if args.search:
+            config, records = search_arbiter(probs, y, config, answers, reliability)
+            search = {"grid": {k: list(v) for k, v in SEARCH_GRID.items()}, "settings": records,
+                      "chosen": {k: getattr(config, k) for k in SEARCH_GRID}}
+        arbiter = fit_arbiter(probs, y, config, answers, reliability)
+        arms, _ = crossfit_select(probs, y, config, answers, reliability)
         chosen = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
-        crossfit = {"folds": cfg.dcr.arbiter.folds, "accuracy": float((chosen == y).double().mean())}
+        crossfit = {"folds": config.folds, "accuracy": float((chosen == y).double().mean())}
         if answers is not None:  # what the arbiter decides: the answer from the chosen arm's modalities
             routed = torch.stack([answers[a][i] for i, a in enumerate(arms)])
             crossfit["answer_accuracy"] = float((routed == y).double().mean())
@@ -100,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         arbiter = dataclasses.replace(
             arbiter,
             labels=tuple(labels),
-            fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info, "crossfit": crossfit},
+            fit_info={"data": str(args.data), "data_sha256": sha, **arbiter.fit_info, "crossfit": crossfit,
+                      **({"search": search} if search is not None else {})},
         )
         out = save_arbiter(arbiter, args.run / ARBITER_FILE)
     except (ConfigError, DataError, MediaError, FileNotFoundError, ValueError) as exc:
@@ -109,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     preds = {a: [labels[i] for i in probs[a].argmax(-1).tolist()] for a in ARMS}
     report = fuse_or_drop_report([s.label for s in samples], preds, [s.subset for s in samples], arms)
     answer = f", answer from the chosen arm {crossfit['answer_accuracy']:.3f}" if "answer_accuracy" in crossfit else ""
+    if search is not None:
+        tried = len(search["settings"])
+        print(f"searched {tried} dcr.arbiter settings by cross-fitted accuracy on {args.data}; chosen: "
+              + " ".join(f"{k}={v}" for k, v in search["chosen"].items())
+              + f" (its accuracy below won among {tried} on these folds: optimistic)")
     print(f"fit on {len(samples)} held-out samples of {args.data}; arbiter column cross-fitted over "
           f"{crossfit['folds']} folds (accuracy {crossfit['accuracy']:.3f}{answer}):")
     print(format_report(report))

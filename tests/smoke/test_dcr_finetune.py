@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mllm_mer.config import load_run_config
 from mllm_mer.data.jsonl import read_jsonl
-from mllm_mer.fusion.dcr.ada import ARBITER_FILE, ARMS
+from mllm_mer.fusion.dcr.ada import ARBITER_FILE, ARMS, SEARCH_GRID
 from mllm_mer.generation import generate_rows, load_for_inference, predict_rows
 from tests.smoke.conftest import REPO, base_args, check, run_finetune
 
@@ -99,7 +99,18 @@ def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
         saved["fit"]["n"] == 12
         and saved["fit"]["data"].endswith("dev.jsonl")
         and saved["config"]["epochs"] == 2
+        and "search" not in saved["fit"]
     )
+    # --search: the settings are chosen on dev first (every SEARCH_GRID setting, cross-fitted) and kept
+    proc = fit_arbiter(run, syn_dir / "dev.jsonl", "--search", "dcr.arbiter.epochs=2", "generate.max_new_tokens=6")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "searched 24 dcr.arbiter settings" in proc.stdout
+    saved = json.loads((run / ARBITER_FILE).read_text())
+    search = saved["fit"]["search"]
+    assert len(search["settings"]) == 24 and search["chosen"] == {k: saved["config"][k] for k in SEARCH_GRID}
+    best = max(r["accuracy"] for r in search["settings"])
+    assert next(r for r in search["settings"] if r["accuracy"] == best)["values"] == search["chosen"]
+    assert saved["fit"]["crossfit"]["answer_accuracy"] == pytest.approx(best)
 
     model = load_for_inference(run_dir=run, cfg=load_run_config(run, ["generate.max_new_tokens=6"]))
     assert model.arbiter is not None and saved["config"]["reward"] == "answer"

@@ -21,6 +21,7 @@ from mllm_mer.data.jsonl import read_jsonl
 from mllm_mer.data.schema import MER2023_LABELS, Modality
 from mllm_mer.fusion.dcr.ada import (
     ARMS,
+    SEARCH_GRID,
     LinUCB,
     add_arbiter_path,
     arbiter_inputs,
@@ -32,6 +33,7 @@ from mllm_mer.fusion.dcr.ada import (
     fit_arbiter,
     load_arbiter,
     save_arbiter,
+    search_arbiter,
 )
 from mllm_mer.fusion.dcr.afd import afd_loss, aggregate_evidence, teacher_distribution
 from mllm_mer.fusion.dcr.collate import UnimodalPathCollator
@@ -435,6 +437,37 @@ def test_crossfit_never_scores_a_sample_with_an_arbiter_fitted_on_it():
         assert [again[i] for i in np.flatnonzero(folds == k)] == [arms[i] for i in np.flatnonzero(folds == k)]
     # in-sample choices differ from cross-fitted ones on this noise (the in-sample fit saw each label)
     assert fit_arbiter(probs, labels, cfg).select(probs) != arms
+
+
+def test_search_chooses_on_cross_fitted_accuracy_with_fixed_folds():
+    """search_arbiter scores every grid setting by crossfit_select on the same folds (never in-sample), keeps
+    the best (ties: the earlier), drops the "reliable" state without reliabilities and refuses unknown fields."""
+    n = 48
+    probs, labels = random_probs(n, seed=7), torch.randint(0, 6, (n,), generator=torch.Generator().manual_seed(8))
+    answers = {a: torch.full((n,), -1) for a in ARMS}  # only the audio arm's answer is ever right
+    answers["audio"] = labels.clone()
+    base = ArbiterConfig(reward="answer", state="rich", folds=4, seed=1)
+    folds = np.arange(n) % 4
+    chosen, records = search_arbiter(probs, labels, base, answers, grid={"fuse_margin": (100.0, 0.0)}, folds=folds)
+    assert chosen.fuse_margin == 0.0 and [r["values"] for r in records] == [{"fuse_margin": 100.0}, {"fuse_margin": 0.0}]
+    assert records[0]["accuracy"] == 0.0 < records[1]["accuracy"]  # a margin of 100 always fuses
+    for r in records:  # each record is crossfit_select's choices on those folds, judged by the routed answer
+        arms, _ = crossfit_select(probs, labels, dataclasses.replace(base, **r["values"]), answers, folds=folds)
+        assert r["accuracy"] == pytest.approx(np.mean([a == "audio" for a in arms]))
+        heads = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
+        assert r["head_accuracy"] == pytest.approx(float((heads == labels).double().mean()))
+    tie, records = search_arbiter(probs, labels, dataclasses.replace(base, feedback="full"), answers,
+                                  grid={"alpha": (0.5, 2.0)}, folds=folds)  # full feedback ignores alpha
+    assert records[0]["accuracy"] == records[1]["accuracy"] and tie.alpha == 0.5
+    default, records = search_arbiter(probs, labels, base, answers)  # no reliabilities: "rich" only, seeded folds
+    assert len(records) == 12 and {r["values"]["state"] for r in records} == {"rich"}
+    assert set(records[0]["values"]) == set(SEARCH_GRID)
+    with pytest.raises(ValueError, match=r"\['ridg'\] are not dcr.arbiter fields"):
+        search_arbiter(probs, labels, base, answers, grid={"ridg": (1.0,)})
+    with pytest.raises(ValueError, match="no setting to try"):
+        search_arbiter(probs, labels, base, answers, grid={"state": ("reliable",)})
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        crossfit_select(probs, labels, base, answers, folds=np.zeros(n, dtype=int))
 
 
 def test_arbiter_config_ranges_and_old_files(tmp_path):

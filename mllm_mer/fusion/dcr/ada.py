@@ -43,6 +43,7 @@ The policy is stored as JSON (`arbiter.json` in the run directory; never pickle)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -333,6 +334,7 @@ def fold_ids(n: int, folds: int, seed: int = 0) -> np.ndarray:
 def crossfit_select(
     probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
     answers: Mapping[str, torch.Tensor] | None = None, reliability: torch.Tensor | None = None,
+    folds: np.ndarray | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Cross-fitted arm choices: each sample is scored by an arbiter fitted on the other folds only.
 
@@ -345,15 +347,20 @@ def crossfit_select(
         config: the arbiter settings (`folds`, `seed` and the fit settings).
         answers: per-arm answers (`fit_arbiter`), for `config.reward="answer"`.
         reliability: (N, 3) path reliabilities, for `config.state="reliable"`.
+        folds: (N,) fold id per sample; None = `fold_ids(N, config.folds, config.seed)`.
     Returns:
         (N arm names, (N,) fold id per sample).
     Raises:
-        ValueError: fewer than 2 samples.
+        ValueError: fewer than 2 samples, or `folds` of another length or with a single fold.
     """
     n = len(labels)
     if n < 2:
         raise ValueError(f"cross-fitting needs at least 2 samples, got {n}")
-    folds = fold_ids(n, config.folds, config.seed)
+    if folds is None:
+        folds = fold_ids(n, config.folds, config.seed)
+    folds = np.asarray(folds)
+    if folds.shape != (n,) or len(np.unique(folds)) < 2:
+        raise ValueError(f"folds must give each of the {n} samples a fold id, with at least 2 folds")
     arms: list[str] = [""] * n
     for k in np.unique(folds):
         held = torch.as_tensor(folds == k)
@@ -365,6 +372,63 @@ def crossfit_select(
         for i, arm in zip(np.flatnonzero(folds == k), chosen, strict=True):
             arms[int(i)] = arm
     return arms, folds
+
+
+SEARCH_GRID: dict[str, tuple] = {"state": ("rich", "reliable"), "feedback": ("full", "bandit"),
+                                 "calibration_weight": (0.0, 0.5), "fuse_margin": (0.0, 0.1, 0.25)}
+"""`ArbiterConfig` values `search_arbiter` tries by default (ours): 24 settings, the conflict ablation's grid."""
+
+
+def search_arbiter(
+    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, base: ArbiterConfig,
+    answers: Mapping[str, torch.Tensor] | None = None, reliability: torch.Tensor | None = None,
+    grid: Mapping[str, Sequence[Any]] = SEARCH_GRID, folds: np.ndarray | None = None,
+) -> tuple[ArbiterConfig, list[dict[str, Any]]]:
+    """Choose the arbiter's settings on labelled held-out data by cross-fitted accuracy (our protocol).
+
+    Every combination of `grid` (`ArbiterConfig` field -> values, the other fields from `base`) is scored by
+    `crossfit_select` on the same folds: the share of samples whose chosen arm's answer (`answers`; without
+    them, the chosen arm's head) names the label, each sample judged by an arbiter fitted on the other folds.
+    The best setting wins; ties keep the earlier one in grid order (the grid lists the plainer values first).
+    Without `reliability`, the "reliable" state is left out of the grid.
+
+    Args:
+        probs, labels, answers, reliability: as `fit_arbiter` (answers: needed by `base.reward="answer"`).
+        base: the settings the grid's fields are replaced in.
+        grid: {field: candidate values}.
+        folds: (N,) fold id per sample; None = `fold_ids(N, base.folds, base.seed)`.
+    Returns:
+        (the chosen settings, one record per setting: {"values", "accuracy", "head_accuracy"}).
+    Raises:
+        ValueError: a grid field that `ArbiterConfig` does not have, or an empty grid.
+    """
+    unknown = sorted(set(grid) - {f.name for f in dataclasses.fields(ArbiterConfig)})
+    if unknown:
+        raise ValueError(f"search grid fields {unknown} are not dcr.arbiter fields")
+    grid = {k: tuple(v) for k, v in grid.items()}
+    if reliability is None and "state" in grid:  # the state cannot read reliabilities the rows do not have
+        grid["state"] = tuple(v for v in grid["state"] if v != "reliable")
+    if not grid or any(not v for v in grid.values()):
+        raise ValueError(f"the search grid has no setting to try: {grid}")
+    if folds is None:
+        folds = fold_ids(len(labels), base.folds, base.seed)
+    y = labels.long().cpu()
+    records: list[dict[str, Any]] = []
+    best: tuple[float, ArbiterConfig] | None = None
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo, strict=True))
+        config = dataclasses.replace(base, **values)
+        arms, _ = crossfit_select(probs, y, config, answers, reliability, folds)
+        heads = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
+        record = {"values": values, "head_accuracy": float((heads == y).double().mean())}
+        record["accuracy"] = record["head_accuracy"]
+        if answers is not None:
+            routed = torch.stack([answers[a][i] for i, a in enumerate(arms)])
+            record["accuracy"] = float((routed.long().cpu() == y).double().mean())
+        records.append(record)
+        if best is None or record["accuracy"] > best[0]:
+            best = (record["accuracy"], config)
+    return best[1], records
 
 
 def save_arbiter(arbiter: Arbiter, path: str | Path) -> Path:
