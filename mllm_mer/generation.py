@@ -89,12 +89,13 @@ def load_for_inference(
 
 def inference_loader(
     model: InferenceModel, samples: Sequence[Sample], prompt: PromptTemplate, batch_size: int, *,
-    use_video: bool = True, use_audio: bool = True,
+    use_video: bool = True, use_audio: bool = True, method_parts: bool = True,
 ) -> DataLoader:
     """`mllm_mer.data.loading.build_inference_loader` for a loaded model (the methods' collators only for a
-    trained run; a bare backbone gets plain batches)."""
+    trained run; a bare backbone gets plain batches). `method_parts=False` leaves out the methods' extra
+    sub-batches (DCR's paths) for batches that only generate and need none of them."""
     return build_inference_loader(model.cfg, model.backbone, samples, prompt, batch_size, use_video=use_video,
-                                  use_audio=use_audio, methods=model.mer is not None)
+                                  use_audio=use_audio, methods=model.mer is not None and method_parts)
 
 
 @contextmanager
@@ -337,8 +338,10 @@ def arm_answer_rows(
         idx = [i for i, a in enumerate(arms) if a == arm]
         if arm == "fused" or not idx:
             continue
+        # generation only, from at most one modality: no method sub-batch is read (DCR's paths are not run,
+        # and per-sample AR skips its first pass where no prompt has both audio and video)
         loader = inference_loader(model, [samples[i] for i in idx], prompt, batch_size,
-                                  use_video=use_video, use_audio=use_audio)
+                                  use_video=use_video, use_audio=use_audio, method_parts=False)
         texts: list[str] = []
         for batch in loader:
             with inference_scope(model, batch):

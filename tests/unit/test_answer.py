@@ -133,6 +133,27 @@ def test_the_answer_drops_to_the_arm_the_arbiter_picks(dcr_setup, arm):
     assert generation_record(routed)["arbiter"]["answer"] == "arm" and generation_record(plain)["arbiter"] is None
 
 
+def test_reanswers_collate_no_method_sub_batches(dcr_setup, monkeypatch):
+    """A clip routed to one modality is answered from batches without DCR's path sub-batches (nothing reads
+    them there), to the same answers as from batches that carry them."""
+    from mllm_mer import generation
+
+    backbone, cfg, mer, samples = dcr_setup
+    plain = InferenceModel(backbone, cfg, mer)
+    fused = list(predict_rows(plain, samples, batch_size=2, prompt_name="label"))
+    alone = list(predict_rows(plain, samples, batch_size=2, prompt_name="label", use_video=False))
+    flags: list[bool] = []
+    real = generation.build_inference_loader
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs["methods"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "build_inference_loader", spy)
+    answers = routed_answers(plain, samples, fused, ["audio"] * len(samples), 2, "label")
+    assert flags == [False] and answers == [a["label"] for a in alone]
+
+
 def test_fuse_margin_and_answer_fused_keep_the_bimodal_answer(dcr_setup):
     backbone, cfg, mer, samples = dcr_setup
     fused = list(predict_rows(InferenceModel(backbone, cfg, mer), samples, batch_size=2, prompt_name="label"))
