@@ -129,3 +129,21 @@ def test_gpu_step_runs_its_lora_and_qlora_steps_on_cpu(tiny_dir, tmp_path):
     assert row["variants"]["qlora"]["weights_gib"] < row["variants"]["lora"]["weights_gib"]  # 4-bit linears
     assert row["audio_frames"] == 1500 and row["tokens_per_sample"] > 750  # 30 s of audio per sample
     assert lines[-1].startswith("qlora / lora")
+
+
+def test_ar_overhead_times_predict_rows_of_a_dcr_run(tiny_dir, syn_dir, tmp_path):
+    """`--predict`: per-sample AR's cost inside `predict_rows` of a trained DCR run (its first pass is the
+    heads' own audio and video passes there); `--predict` without a run is refused."""
+    from tests.smoke.conftest import base_args, check, run_finetune
+
+    run = tmp_path / "run"
+    check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "cache"), "dcr.enabled=true",
+                        "train.max_steps=2", "train.save_every=0"]))
+    row, lines = run_bench("ar_overhead.py", "--run", str(run), "--data", str(syn_dir / "test.jsonl"), "--predict",
+                           "--rounds", "1", "--batch-size", "2", "ar.target_mode=paths", "ar.strength=0.8")
+    assert row["timed"] == "predict_rows" and row["new_tokens"] is None and row["batch_size"] == 2
+    assert row["ar"]["target_mode"] == "paths" and all(v > 0 for v in row["median_cpu_s"].values())
+    assert lines[-1].startswith("AR on / AR off predict_rows time") and float(RATIO.search(lines[-1]).group(1)) > 0
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ar_overhead.py"), "--predict"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "give --run" in proc.stderr
