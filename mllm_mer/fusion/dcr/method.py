@@ -12,7 +12,7 @@ reliability heads it can read (`dcr.reliability`).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,9 @@ class DCRMethod(Method):
         state.aux_losses.update(paths.losses)
         state.parts[self.name] = paths
 
-    def inference_scope(self, model: nn.Module, batch: dict, cfg: RunConfig, mer: nn.Module | None = None):
+    def inference_scope(
+        self, model: nn.Module, batch: dict, cfg: RunConfig, mer: nn.Module | None = None
+    ) -> AbstractContextManager:
         """A trained run's paths run once per batch inside the scope (`reusing_path_runs`): e.g. per-sample AR's
         first pass over the audio and video paths also serves the heads' forward."""
         return reusing_path_runs(mer) if mer is not None else nullcontext()

@@ -31,6 +31,8 @@ path's own p_path(y) is low, so the fit learns what such displays look like. The
 reliabilities with `dcr.arbiter.state="reliable"`.
 With `dcr.schedule=staged`, AFD and the feed are multiplied by 0 (kept in the graph for DDP) while
 `batch["train_step"]` (set by the training loop) is below `dcr.stage1_steps`.
+When predicting, DCR's inference scope (`reusing_path_runs`) lets each sub-batch run once per batch: per-sample
+AR's first pass over the audio and video paths is then also the heads' forward's.
 """
 
 from __future__ import annotations
