@@ -96,8 +96,8 @@ def main() -> None:
     ratio = statistics.median(ratios)
     print(json.dumps({
         "bench": "ar_overhead", "backbone": cfg.model.path, "run": args.run, "batch_size": len(samples),
-        "prompt_tokens": int(batch["input_ids"].shape[1]),
-        "timed": "predict_rows" if args.predict else "generate", "new_tokens": None if args.predict else args.new_tokens, "rounds": args.rounds,
+        "prompt_tokens": int(batch["input_ids"].shape[1]), "timed": "predict_rows" if args.predict else "generate",
+        "new_tokens": None if args.predict else args.new_tokens, "rounds": args.rounds,
         "ar": dataclasses.asdict(cfg.ar) | {"enabled": True}, "torch_threads": torch.get_num_threads(),
         "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
         "median_wall_s": {k: statistics.median(v) for k, v in wall.items()},

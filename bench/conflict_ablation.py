@@ -353,8 +353,8 @@ def search_row(row: Row, model: InferenceModel, run_dir: Path, dev: Sequence[Sam
         probs, y = arbiter_inputs(best_rows, {s.id: s.label for s in dev}, labels)
         config, records = search_arbiter(probs, y, model.cfg.dcr.arbiter, answer_inputs(answers, labels),
                                          reliability_inputs(best_rows), ARBITER_GRID, np.arange(len(dev)) % CV_FOLDS)
-        grid = [{"values": r["values"], "cross_fitted_dev_accuracy": r["accuracy"],
-                 "cross_fitted_dev_accuracy_head": r["head_accuracy"]} for r in records]
+        grid = [{"values": r["values"], "cross_fitted_dev_accuracy": r["answer_accuracy"],
+                 "cross_fitted_dev_accuracy_head": r["accuracy"]} for r in records]
         out["arbiter"] = {"grid": grid, "chosen": {k: getattr(config, k) for k in ARBITER_GRID}, "folds": CV_FOLDS}
     return out
 

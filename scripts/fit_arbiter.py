@@ -33,8 +33,6 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
-
 from mllm_mer.config import ConfigError, dump_config, load_run_config
 from mllm_mer.data.jsonl import DataError
 from mllm_mer.data.media import MediaError
@@ -46,7 +44,7 @@ from mllm_mer.fusion.dcr.ada import (
     answer_inputs,
     arbiter_inputs,
     check_held_out,
-    crossfit_select,
+    crossfit_accuracy,
     fit_arbiter,
     reliability_inputs,
     save_arbiter,
@@ -103,15 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         config, search = cfg.dcr.arbiter, None
         if args.search:
             config, records = search_arbiter(probs, y, config, answers, reliability)
-            search = {"grid": {k: list(v) for k, v in SEARCH_GRID.items()}, "settings": records,
-                      "chosen": {k: getattr(config, k) for k in SEARCH_GRID}}
+            search = {"settings": records, "chosen": {k: getattr(config, k) for k in SEARCH_GRID}}
         arbiter = fit_arbiter(probs, y, config, answers, reliability)
-        arms, _ = crossfit_select(probs, y, config, answers, reliability)
-        chosen = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
-        crossfit = {"folds": config.folds, "accuracy": float((chosen == y).double().mean())}
-        if answers is not None:  # what the arbiter decides: the answer from the chosen arm's modalities
-            routed = torch.stack([answers[a][i] for i, a in enumerate(arms)])
-            crossfit["answer_accuracy"] = float((routed == y).double().mean())
+        # answer_accuracy (with answers): what the arbiter decides, the answer from the chosen arm's modalities
+        arms, scores = crossfit_accuracy(probs, y, config, answers, reliability)
+        crossfit = {"folds": config.folds, **scores}
         sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
         arbiter = dataclasses.replace(
             arbiter,

@@ -108,8 +108,8 @@ def test_fit_arbiter_then_predict_and_evaluate(dcr_run, syn_dir, tmp_path):
     saved = json.loads((run / ARBITER_FILE).read_text())
     search = saved["fit"]["search"]
     assert len(search["settings"]) == 24 and search["chosen"] == {k: saved["config"][k] for k in SEARCH_GRID}
-    best = max(r["accuracy"] for r in search["settings"])
-    assert next(r for r in search["settings"] if r["accuracy"] == best)["values"] == search["chosen"]
+    best = max(r["answer_accuracy"] for r in search["settings"])
+    assert next(r for r in search["settings"] if r["answer_accuracy"] == best)["values"] == search["chosen"]
     assert saved["fit"]["crossfit"]["answer_accuracy"] == pytest.approx(best)
 
     model = load_for_inference(run_dir=run, cfg=load_run_config(run, ["generate.max_new_tokens=6"]))

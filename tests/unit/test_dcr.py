@@ -450,15 +450,15 @@ def test_search_chooses_on_cross_fitted_accuracy_with_fixed_folds():
     folds = np.arange(n) % 4
     chosen, records = search_arbiter(probs, labels, base, answers, grid={"fuse_margin": (100.0, 0.0)}, folds=folds)
     assert chosen.fuse_margin == 0.0 and [r["values"] for r in records] == [{"fuse_margin": 100.0}, {"fuse_margin": 0.0}]
-    assert records[0]["accuracy"] == 0.0 < records[1]["accuracy"]  # a margin of 100 always fuses
+    assert records[0]["answer_accuracy"] == 0.0 < records[1]["answer_accuracy"]  # a margin of 100 always fuses
     for r in records:  # each record is crossfit_select's choices on those folds, judged by the routed answer
         arms, _ = crossfit_select(probs, labels, dataclasses.replace(base, **r["values"]), answers, folds=folds)
-        assert r["accuracy"] == pytest.approx(np.mean([a == "audio" for a in arms]))
+        assert r["answer_accuracy"] == pytest.approx(np.mean([a == "audio" for a in arms]))
         heads = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
-        assert r["head_accuracy"] == pytest.approx(float((heads == labels).double().mean()))
+        assert r["accuracy"] == pytest.approx(float((heads == labels).double().mean()))
     tie, records = search_arbiter(probs, labels, dataclasses.replace(base, feedback="full"), answers,
                                   grid={"alpha": (0.5, 2.0)}, folds=folds)  # full feedback ignores alpha
-    assert records[0]["accuracy"] == records[1]["accuracy"] and tie.alpha == 0.5
+    assert records[0]["answer_accuracy"] == records[1]["answer_accuracy"] and tie.alpha == 0.5
     default, records = search_arbiter(probs, labels, base, answers)  # no reliabilities: "rich" only, seeded folds
     assert len(records) == 12 and {r["values"]["state"] for r in records} == {"rich"}
     assert set(records[0]["values"]) == set(SEARCH_GRID)

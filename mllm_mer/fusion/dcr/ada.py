@@ -374,6 +374,27 @@ def crossfit_select(
     return arms, folds
 
 
+def crossfit_accuracy(
+    probs: Mapping[str, torch.Tensor], labels: torch.Tensor, config: ArbiterConfig,
+    answers: Mapping[str, torch.Tensor] | None = None, reliability: torch.Tensor | None = None,
+    folds: np.ndarray | None = None,
+) -> tuple[list[str], dict[str, float]]:
+    """`crossfit_select`'s arm choices and how often they are right.
+
+    Returns:
+        (N arm names, {"accuracy": share whose chosen arm's head names the label, and, with `answers`,
+        "answer_accuracy": share whose answer from the chosen arm's modalities does}).
+    """
+    arms, _ = crossfit_select(probs, labels, config, answers, reliability, folds)
+    y = labels.long().cpu()
+    heads = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1).cpu()
+    scores = {"accuracy": float((heads == y).double().mean())}
+    if answers is not None:
+        routed = torch.stack([answers[a][i] for i, a in enumerate(arms)]).long().cpu()
+        scores["answer_accuracy"] = float((routed == y).double().mean())
+    return arms, scores
+
+
 SEARCH_GRID: dict[str, tuple] = {"state": ("rich", "reliable"), "feedback": ("full", "bandit"),
                                  "calibration_weight": (0.0, 0.5), "fuse_margin": (0.0, 0.1, 0.25)}
 """`ArbiterConfig` values `search_arbiter` tries by default (ours): 24 settings, the conflict ablation's grid."""
@@ -387,7 +408,7 @@ def search_arbiter(
     """Choose the arbiter's settings on labelled held-out data by cross-fitted accuracy (our protocol).
 
     Every combination of `grid` (`ArbiterConfig` field -> values, the other fields from `base`) is scored by
-    `crossfit_select` on the same folds: the share of samples whose chosen arm's answer (`answers`; without
+    `crossfit_accuracy` on the same folds: the share of samples whose chosen arm's answer (`answers`; without
     them, the chosen arm's head) names the label, each sample judged by an arbiter fitted on the other folds.
     The best setting wins; ties keep the earlier one in grid order (the grid lists the plainer values first).
     Without `reliability`, the "reliable" state is left out of the grid.
@@ -398,7 +419,8 @@ def search_arbiter(
         grid: {field: candidate values}.
         folds: (N,) fold id per sample; None = `fold_ids(N, base.folds, base.seed)`.
     Returns:
-        (the chosen settings, one record per setting: {"values", "accuracy", "head_accuracy"}).
+        (the chosen settings, one record per setting: {"values", "accuracy" (head), "answer_accuracy" (with
+        `answers`)}, as `crossfit_accuracy` scores it).
     Raises:
         ValueError: a grid field that `ArbiterConfig` does not have, or an empty grid.
     """
@@ -412,22 +434,16 @@ def search_arbiter(
         raise ValueError(f"the search grid has no setting to try: {grid}")
     if folds is None:
         folds = fold_ids(len(labels), base.folds, base.seed)
-    y = labels.long().cpu()
+    key = "answer_accuracy" if answers is not None else "accuracy"
     records: list[dict[str, Any]] = []
     best: tuple[float, ArbiterConfig] | None = None
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo, strict=True))
         config = dataclasses.replace(base, **values)
-        arms, _ = crossfit_select(probs, y, config, answers, reliability, folds)
-        heads = torch.stack([probs[a][i] for i, a in enumerate(arms)]).argmax(-1)
-        record = {"values": values, "head_accuracy": float((heads == y).double().mean())}
-        record["accuracy"] = record["head_accuracy"]
-        if answers is not None:
-            routed = torch.stack([answers[a][i] for i, a in enumerate(arms)])
-            record["accuracy"] = float((routed.long().cpu() == y).double().mean())
-        records.append(record)
-        if best is None or record["accuracy"] > best[0]:
-            best = (record["accuracy"], config)
+        _, scores = crossfit_accuracy(probs, labels, config, answers, reliability, folds)
+        records.append({"values": values, **scores})
+        if best is None or scores[key] > best[0]:
+            best = (scores[key], config)
     return best[1], records
 
 
