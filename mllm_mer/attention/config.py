@@ -49,12 +49,15 @@ class ARConfig:
     sample_sharpness: float = 1.0
     """k in the per-sample target tau_b = c_a^k / (c_a^k + c_v^k) (`target_mode: paths`); larger = closer to
     all-or-nothing."""
-    sample_confidence: Literal["max_prob", "reliability"] = "max_prob"
+    sample_confidence: Literal["auto", "max_prob", "reliability"] = "auto"
     """What c_a, c_v are in the per-sample target (`target_mode: paths`; our choice). "max_prob": each path's
     max class probability (how sure the path is of itself). "reliability": each path's fitted reliability r_m,
     the probability its head gives the true class as predicted from its hidden states (`dcr.reliability`), so
     a confidently wrong display (learned from the training labels) does not pull attention toward itself.
-    Needs a run trained with `dcr.reliability=true`. The strength stays strength * JS(p_a, p_v) / ln 2."""
+    Needs a run trained with `dcr.reliability=true`. "auto" (default): "reliability" when the run's audio and
+    video reliability heads are fitted, "max_prob" otherwise (a fresh model, or `dcr.reliability=false`); the
+    conflict ablation's dev search chose "reliability" on every testbed. The strength stays
+    strength * JS(p_a, p_v) / ln 2."""
 
     def problems(self, num_layers: int | None = None, num_heads: int | None = None) -> list[str]:
         """Every problem with these values, one line each (empty = valid).

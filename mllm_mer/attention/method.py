@@ -3,10 +3,11 @@
 With `ar.target_mode: paths` the scope first runs the trained model's DCR audio and video paths on the batch
 (no AR; prompt-only passes; neither the text path nor the fused model is run) and takes each clip's target
 and strength from their probabilities (`mllm_mer.attention.sample`); with `ar.sample_confidence: reliability`
-the target's confidences are the paths' fitted reliabilities from the same pass. Inside the DCR method's own
-scope (which `mllm_mer.generation.inference_scope` enters first) that pass is kept for the batch, so the heads'
-forward that follows reuses it instead of running the two paths again (`reusing_path_runs`). A batch in which
-no prompt has both audio and video tokens (e.g. the arbiter's one-modality re-answers) skips the pass: AR moves
+(or `auto`, the default, when the run's reliability heads are fitted) the target's confidences are the paths'
+fitted reliabilities from the same pass. Inside the DCR method's own scope (which
+`mllm_mer.generation.inference_scope` enters first) that pass is kept for the batch, so the heads' forward
+that follows reuses it instead of running the two paths again (`reusing_path_runs`). A batch in which no
+prompt has both audio and video tokens (e.g. the arbiter's one-modality re-answers) skips the pass: AR moves
 no mass in a row that lacks either modality (`ar.min_mass`), whatever the targets.
 """
 
@@ -49,11 +50,12 @@ class ARMethod(Method):
                 paths = run_unimodal_paths(mer, {k: v for k, v in batch.items() if k != "class_id"},
                                            only=("audio", "video"))
             confidence = None
-            if cfg.ar.sample_confidence == "reliability":
-                if not all(p in paths.reliability for p in ("audio", "video")):
-                    raise ValueError("ar.sample_confidence=reliability needs the audio and video reliability heads "
-                                     "of a run trained with dcr.reliability=true (or set ar.sample_confidence="
-                                     "max_prob)")
+            fitted = all(p in paths.reliability for p in ("audio", "video"))
+            if cfg.ar.sample_confidence == "reliability" and not fitted:
+                raise ValueError("ar.sample_confidence=reliability needs the audio and video reliability heads "
+                                 "of a run trained with dcr.reliability=true (or set ar.sample_confidence="
+                                 "max_prob or auto)")
+            if cfg.ar.sample_confidence != "max_prob" and fitted:  # "reliability", or "auto" with fitted heads
                 confidence = (paths.reliability["audio"], paths.reliability["video"])
             p_audio, p_video = (torch.softmax(paths.logits[m], -1) for m in ("audio", "video"))
             targets = sample_targets(p_audio, p_video, cfg.ar.strength, cfg.ar.sample_sharpness, confidence)

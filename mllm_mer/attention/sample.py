@@ -11,10 +11,10 @@ so a clip whose voice and face tell the same emotion keeps its attention, and on
 its answer's attention moved toward the modality whose own path is surer. What "surer" means is learned by
 the paths' heads from the training labels; nothing here knows how a data set was built.
 
-With `ar.sample_confidence: reliability`, c_a and c_v are instead the paths' fitted reliabilities r_a, r_v
-(DCR's reliability heads: the predicted probability each path's head gives the true class), so a display
-that its path reads confidently but that the training labels showed to mislead (a confidently wrong path)
-does not pull attention toward itself. The strength is the same JS term.
+With `ar.sample_confidence: reliability` (or `auto` with fitted heads), c_a and c_v are instead the paths'
+fitted reliabilities r_a, r_v (DCR's reliability heads: the predicted probability each path's head gives the
+true class), so a display that its path reads confidently but that the training labels showed to mislead (a
+confidently wrong path) does not pull attention toward itself. The strength is the same JS term.
 """
 
 from __future__ import annotations

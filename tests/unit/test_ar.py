@@ -552,3 +552,41 @@ def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbon
     assert seen[0][0].tolist() == pytest.approx([0.1] * len(tau)) and torch.equal(seen[0][1], alpha)
     assert [r["probs"]["fused"] for r in toward_audio] != [r["probs"]["fused"] for r in toward_video]
     assert backbone.model.config.text_config._attn_implementation == "sdpa" and not realloc._SCOPES
+
+
+def test_auto_confidence_reads_reliabilities_once_they_are_fitted(tiny_backbone_dir, clips, tmp_path, monkeypatch):
+    from mllm_mer.attention import method as ar_method
+    from mllm_mer.fusion.dcr.paths import reliability_name
+
+    base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}", "dcr.enabled=true",
+            "ar.enabled=true", "ar.target_mode=paths", "ar.strength=0.8", "ar.layers=[0,1]"]
+    no_heads = load_config(None, [*base, "dcr.reliability=false", "dcr.arbiter.state=rich"])  # no config error
+    assert no_heads.ar.sample_confidence == "auto"
+    backbone = load_backbone(tiny_backbone_dir)
+    auto, by_prob = (load_config(None, [*base, *extra]) for extra in ([], ["ar.sample_confidence=max_prob"]))
+    assert auto.ar.sample_confidence == "auto"
+    mer = disagreeing_paths(build_mer_model(backbone, auto).eval())
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = ar_method.attention_reallocation
+
+    def spy(model, token_modality, ar, sample_targets=None):
+        seen.append(sample_targets)
+        return real(model, token_modality, ar, sample_targets=sample_targets)
+
+    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+
+    def targets(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.clear()
+        list(predict_rows(InferenceModel(backbone, cfg, mer), clips["samples"], batch_size=3, prompt_name="label"))
+        return seen[0]
+
+    unfitted, max_prob = targets(auto), targets(by_prob)  # heads not fitted: auto is max_prob, no error
+    assert torch.equal(unfitted[0], max_prob[0]) and torch.equal(unfitted[1], max_prob[1])
+    assert not torch.allclose(max_prob[0], torch.full_like(max_prob[0], 0.9))
+    width = mer.fusion_audio_reliability.weight.numel()
+    for path, r in (("audio", 0.9), ("video", 0.1), ("text", 0.5)):
+        getattr(mer, reliability_name(path)).load_fit(torch.zeros(width), torch.ones(width), torch.zeros(width), r)
+    fitted = targets(auto)  # fitted: auto follows the reliabilities; max_prob does not read them
+    assert fitted[0].tolist() == pytest.approx([0.9] * len(fitted[0])) and torch.equal(fitted[1], max_prob[1])
+    again = targets(by_prob)
+    assert torch.equal(again[0], max_prob[0]) and torch.equal(again[1], max_prob[1])
