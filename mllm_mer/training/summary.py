@@ -150,11 +150,12 @@ def free_path(path: Path) -> Path:
 
 def next_commands(cfg: RunConfig, scripts_dir: str | Path, python: str | None = None) -> list[tuple[str, str]]:
     """(what, command) pairs to run after training, with the run's paths filled in: generate on the test split
-    (dev when there is none), evaluate those predictions (our JSONL data: the `synthetic` task, which scores
-    any sample JSONL with subsets and cues), export the run.
+    (dev when there is none) with the prompt the run was trained on (`data.prompt`: a run trained to answer with
+    a label is not pointed at the explain prompt), evaluate those predictions (our JSONL data: the `synthetic`
+    task, which scores any sample JSONL with subsets and cues), export the run.
 
     Args:
-        cfg: the run's config (`train.output_dir`, `data.test` / `data.dev`, `data.format`, `generate.prompt`).
+        cfg: the run's config (`train.output_dir`, `data.test` / `data.dev`, `data.format`, `data.prompt`).
         scripts_dir: the repository's `scripts/` folder.
         python: the interpreter to show (default: this one, relative to the working directory when inside it).
     """
@@ -165,7 +166,7 @@ def next_commands(cfg: RunConfig, scripts_dir: str | Path, python: str | None = 
     data = cfg.data.test if split == "test" else cfg.data.dev
     preds = run / f"preds_{split}.jsonl"
     cmds = [("generate", f"{py} {shell_path(scripts / 'generate.py')} --run {shell_path(run)} --data "
-             f"{shell_path(data)} --prompt {cfg.generate.prompt} --output {shell_path(preds)}")]
+             f"{shell_path(data)} --prompt {cfg.data.prompt} --output {shell_path(preds)}")]
     if cfg.data.format == "mer_jsonl":
         cmds.append(("evaluate", f"{py} {shell_path(scripts / 'evaluate.py')} synthetic --run {shell_path(run)} "
                      f"--predictions {shell_path(preds)} --references {shell_path(data)} "

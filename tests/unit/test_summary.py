@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def test_summary_table_curves_and_commands(tmp_path, monkeypatch):
     (run / "export").mkdir()  # export refuses an existing folder: the command names a new one
     assert dict(S.next_commands(cfg, tmp_path / "scripts"))["export"].endswith("--out runs/r/export-2")
     assert all(f"  {what}" in text for what in ("generate", "evaluate", "export"))
+    label_run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompt="label"))
+    assert " --prompt label --output " in dict(S.next_commands(label_run, tmp_path / "scripts"))["generate"]
 
 
 def test_curves_without_logs_is_none(tmp_path):
