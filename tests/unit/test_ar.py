@@ -79,6 +79,21 @@ def clips(sdpa, syn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             "audio": dataclasses.replace(col, use_video=False)(items)}
 
 
+def targets_seen(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Record the per-sample targets (tau, alpha) each AR scope is entered with (None: fixed mode), in order."""
+    from mllm_mer.attention import method as ar_method
+
+    seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    real = ar_method.attention_reallocation
+
+    def spy(model, token_modality, ar, sample_targets=None):
+        seen.append(sample_targets)
+        return real(model, token_modality, ar, sample_targets=sample_targets)
+
+    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+    return seen
+
+
 def snapshot(model) -> dict:
     return {
         "params": {k: v.clone() for k, v in model.state_dict().items()},
@@ -423,7 +438,6 @@ def test_paths_mode_needs_dcr_and_uses_the_paths_first_pass(tiny_backbone_dir, c
 
 def test_first_pass_serves_the_heads_forward_and_one_modality_batches_skip_it(tiny_backbone_dir, clips, tmp_path,
                                                                               monkeypatch):
-    from mllm_mer.attention import method as ar_method
     from mllm_mer.fusion.dcr import method as dcr_method
     from mllm_mer.fusion.dcr import paths as dcr_paths
 
@@ -434,15 +448,9 @@ def test_first_pass_serves_the_heads_forward_and_one_modality_batches_skip_it(ti
     mer = disagreeing_paths(build_mer_model(backbone, cfg).eval())
     model = InferenceModel(backbone, cfg, mer)
     ran: list[str] = []
-    real_run, real_realloc = dcr_paths._run_path, ar_method.attention_reallocation
+    real_run = dcr_paths._run_path
     monkeypatch.setattr(dcr_paths, "_run_path", lambda mer, sub, path: ran.append(path) or real_run(mer, sub, path))
-    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def spy(model, token_modality, ar, sample_targets=None):
-        targets.append(sample_targets)
-        return real_realloc(model, token_modality, ar, sample_targets=sample_targets)
-
-    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+    targets = targets_seen(monkeypatch)
 
     def run(on=model, **flags) -> list[dict]:
         ran.clear(), targets.clear()
@@ -514,7 +522,6 @@ def test_sample_targets_with_reliabilities_replace_the_max_probabilities():
 
 def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbone_dir, clips, tmp_path,
                                                                     monkeypatch):
-    from mllm_mer.attention import method as ar_method
     from mllm_mer.fusion.dcr.paths import reliability_name
 
     base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}"]
@@ -529,14 +536,7 @@ def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbon
     with pytest.raises(ValueError, match="needs the audio and video reliability heads"):  # not fitted yet
         list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
 
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = ar_method.attention_reallocation
-
-    def spy(model, token_modality, ar, sample_targets=None):
-        seen.append(sample_targets)
-        return real(model, token_modality, ar, sample_targets=sample_targets)
-
-    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+    seen = targets_seen(monkeypatch)
     width = mer.fusion_audio_reliability.weight.numel()
 
     def run(r_audio: float, r_video: float) -> list[dict]:
@@ -555,7 +555,6 @@ def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbon
 
 
 def test_auto_confidence_reads_reliabilities_once_they_are_fitted(tiny_backbone_dir, clips, tmp_path, monkeypatch):
-    from mllm_mer.attention import method as ar_method
     from mllm_mer.fusion.dcr.paths import reliability_name
 
     base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}", "dcr.enabled=true",
@@ -566,14 +565,7 @@ def test_auto_confidence_reads_reliabilities_once_they_are_fitted(tiny_backbone_
     auto, by_prob = (load_config(None, [*base, *extra]) for extra in ([], ["ar.sample_confidence=max_prob"]))
     assert auto.ar.sample_confidence == "auto"
     mer = disagreeing_paths(build_mer_model(backbone, auto).eval())
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = ar_method.attention_reallocation
-
-    def spy(model, token_modality, ar, sample_targets=None):
-        seen.append(sample_targets)
-        return real(model, token_modality, ar, sample_targets=sample_targets)
-
-    monkeypatch.setattr(ar_method, "attention_reallocation", spy)
+    seen = targets_seen(monkeypatch)
 
     def targets(cfg) -> tuple[torch.Tensor, torch.Tensor]:
         seen.clear()
