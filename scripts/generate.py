@@ -10,12 +10,15 @@ Each output row: id, prompt, prompt_sha256, text, label (parsed), labels_ov (ov 
 heads). `<output>.meta.json` records the backbone, prompt hash and decoding settings. The config is the run's
 saved one (zero-shot: the defaults) with trailing `key.path=value` overrides deep-merged (e.g.
 data.cache_dir=..., `generate.*`, or `ar.*` to apply attention reallocation while generating; see README
-"AR"); the flags are shorthands for `generate.*` keys; `--print-config` prints the resolved config.
+"AR"); the flags are shorthands for `generate.*` keys; `--print-config` prints the resolved config. With
+--run and no --prompt (nor generate.prompt=...), the prompt is the one the run was trained on (`data.prompt`),
+as scripts/bias_report.py does: a run trained to answer with a label is not asked to explain.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--model", help="base Qwen2.5-Omni / Qwen3-Omni checkpoint for zero-shot generation")
     p.add_argument("--data", help="sample JSONL (required unless --print-config)")
     p.add_argument("--output", help="predictions JSONL to write (required unless --print-config)")
-    p.add_argument("--prompt", help="generate.prompt: template name in prompts/ (explain, label, ov)")
+    p.add_argument("--prompt", help="generate.prompt: template name in prompts/ (explain, label, ov); default "
+                   "with --run: the run's data.prompt")
     p.add_argument("--batch-size", type=int, help="generate.batch_size")
     p.add_argument("--max-new-tokens", type=int, help="generate.max_new_tokens")
     p.add_argument("--do-sample", action="store_true", help="generate.do_sample: sample instead of greedy")
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         flags = shorthand_overrides({f"generate.{k}": getattr(args, k) for k in SHORTHANDS})
         if args.run:
             cfg = load_run_config(args.run, [*flags, *args.overrides])
+            told = args.prompt is not None or any(o.split("=", 1)[0] == "generate.prompt" for o in args.overrides)
+            if not told:  # the prompt the run was trained on
+                cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompt=cfg.data.prompt))
         else:  # zero-shot: the defaults with the base model
             cfg = load_config(None, [f"model.path={args.model}", *flags, *args.overrides])
         if args.print_config:

@@ -38,6 +38,11 @@ def test_full_stack_from_training_to_the_scored_answer(tiny_dir: Path, syn_dir: 
     arbiter = json.loads((run / ARBITER_FILE).read_text())
     assert arbiter["fit"]["data"].endswith("dev.jsonl") and len(arbiter["fit"]["search"]["settings"]) == 24
 
+    # without --prompt a run answers the prompt it was trained on (label here, not generate.prompt's explain)
+    shown = script("generate.py", "--run", str(run), "--print-config").stdout
+    assert "generate:\n  prompt: label\n" in shown
+    assert "generate:\n  prompt: ov\n" in script("generate.py", "--run", str(run), "--print-config", "--prompt",
+                                                  "ov").stdout
     preds = tmp_path / "preds.jsonl"
     script("generate.py", "--run", str(run), "--data", str(syn_dir / "test.jsonl"), "--prompt", "label",
            "--output", str(preds), "--max-new-tokens", "4", "--batch-size", "6", "ar.enabled=true",
