@@ -14,6 +14,8 @@ from pathlib import Path
 import av
 import pytest
 
+from tests.smoke.conftest import base_args, check, run_finetune
+
 pytestmark = pytest.mark.slow  # each bench takes 20-30 s on the tiny model: opt-in (-m slow)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,8 +136,6 @@ def test_gpu_step_runs_its_lora_and_qlora_steps_on_cpu(tiny_dir, tmp_path):
 def test_ar_overhead_times_predict_rows_of_a_dcr_run(tiny_dir, syn_dir, tmp_path):
     """`--predict`: per-sample AR's cost inside `predict_rows` of a trained DCR run (its first pass is the
     heads' own audio and video passes there); `--predict` without a run is refused."""
-    from tests.smoke.conftest import base_args, check, run_finetune
-
     run = tmp_path / "run"
     check(run_finetune([*base_args(tiny_dir, syn_dir, run, tmp_path / "cache"), "dcr.enabled=true",
                         "train.max_steps=2", "train.save_every=0"]))

@@ -94,6 +94,14 @@ def targets_seen(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     return seen
 
 
+def fix_reliabilities(mer, audio: float, video: float, text: float = 0.5) -> None:
+    """Fit every path's reliability head to a constant (zero weights, bias = the value), marking it fitted."""
+    from mllm_mer.fusion.dcr.paths import reliability_name
+
+    width = mer.fusion_audio_reliability.weight.numel()
+    for path, r in (("audio", audio), ("video", video), ("text", text)):
+        getattr(mer, reliability_name(path)).load_fit(torch.zeros(width), torch.ones(width), torch.zeros(width), r)
+
 def snapshot(model) -> dict:
     return {
         "params": {k: v.clone() for k, v in model.state_dict().items()},
@@ -522,8 +530,6 @@ def test_sample_targets_with_reliabilities_replace_the_max_probabilities():
 
 def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbone_dir, clips, tmp_path,
                                                                     monkeypatch):
-    from mllm_mer.fusion.dcr.paths import reliability_name
-
     base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}"]
     reliable = ["ar.enabled=true", "ar.target_mode=paths", "ar.sample_confidence=reliability"]
     for missing in ([], ["dcr.enabled=true", "dcr.reliability=false", "dcr.arbiter.state=rich"]):
@@ -537,11 +543,9 @@ def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbon
         list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
 
     seen = targets_seen(monkeypatch)
-    width = mer.fusion_audio_reliability.weight.numel()
 
     def run(r_audio: float, r_video: float) -> list[dict]:
-        for path, r in (("audio", r_audio), ("video", r_video), ("text", 0.5)):
-            getattr(mer, reliability_name(path)).load_fit(torch.zeros(width), torch.ones(width), torch.zeros(width), r)
+        fix_reliabilities(mer, r_audio, r_video)
         seen.clear()
         return list(predict_rows(model, clips["samples"], batch_size=3, prompt_name="label"))
 
@@ -555,8 +559,6 @@ def test_reliability_confidence_needs_fitted_heads_and_follows_them(tiny_backbon
 
 
 def test_auto_confidence_reads_reliabilities_once_they_are_fitted(tiny_backbone_dir, clips, tmp_path, monkeypatch):
-    from mllm_mer.fusion.dcr.paths import reliability_name
-
     base = [f"model.path={tiny_backbone_dir}", "data.train=x.jsonl", f"data.cache_dir={tmp_path}", "dcr.enabled=true",
             "ar.enabled=true", "ar.target_mode=paths", "ar.strength=0.8", "ar.layers=[0,1]"]
     no_heads = load_config(None, [*base, "dcr.reliability=false", "dcr.arbiter.state=rich"])  # no config error
@@ -575,9 +577,7 @@ def test_auto_confidence_reads_reliabilities_once_they_are_fitted(tiny_backbone_
     unfitted, max_prob = targets(auto), targets(by_prob)  # heads not fitted: auto is max_prob, no error
     assert torch.equal(unfitted[0], max_prob[0]) and torch.equal(unfitted[1], max_prob[1])
     assert not torch.allclose(max_prob[0], torch.full_like(max_prob[0], 0.9))
-    width = mer.fusion_audio_reliability.weight.numel()
-    for path, r in (("audio", 0.9), ("video", 0.1), ("text", 0.5)):
-        getattr(mer, reliability_name(path)).load_fit(torch.zeros(width), torch.ones(width), torch.zeros(width), r)
+    fix_reliabilities(mer, 0.9, 0.1)
     fitted = targets(auto)  # fitted: auto follows the reliabilities; max_prob does not read them
     assert fitted[0].tolist() == pytest.approx([0.9] * len(fitted[0])) and torch.equal(fitted[1], max_prob[1])
     again = targets(by_prob)
