@@ -30,6 +30,7 @@ from mllm_mer.config import (
     dump_config,
     load_config,
     load_run_config,
+    parse_overrides,
     shorthand_overrides,
 )
 from mllm_mer.data.jsonl import DataError
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         flags = shorthand_overrides({f"generate.{k}": getattr(args, k) for k in SHORTHANDS})
         if args.run:
             cfg = load_run_config(args.run, [*flags, *args.overrides])
-            told = args.prompt is not None or any(o.split("=", 1)[0] == "generate.prompt" for o in args.overrides)
-            if not told:  # the prompt the run was trained on
+            if "prompt" not in parse_overrides([*flags, *args.overrides]).get("generate", {}):
+                # neither --prompt nor generate.prompt=...: the prompt the run was trained on
                 cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompt=cfg.data.prompt))
         else:  # zero-shot: the defaults with the base model
             cfg = load_config(None, [f"model.path={args.model}", *flags, *args.overrides])
