@@ -19,7 +19,7 @@ pytestmark = pytest.mark.smoke
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    check(proc)
     return proc
 
 

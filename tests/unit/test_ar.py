@@ -102,6 +102,7 @@ def fix_reliabilities(mer, audio: float, video: float, text: float = 0.5) -> Non
     for path, r in (("audio", audio), ("video", video), ("text", text)):
         getattr(mer, reliability_name(path)).load_fit(torch.zeros(width), torch.ones(width), torch.zeros(width), r)
 
+
 def snapshot(model) -> dict:
     return {
         "params": {k: v.clone() for k, v in model.state_dict().items()},
